@@ -1,0 +1,1 @@
+"""A local stand-in for Vast Serverless: autoscaler, console API and instances."""

@@ -1,0 +1,161 @@
+"""Run the shipped null worker as a child process on free loopback ports.
+
+Used by the local stand-in for its instances and by the tests; both run the
+real ``python -m workers.null.worker``, never a copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import socket
+import sys
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Deque, Dict, List, Mapping, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel just handed out on ``host``; the caller binds it next."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class WorkerPorts:
+    worker: int
+    http: int
+    control: int
+
+    @classmethod
+    def allocate(cls) -> "WorkerPorts":
+        ports: List[int] = []
+        while len(ports) < 3:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        return cls(*ports)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.worker}"
+
+    @property
+    def control_url(self) -> str:
+        return f"http://127.0.0.1:{self.control}"
+
+
+def worker_env(
+    *,
+    ports: WorkerPorts,
+    container_id: int,
+    report_addr: str,
+    extra: Optional[Mapping[str, str]] = None,
+    base: Optional[Mapping[str, str]] = None,
+) -> Dict[str, str]:
+    """The environment Vast gives a worker, pointed at loopback."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        {
+            "WORKER_PORT": str(ports.worker),
+            "WORKER_HTTP_PORT": str(ports.http),
+            f"VAST_TCP_PORT_{ports.worker}": str(ports.worker),
+            "PUBLIC_IPADDR": "127.0.0.1",
+            "CONTAINER_ID": str(container_id),
+            "REPORT_ADDR": report_addr,
+            "USE_SSL": "false",
+            "NULL_CONTROL_PORT": str(ports.control),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """One ``python -m workers.null.worker`` child, its output kept for diagnosis."""
+
+    env: Dict[str, str]
+    cwd: Path
+    python: str = sys.executable
+    tail_lines: int = 200
+    proc: Optional[asyncio.subprocess.Process] = None
+    output: Deque[str] = field(default_factory=collections.deque)
+    _reader: Optional[asyncio.Task] = None
+
+    async def start(self) -> None:
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        self.output = collections.deque(maxlen=self.tail_lines)
+        self.proc = await asyncio.create_subprocess_exec(
+            self.python,
+            "-m",
+            "workers.null.worker",
+            cwd=str(self.cwd),
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            # Its own process group: a Ctrl-C at the terminal reaches the
+            # parent only, which then stops its workers in order.
+            start_new_session=True,
+        )
+        self._reader = asyncio.ensure_future(self._read_output())
+
+    async def _read_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.output.append(raw.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.proc.returncode if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(list(self.output)[-n:])
+
+    def send_signal(self, sig: int) -> None:
+        if self.running:
+            assert self.proc is not None
+            with suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    async def wait(self, timeout: Optional[float] = None) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader is not None:
+            with suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._reader, 1.0)
+        return code
+
+    async def stop(self, grace: float = 8.0) -> Optional[int]:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.running:
+            self.send_signal(signal.SIGTERM)
+            try:
+                return await self.wait(grace)
+            except asyncio.TimeoutError:
+                self.kill()
+        return await self.wait(grace)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
