@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional
+
+import aiohttp
+import pytest
+
+from lib.grants import GrantSigner
+from lib.process import WorkerPorts, WorkerProcess, worker_env
+from tests.fakes import FakeAutoscaler, serving
+
+_container_ids = itertools.count(1001)
+
+
+@pytest.fixture(scope="session")
+def signer() -> GrantSigner:
+    return GrantSigner()
+
+
+@pytest.fixture
+async def autoscaler(signer: GrantSigner) -> AsyncIterator[FakeAutoscaler]:
+    fake = FakeAutoscaler(signer)
+    async with serving(fake.app()) as url:
+        fake.url = url
+        yield fake
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+@dataclass
+class RunningWorker:
+    process: WorkerProcess
+    ports: WorkerPorts
+    container_id: int
+    autoscaler: FakeAutoscaler
+    started_at: float
+
+    @property
+    def url(self) -> str:
+        return self.ports.url
+
+    @property
+    def control(self) -> str:
+        return self.ports.control_url
+
+    def grant(self, **kwargs: Any) -> Dict[str, Any]:
+        return self.autoscaler.grant(self.url, **kwargs)
+
+    def create_body(self, lifetime: float = 60, on_close: bool = True, **grant_kwargs: Any) -> Dict[str, Any]:
+        return {
+            "auth_data": self.grant(**grant_kwargs),
+            "payload": {
+                "lifetime": lifetime,
+                "on_close_route": self.autoscaler.on_close_url if on_close else None,
+                "on_close_payload": {"job": "job-1"} if on_close else None,
+            },
+        }
+
+    def reports(self, since: float = 0.0) -> List[Dict[str, Any]]:
+        return self.autoscaler.reports_for(self.container_id, since)
+
+    async def wait_report(self, predicate: Callable[[Dict[str, Any]], bool], since: float = 0.0, timeout: float = 15.0, message: str = ""):
+        return await self.autoscaler.wait_for(
+            lambda: self.autoscaler.first_report(self.container_id, predicate, since),
+            timeout,
+            f"{message or 'a report'} from worker {self.container_id}; its output:\n{self.process.tail()}",
+        )
+
+    async def wait_ready(self, timeout: float = 30.0):
+        return await self.wait_report(is_ready, timeout=timeout, message="the ready report")
+
+    def explain(self) -> str:
+        return f"worker output:\n{self.process.tail()}"
+
+
+def is_ready(report: Dict[str, Any]) -> bool:
+    return report.get("max_perf") == 100.0 and not report.get("error_msg")
+
+
+StartWorker = Callable[..., Awaitable[RunningWorker]]
+
+
+@pytest.fixture
+async def start_worker(autoscaler: FakeAutoscaler, tmp_path: Path) -> AsyncIterator[StartWorker]:
+    """Starts real worker processes against the fake autoscaler; stops them after the test."""
+    started: List[WorkerProcess] = []
+
+    async def start(env: Optional[Dict[str, str]] = None, *, ready: bool = True, report_addr: Optional[str] = None) -> RunningWorker:
+        ports = WorkerPorts.allocate()
+        container_id = next(_container_ids)
+        process = WorkerProcess(
+            env=worker_env(
+                ports=ports,
+                container_id=container_id,
+                report_addr=report_addr or autoscaler.url,
+                extra=env,
+            ),
+            cwd=tmp_path / f"worker-{container_id}",
+        )
+        started_at = time.time()
+        await process.start()
+        started.append(process)
+        worker = RunningWorker(process, ports, container_id, autoscaler, started_at)
+        if ready:
+            await worker.wait_ready()
+        return worker
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.running:
+                await process.stop()

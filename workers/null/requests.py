@@ -1,0 +1,139 @@
+"""Reading and checking what clients send: bounded bodies, strict JSON, signed grants."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from Crypto.Hash import SHA256
+from Crypto.PublicKey import RSA
+from Crypto.Signature import pkcs1_15
+
+# Grants, session bodies and control calls are a few hundred bytes; the
+# framework's app accepts bodies of any size, so the limit is ours.
+MAX_BODY_BYTES = 1 << 20
+
+
+class Refusal(Exception):
+    """A request the worker turns down; becomes ``{"error": reason}`` with ``status``."""
+
+    def __init__(self, status: int, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        # For the log only: what a client should not be told but an operator needs.
+        self.detail = detail
+
+
+def _no_constants(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
+async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
+    """The body as JSON, refusing oversized bodies, bad encodings and NaN/Infinity."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if allow_empty and not raw.strip():
+        return None
+    try:
+        return json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        raise Refusal(422, "body is not valid JSON") from None
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def finite(value: Any) -> Optional[float]:
+    """``value`` as a finite float, or None when it is not a finite number."""
+    if not is_number(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def require_object(body: Any, name: str) -> Dict[str, Any]:
+    if not isinstance(body, dict):
+        raise Refusal(422, f"{name} must be a JSON object")
+    return body
+
+
+def http_url(value: Any) -> bool:
+    """An absolute http(s) URL with a host."""
+    if not isinstance(value, str):
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def host_port(url: str) -> Optional[Tuple[str, int]]:
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return parts.hostname.lower(), port
+
+
+def signed_message(url: str) -> bytes:
+    # Byte for byte what the autoscaler signs: only the URL.
+    return json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+
+
+class GrantVerifier:
+    """Checks that a grant was signed by the autoscaler and issued for this worker."""
+
+    def __init__(self, own_url: str, public_key: Callable[[], Optional[RSA.RsaKey]], *, unsecured: bool):
+        self.own_url = own_url
+        self._own = host_port(own_url)
+        self._public_key = public_key
+        self.unsecured = unsecured
+
+    def check(self, auth_data: Dict[str, Any]) -> None:
+        """Raises a 401 Refusal naming the failed check; returns when the grant holds."""
+        if self.unsecured:
+            return
+        url = auth_data.get("url")
+        signature = auth_data.get("signature")
+        if not isinstance(url, str) or not isinstance(signature, str):
+            raise Refusal(401, "grant is not signed: auth_data needs url and signature strings")
+        key = self._public_key()
+        if key is None:
+            raise Refusal(401, "the autoscaler's public key is not loaded", "no public key yet")
+        try:
+            pkcs1_15.new(key).verify(SHA256.new(signed_message(url)), base64.b64decode(signature, validate=True))
+        except (ValueError, TypeError, binascii.Error):
+            raise Refusal(
+                401,
+                "grant signature does not verify",
+                f"signature check failed for grant url {url}; this worker is {self.own_url}",
+            ) from None
+        if host_port(url) != self._own:
+            raise Refusal(
+                401,
+                "grant was issued for another worker",
+                f"grant url {url} is not this worker's url {self.own_url}",
+            )

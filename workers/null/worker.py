@@ -1,0 +1,221 @@
+"""The null worker: reserves a Vast Serverless worker per session and runs nothing.
+
+``python -m workers.null.worker`` runs it. A dispatcher opens a session with
+the SDK; the consumer on the instance ends it with ``POST
+127.0.0.1:18999/release``. Everything else (reports, grants, expiry) follows
+from that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from contextlib import AsyncExitStack, suppress
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from . import framework
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("workers.null")
+STARTED_AT = time.time()  # before the framework's imports, the bulk of start-up
+
+PING_ROUTE = "/ping"
+STOP_GRACE = 4.0  # seconds to deliver the last report and callback; SIGTERM to exit stays under 5 s
+PUBKEY_WAIT = 90.0  # the framework retries the key fetch for about 45 s
+
+
+async def _pong(**_: Any) -> dict:
+    return {"pong": True}
+
+
+class NullLifecycle:
+    """Runs beside the framework's start-up: the benchmark cache, the control server, expiry."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.desk = None
+        self._stack: Optional[AsyncExitStack] = None
+
+    async def __aenter__(self) -> "NullLifecycle":
+        from vastai.serverless.server.lib import backend as framework_backend
+
+        from .control import make_control_app, serve_control
+        from .sessions import SESSION_COST
+
+        desk = self.desk
+        assert desk is not None, "install() attaches the desk before the worker runs"
+        # A number in the framework's benchmark cache is taken as max_perf and
+        # skips the benchmark: capacity is one session whatever the hardware.
+        Path(framework_backend.BENCHMARK_INDICATOR_FILE).write_text(f"{SESSION_COST}\n")
+        stack = AsyncExitStack()
+        try:
+            app = make_control_app(desk, health_stub=self.settings.backend_health_url is None)
+            await stack.enter_async_context(serve_control(app, self.settings.control_port))
+            expiry = asyncio.ensure_future(desk.expiry_loop())
+            stack.push_async_callback(_cancel, expiry)
+            if self.settings.backend_health_url is None:
+                log.warning(
+                    "BACKEND_HEALTH_URL is unset: health checks hit a stub on 127.0.0.1:%d/health that always "
+                    "answers 200, so a dead consumer will not show as a broken worker",
+                    self.settings.control_port,
+                )
+            if not self.settings.unsecured:
+                await self._wait_for_public_key(desk.backend)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def _wait_for_public_key(self, backend: Any) -> None:
+        fetched = backend._Backend__pubkey_fetch_complete
+        try:
+            await asyncio.wait_for(fetched.wait(), PUBKEY_WAIT)
+        except asyncio.TimeoutError:
+            pass
+        if backend._pubkey is None:
+            addrs = ", ".join(f"{addr.rstrip('/')}/pubkey/" for addr in self.settings.report_addrs)
+            raise RuntimeError(
+                f"could not fetch the autoscaler's public key from {addrs}, so no grant can be verified: "
+                "check REPORT_ADDR (or set UNSECURED=true to skip grant checks)"
+            )
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack = None
+
+
+async def _cancel(task: "asyncio.Future[Any]") -> None:
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+
+
+def build_worker_config(settings: Settings):
+    """The framework configuration: one benchmarked /ping, one session, the null lifecycle."""
+    # Imported here so an incompatible framework is reported by main(), not as an import traceback.
+    from vastai.serverless.server.worker import BenchmarkConfig, HandlerConfig, WorkerConfig
+
+    health_url = settings.backend_health_url or f"http://127.0.0.1:{settings.control_port}/health"
+    return WorkerConfig(
+        # The framework's HTTP client needs a base URL; health checks and
+        # on-close callbacks use absolute URLs, so only its form matters.
+        model_server_url="http://127.0.0.1",
+        model_server_port=settings.control_port,
+        model_healthcheck_url=health_url,
+        max_sessions=1,
+        lifecycle=NullLifecycle(settings),
+        handlers=[
+            HandlerConfig(
+                route=PING_ROUTE,
+                allow_parallel_requests=True,
+                # Never run (the cache answers); here because the framework
+                # requires exactly one benchmarked handler.
+                benchmark_config=BenchmarkConfig(dataset=[{}], runs=1, concurrency=1, do_warmup=False),
+                remote_function=_pong,
+                workload_calculator=lambda _payload: 0.0,
+            )
+        ],
+    )
+
+
+def install(worker: Any, settings: Settings):
+    """Puts the session desk in charge of the framework's session state and routes."""
+    from aiohttp import web
+
+    from .sessions import SessionDesk
+
+    missing = framework.missing_instance_attributes(worker.backend)
+    if missing:
+        raise framework.FrameworkMismatch(missing)
+    desk = SessionDesk(settings, worker.backend, started_at=STARTED_AT)
+    desk.install()
+    worker.routes = [
+        web.post(route.path, desk.handle_ping) if route.path == PING_ROUTE else route for route in worker.routes
+    ]
+    worker.backend.lifecycle.desk = desk
+    return desk
+
+
+def configure_logging(settings: Settings) -> None:
+    # The framework's Worker sets the root logger to DEBUG (a status dump a
+    # second); the configured level applies from here on.
+    root = logging.getLogger()
+    root.setLevel(settings.log_level_number)
+    formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        handler.setLevel(logging.NOTSET)
+        handler.setFormatter(formatter)
+    if settings.log_level != "DEBUG":
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def serve(settings: Settings) -> int:
+    from vastai.serverless.server.worker import Worker
+
+    worker = Worker(build_worker_config(settings))
+    configure_logging(settings)
+    try:
+        desk = install(worker, settings)
+    except framework.FrameworkMismatch as exc:
+        return await _refuse_framework(settings, exc.missing)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    running = asyncio.ensure_future(worker.run_async())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if running.done():
+        stopping.cancel()
+        log.error("the framework's server stopped on its own: %r", running.exception())
+        return 1
+    log.info("stopping")
+    await desk.shutdown(time.monotonic() + STOP_GRACE)
+    await _cancel(running)
+    await _close_clients(worker.backend)
+    log.info("stopped")
+    return 0
+
+
+async def _close_clients(backend: Any) -> None:
+    with suppress(Exception):
+        await backend.metrics.aclose()
+    client = backend.__dict__.get("session")  # created on first use only
+    if client is not None:
+        with suppress(Exception):
+            await client.close()
+
+
+async def _refuse_framework(settings: Settings, missing) -> int:
+    message = framework.describe(missing)
+    log.error("%s", message)
+    await framework.report_error(settings, message)
+    return 1
+
+
+def main(env: Optional[Mapping[str, str]] = None) -> int:
+    env = os.environ if env is None else env
+    try:
+        settings = Settings.from_env(env)
+    except SettingsError as exc:
+        print(f"null worker: {exc}", file=sys.stderr)
+        return 2
+    missing = framework.missing_internals()
+    if missing:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s")
+        return asyncio.run(_refuse_framework(settings, missing))
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
