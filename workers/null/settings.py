@@ -56,8 +56,10 @@ class Settings:
             report_addrs=_report_addrs(env),
             public_ip=_required(env, "PUBLIC_IPADDR", hint="the instance's public address (Vast sets it; 127.0.0.1 locally)"),
             public_port=_port(env, public_port_name, required=True, hint=f"the public port mapped to WORKER_PORT {worker_port} (Vast sets it; locally the same number, {public_port_name}={worker_port})"),
+            # The framework serves TLS only for exactly "true": any other spelling would
+            # leave it on plain HTTP while grants name an https URL.
             use_ssl=_flag(env, "USE_SSL", default=False, spellings=({"true"}, {"false"})),
-            unsecured=_flag(env, "UNSECURED", default=False, spellings=(_TRUE, _FALSE)),
+            unsecured=_flag(env, "UNSECURED", default=False, spellings=(_TRUE, _FALSE), fold_case=True),
             control_port=_port(env, "NULL_CONTROL_PORT", default=DEFAULT_CONTROL_PORT, hint="a free loopback port for the control server (default 18999)"),
             backend_health_url=_health_url(env),
             max_lifetime=_positive_seconds(env, "NULL_MAX_LIFETIME", default=DEFAULT_MAX_LIFETIME),
@@ -109,17 +111,17 @@ def _port(
     return port
 
 
-def _flag(env: Mapping[str, str], name: str, *, default: bool, spellings) -> bool:
+def _flag(env: Mapping[str, str], name: str, *, default: bool, spellings, fold_case: bool = False) -> bool:
     value = _value(env, name)
     if value is None:
         return default
     truthy, falsy = spellings
-    if value.lower() in truthy:
+    word = value.lower() if fold_case else value
+    if word in truthy:
         return True
-    if value.lower() in falsy:
+    if word in falsy:
         return False
-    allowed = "true or false"
-    raise SettingsError(f"{name}={value!r} is not a boolean: set it to {allowed}")
+    raise SettingsError(f"{name}={value!r} is not a boolean: set it to true or false")
 
 
 def _http_url(value: str) -> bool:

@@ -1,0 +1,185 @@
+"""The control app and the session desk in-process, on a real framework Backend."""
+
+import asyncio
+import logging
+import time
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from workers.null.control import make_control_app
+from workers.null.settings import Settings
+from workers.null.worker import build_worker_config, install
+
+WORKER_URL = "http://127.0.0.1:3999"
+ENV = {
+    "WORKER_PORT": "3999",
+    "VAST_TCP_PORT_3999": "3999",
+    "PUBLIC_IPADDR": "127.0.0.1",
+    "CONTAINER_ID": "7",
+    "REPORT_ADDR": "http://127.0.0.1:9",
+    "NULL_MAX_LIFETIME": "600",
+}
+
+
+@pytest.fixture
+async def desk(monkeypatch, signer):
+    from vastai.serverless.server.worker import Worker
+
+    # The framework's Backend and Metrics read os.environ when built; the
+    # null worker's own Settings are still built from the dict.
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    root = logging.getLogger()
+    level = root.level
+    worker = Worker(build_worker_config(Settings.from_env(ENV)))
+    root.setLevel(level)  # the framework forces DEBUG on the root logger
+    desk = install(worker, Settings.from_env(ENV))
+    worker.backend._pubkey = signer.key.publickey()
+    desk.ready = True
+    yield desk
+    for task in list(desk._callbacks):
+        task.cancel()
+
+
+@pytest.fixture
+async def control(desk):
+    async with TestClient(TestServer(make_control_app(desk, health_stub=True))) as client:
+        yield client
+
+
+@pytest.fixture
+async def public(desk):
+    app = web.Application()
+    app.router.add_post("/session/create", desk.backend.session_create_handler)
+    app.router.add_post("/session/end", desk.backend.session_end_handler)
+    app.router.add_post("/ping", desk.handle_ping)
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def open_session(public, signer, lifetime=60, **payload):
+    grant = signer.grant(WORKER_URL)
+    response = await public.post(
+        "/session/create", json={"auth_data": grant, "payload": {"lifetime": lifetime, **payload}}
+    )
+    assert response.status == 201, await response.text()
+    return (await response.json())["session_id"], grant
+
+
+async def test_release_with_nothing_held_says_so(control):
+    """/release on a free worker is a 200 that says nothing was released."""
+    response = await control.post("/release")
+    assert response.status == 200
+    assert await response.json() == {"released": False, "reason": "no active session"}
+
+
+async def test_release_ends_the_held_session_and_frees_the_worker(control, public, signer, desk):
+    """/release names the session it ended; the load drops and a new session fits."""
+    session_id, _ = await open_session(public, signer)
+    assert desk.metrics.model_metrics.cur_load == 100.0
+
+    response = await control.post("/release")
+    assert await response.json() == {"released": True, "session_ids": [session_id]}
+    assert desk.metrics.model_metrics.cur_load == 0.0
+    finished = desk.metrics.model_metrics.requests_deleting
+    assert [(r.success, r.status) for r in finished] == [(True, "Success")]
+    await open_session(public, signer)
+
+
+async def test_concurrent_releases_end_the_session_once(control, public, signer):
+    """Two /release calls at once: one releases, the other finds nothing held."""
+    await open_session(public, signer)
+    answers = await asyncio.gather(*(control.post("/release") for _ in range(2)))
+    bodies = [await a.json() for a in answers]
+    assert sorted(b["released"] for b in bodies) == [False, True]
+
+
+async def test_status_shows_the_held_session(control, public, signer):
+    """/status gives the consumer the session id, cost, age, expiry and its payload."""
+    free = await (await control.get("/status")).json()
+    assert free["ready"] is True and free["session"] is None
+
+    session_id, _ = await open_session(public, signer, lifetime=30, on_close_route="http://127.0.0.1:9/cb", on_close_payload={"job": 42})
+    session = (await (await control.get("/status")).json())["session"]
+    assert session["session_id"] == session_id
+    assert session["cost"] == 100.0
+    assert session["on_close_payload"] == {"job": 42}
+    assert 29 <= session["expires_in"] <= 30
+    assert abs(session["created_at"] - time.time()) < 5
+
+
+async def test_extend_renews_the_lease_from_now(control, public, signer):
+    """/extend sets the lease to now + seconds, defaulting to the lifetime, capped at the maximum."""
+    await open_session(public, signer, lifetime=20)
+
+    by_default = await (await control.post("/extend")).json()
+    assert by_default["extended"] is True and by_default["expires_in"] == 20
+
+    asked = await (await control.post("/extend", json={"seconds": 300})).json()
+    assert asked["expires_in"] == 300
+    status = await (await control.get("/status")).json()
+    assert 299 <= status["session"]["expires_in"] <= 300
+
+    capped = await (await control.post("/extend", json={"seconds": 10**6})).json()
+    assert capped["expires_in"] == 600
+
+
+async def test_extend_with_nothing_held_is_a_conflict(control):
+    """/extend on a free worker is a 409 with an error."""
+    response = await control.post("/extend", json={"seconds": 5})
+    assert response.status == 409
+    assert "error" in await response.json()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"seconds": 0}', b'{"seconds": -3}', b'{"seconds": "10"}', b'{"seconds": true}', b"[1]", b"{", b'{"seconds": NaN}'],
+)
+async def test_extend_refuses_bad_seconds(control, public, signer, body):
+    """A malformed /extend body is a 422, never a 500."""
+    await open_session(public, signer)
+    response = await control.post("/extend", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 422
+    assert "error" in await response.json()
+
+
+async def test_health_stub_answers_only_when_configured(desk):
+    """The always-200 stub exists only when no consumer health URL is configured."""
+    async with TestClient(TestServer(make_control_app(desk, health_stub=True))) as client:
+        assert (await client.get("/health")).status == 200
+    async with TestClient(TestServer(make_control_app(desk, health_stub=False))) as client:
+        assert (await client.get("/health")).status == 404
+
+
+async def test_lapsed_lease_ends_the_session(public, signer, desk):
+    """A session whose lease is not renewed is closed at its expiry, not at the next 5 s sweep."""
+    expiry = asyncio.ensure_future(desk.expiry_loop())
+    try:
+        await open_session(public, signer, lifetime=0.2)
+        deadline = time.monotonic() + 3
+        while desk.backend.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert not desk.backend.sessions
+        assert desk.metrics.model_metrics.cur_load == 0.0
+    finally:
+        expiry.cancel()
+
+
+async def test_ping_with_the_session_renews_its_lease(public, signer, desk):
+    """A signed /ping naming the session sets its lease to now + lifetime instead of adding to it."""
+    session_id, grant = await open_session(public, signer, lifetime=50)
+    for _ in range(3):
+        response = await public.post("/ping", json={"auth_data": grant, "payload": {}, "session_id": session_id})
+        assert response.status == 200, await response.text()
+    session = desk.backend.sessions[session_id]
+    assert session.expiration - time.time() <= 50
+
+
+async def test_ping_with_another_grant_does_not_touch_the_session(public, signer, desk):
+    """A valid grant that is not the session's own cannot renew it."""
+    session_id, _ = await open_session(public, signer)
+    other = signer.grant(WORKER_URL)
+    response = await public.post("/ping", json={"auth_data": other, "payload": {}, "session_id": session_id})
+    assert response.status == 401
