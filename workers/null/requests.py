@@ -122,7 +122,8 @@ class GrantVerifier:
             raise Refusal(401, "grant is not signed: auth_data needs url and signature strings")
         key = self._public_key()
         if key is None:
-            raise Refusal(401, "the autoscaler's public key is not loaded", "no public key yet")
+            # Retryable: the SDK routes the request again rather than failing it.
+            raise Refusal(429, "worker is not ready yet: the autoscaler's public key is not loaded")
         try:
             pkcs1_15.new(key).verify(SHA256.new(signed_message(url)), base64.b64decode(signature, validate=True))
         except (ValueError, TypeError, binascii.Error):

@@ -25,7 +25,7 @@ log = logging.getLogger("workers.null")
 STARTED_AT = time.time()  # before the framework's imports, the bulk of start-up
 
 PING_ROUTE = "/ping"
-STOP_GRACE = 4.0  # seconds to deliver the last report and callback; SIGTERM to exit stays under 5 s
+STOP_GRACE = 3.5  # seconds to deliver the last report and callback; SIGTERM to exit stays under 5 s
 PUBKEY_WAIT = 90.0  # the framework retries the key fetch for about 45 s
 
 
