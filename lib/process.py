@@ -83,11 +83,12 @@ def worker_env(
 
 @dataclass
 class WorkerProcess:
-    """One ``python -m workers.null.worker`` child, its output kept for diagnosis."""
+    """One ``python -m workers.null.worker`` child (or ``module``), its output kept for diagnosis."""
 
     env: Dict[str, str]
     cwd: Path
     python: str = sys.executable
+    module: str = "workers.null.worker"
     tail_lines: int = 200
     proc: Optional[asyncio.subprocess.Process] = None
     output: Deque[str] = field(default_factory=collections.deque)
@@ -99,7 +100,7 @@ class WorkerProcess:
         self.proc = await asyncio.create_subprocess_exec(
             self.python,
             "-m",
-            "workers.null.worker",
+            self.module,
             cwd=str(self.cwd),
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
