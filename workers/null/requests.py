@@ -111,6 +111,10 @@ class GrantVerifier:
         self._own = host_port(own_url)
         self._public_key = public_key
         self.unsecured = unsecured
+        # PKCS#1 v1.5 is deterministic and only the URL is signed, so every
+        # genuine grant for this worker carries the same signature: once it has
+        # verified, a string comparison replaces the RSA check (0.7 ms each).
+        self._verified: Optional[Tuple[RSA.RsaKey, str]] = None
 
     def check(self, auth_data: Dict[str, Any]) -> None:
         """Raises a 401 Refusal naming the failed check; returns when the grant holds."""
@@ -124,6 +128,9 @@ class GrantVerifier:
         if key is None:
             # Retryable: the SDK routes the request again rather than failing it.
             raise Refusal(429, "worker is not ready yet: the autoscaler's public key is not loaded")
+        verified = self._verified
+        if verified is not None and verified[0] is key and verified[1] == signature and host_port(url) == self._own:
+            return
         try:
             pkcs1_15.new(key).verify(SHA256.new(signed_message(url)), base64.b64decode(signature, validate=True))
         except (ValueError, TypeError, binascii.Error):
@@ -138,3 +145,4 @@ class GrantVerifier:
                 "grant was issued for another worker",
                 f"grant url {url} is not this worker's url {self.own_url}",
             )
+        self._verified = (key, signature)
