@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,18 @@ from tests.fakes import FakeAutoscaler, serving
 
 _container_ids = itertools.count(1001)
 
+# The in-process worker (the ``desk`` fixture): its URL, for grants, and the
+# platform environment the framework's Backend reads.
+DESK_URL = "http://127.0.0.1:3999"
+DESK_ENV = {
+    "WORKER_PORT": "3999",
+    "VAST_TCP_PORT_3999": "3999",
+    "PUBLIC_IPADDR": "127.0.0.1",
+    "CONTAINER_ID": "7",
+    "REPORT_ADDR": "http://127.0.0.1:9",
+    "NULL_MAX_LIFETIME": "600",
+}
+
 
 @pytest.fixture(scope="session")
 def signer() -> GrantSigner:
@@ -27,6 +40,33 @@ async def autoscaler(signer: GrantSigner) -> AsyncIterator[FakeAutoscaler]:
     async with serving(fake.app()) as url:
         fake.url = url
         yield fake
+
+
+@pytest.fixture
+async def desk(monkeypatch, signer):
+    """The session desk installed on a real framework Backend, in this process, ready."""
+    from vastai.serverless.server.worker import Worker
+
+    from workers.null.settings import Settings
+    from workers.null.worker import build_worker_config, install
+
+    # The framework's Backend and Metrics read os.environ when built; the
+    # null worker's own Settings are still built from the dict.
+    for name, value in DESK_ENV.items():
+        monkeypatch.setenv(name, value)
+    root = logging.getLogger()
+    level = root.level
+    worker = Worker(build_worker_config(Settings.from_env(DESK_ENV)))
+    root.setLevel(level)  # the framework forces DEBUG on the root logger
+    desk = install(worker, Settings.from_env(DESK_ENV))
+    worker.backend._pubkey = signer.key.publickey()
+    desk.ready = True
+    yield desk
+    for task in list(desk._callbacks):
+        task.cancel()
+    client = worker.backend.__dict__.get("session")  # the callback client, created on first use
+    if client is not None:
+        await client.close()
 
 
 @pytest.fixture
@@ -93,9 +133,20 @@ async def start_worker(autoscaler: FakeAutoscaler, tmp_path: Path) -> AsyncItera
     """Starts real worker processes against the fake autoscaler; stops them after the test."""
     started: List[WorkerProcess] = []
 
-    async def start(env: Optional[Dict[str, str]] = None, *, ready: bool = True, report_addr: Optional[str] = None) -> RunningWorker:
+    async def start(
+        env: Optional[Dict[str, str]] = None,
+        *,
+        ready: bool = True,
+        report_addr: Optional[str] = None,
+        files: Optional[Dict[str, str]] = None,
+    ) -> RunningWorker:
+        """``files`` (name -> text) are written into the worker's directory before it starts."""
         ports = WorkerPorts.allocate()
         container_id = next(_container_ids)
+        cwd = tmp_path / f"worker-{container_id}"
+        for name, text in (files or {}).items():
+            cwd.mkdir(parents=True, exist_ok=True)
+            (cwd / name).write_text(text)
         process = WorkerProcess(
             env=worker_env(
                 ports=ports,
@@ -103,7 +154,7 @@ async def start_worker(autoscaler: FakeAutoscaler, tmp_path: Path) -> AsyncItera
                 report_addr=report_addr or autoscaler.url,
                 extra=env,
             ),
-            cwd=tmp_path / f"worker-{container_id}",
+            cwd=cwd,
         )
         started_at = time.time()
         await process.start()

@@ -1,46 +1,16 @@
 """The control app and the session desk in-process, on a real framework Backend."""
 
 import asyncio
-import logging
 import time
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from tests.conftest import DESK_URL
 from workers.null.control import make_control_app
-from workers.null.settings import Settings
-from workers.null.worker import build_worker_config, install
 
-WORKER_URL = "http://127.0.0.1:3999"
-ENV = {
-    "WORKER_PORT": "3999",
-    "VAST_TCP_PORT_3999": "3999",
-    "PUBLIC_IPADDR": "127.0.0.1",
-    "CONTAINER_ID": "7",
-    "REPORT_ADDR": "http://127.0.0.1:9",
-    "NULL_MAX_LIFETIME": "600",
-}
-
-
-@pytest.fixture
-async def desk(monkeypatch, signer):
-    from vastai.serverless.server.worker import Worker
-
-    # The framework's Backend and Metrics read os.environ when built; the
-    # null worker's own Settings are still built from the dict.
-    for name, value in ENV.items():
-        monkeypatch.setenv(name, value)
-    root = logging.getLogger()
-    level = root.level
-    worker = Worker(build_worker_config(Settings.from_env(ENV)))
-    root.setLevel(level)  # the framework forces DEBUG on the root logger
-    desk = install(worker, Settings.from_env(ENV))
-    worker.backend._pubkey = signer.key.publickey()
-    desk.ready = True
-    yield desk
-    for task in list(desk._callbacks):
-        task.cancel()
+WORKER_URL = DESK_URL
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import math
 from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
@@ -40,11 +40,15 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
         raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes")
     chunks = []
     size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except (web.RequestPayloadError, http_exceptions.HttpProcessingError):
+        # A body that does not decode as its Content-Encoding says.
+        raise Refusal(400, "body could not be read as its Content-Encoding declares") from None
     raw = b"".join(chunks)
     if allow_empty and not raw.strip():
         return None

@@ -181,7 +181,8 @@ class SessionDesk:
         on_close_route = payload.get("on_close_route")
         if on_close_route is not None and not http_url(on_close_route):
             raise Refusal(422, "payload.on_close_route must be an absolute http(s) URL or null")
-        on_close_payload = payload.get("on_close_payload") if on_close_route is not None else None
+        # Kept even without a callback: /status hands it to the consumer.
+        on_close_payload = payload.get("on_close_payload")
         self.verifier.check(auth_data)
         return await self._open(auth_data, cost, request_idx, reqnum, lifetime, on_close_route, on_close_payload)
 
@@ -303,7 +304,7 @@ class SessionDesk:
             raise Refusal(410, "invalid session: it ended or expired")
         if session.auth_data != auth_data:
             raise Refusal(401, "auth_data does not match the session's grant")
-        expires_in = self.renew(session, session.lifetime)
+        expires_in = self.renew(session, session.lifetime, shorten=False)
         return web.json_response({"ok": True, "session_id": session_id, "expires_in": expires_in})
 
     @refusals("/pyworker/update")
@@ -315,12 +316,18 @@ class SessionDesk:
 
     # -- leases -------------------------------------------------------------
 
-    def renew(self, session: Any, seconds: float) -> float:
-        """Lease to now + ``seconds``, capped; returns the seconds granted."""
-        seconds = min(seconds, self.settings.max_lifetime)
-        session.expiration = time.time() + seconds
-        self._lease_changed.set()
-        return seconds
+    def renew(self, session: Any, seconds: float, *, shorten: bool = True) -> float:
+        """Lease to now + ``seconds``, capped; returns the seconds it now has left.
+
+        A dispatcher's keep-alive passes ``shorten=False`` so it never cuts a
+        lease the consumer extended; the consumer's own ``/extend`` sets it.
+        """
+        now = time.time()
+        expiration = now + min(seconds, self.settings.max_lifetime)
+        if shorten or expiration > session.expiration:
+            session.expiration = expiration
+            self._lease_changed.set()
+        return round(session.expiration - now, 3)
 
     async def extend(self, seconds: Optional[float]) -> Optional[Dict[str, Any]]:
         session = self.held()

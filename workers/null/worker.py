@@ -66,10 +66,10 @@ class NullLifecycle:
                 )
             if not self.settings.unsecured:
                 await self._wait_for_public_key(desk.backend)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
+        finally:
+            # Kept open even when start-up fails: the consumer can still read
+            # the error from /status. serve() closes it when the worker stops.
+            self._stack = stack
         return self
 
     async def _wait_for_public_key(self, backend: Any) -> None:
@@ -86,9 +86,12 @@ class NullLifecycle:
             )
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        if self._stack is not None:
-            await self._stack.aclose()
-            self._stack = None
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
 
 
 async def _cancel(task: "asyncio.Future[Any]") -> None:
@@ -159,19 +162,23 @@ def configure_logging(settings: Settings) -> None:
 
 
 async def serve(settings: Settings) -> int:
+    # Before the framework's imports, which take most of start-up: a stop
+    # asked for meanwhile is honoured once the worker is in place.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
     from vastai.serverless.server.worker import Worker
 
-    worker = Worker(build_worker_config(settings))
+    config = build_worker_config(settings)
+    worker = Worker(config)
     configure_logging(settings)
     try:
         desk = install(worker, settings)
     except framework.FrameworkMismatch as exc:
         return await _refuse_framework(settings, exc.missing)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     running = asyncio.ensure_future(worker.run_async())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -182,6 +189,7 @@ async def serve(settings: Settings) -> int:
     log.info("stopping")
     await desk.shutdown(time.monotonic() + STOP_GRACE)
     await _cancel(running)
+    await config.lifecycle.aclose()
     await _close_clients(worker.backend)
     log.info("stopped")
     return 0
