@@ -1,0 +1,555 @@
+"""start_server.sh, the instance bootstrap, run the way an instance runs it.
+
+Everything stays on this machine: the autoscaler is the recording fake, the
+"remote" repository is a git repository in a temporary directory, and pip
+runs with ``PIP_NO_INDEX=1`` so an install that needed the network fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Dict, Iterable, List, Optional
+
+import aiohttp
+import pytest
+
+from lib.process import WorkerPorts, free_port
+from tests.fakes import FakeAutoscaler
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "start_server.sh"
+REQUIREMENTS = REPO_ROOT / "requirements.txt"
+# The venv running the tests already satisfies requirements.txt, so a boot
+# that uses it as ENV_PATH needs no network.
+TEST_VENV = Path(sys.prefix)
+
+NETWORK_TOOLS = ("git", "curl", "wget", "pip", "pip3", "uv")
+# Only what a shell and the interpreters need; the rest of the caller's
+# environment (a VIRTUAL_ENV, a PYTHONPATH, Vast variables) must not leak in.
+PASSED_THROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYENV_ROOT", "PYENV_VERSION")
+
+_container_ids = itertools.count(7001)
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+def vastai_pin() -> str:
+    match = re.search(r"^vastai==(\S+)", REQUIREMENTS.read_text(), re.MULTILINE)
+    assert match, "requirements.txt pins no vastai==VERSION"
+    return match.group(1)
+
+
+def script_env(tmp_path: Path, report_addr: str, **overrides: Optional[str]) -> Dict[str, str]:
+    """The variables an instance has, pointed at loopback; a None override removes one."""
+    env = {name: os.environ[name] for name in PASSED_THROUGH if name in os.environ}
+    env.update(
+        WORKSPACE_DIR=str(tmp_path / "workspace"),
+        SERVER_DIR=str(REPO_ROOT),
+        ENV_PATH=str(tmp_path / "no-venv"),
+        BACKEND="null",
+        REPORT_ADDR=report_addr,
+        CONTAINER_ID=str(next(_container_ids)),
+        PUBLIC_IPADDR="127.0.0.1",
+        USE_SSL="false",
+        PIP_NO_INDEX="1",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+    )
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def with_worker_ports(env: Dict[str, str], ports: WorkerPorts) -> Dict[str, str]:
+    env.update(
+        {
+            "WORKER_PORT": str(ports.worker),
+            "WORKER_HTTP_PORT": str(ports.http),
+            f"VAST_TCP_PORT_{ports.worker}": str(ports.worker),
+            "NULL_CONTROL_PORT": str(ports.control),
+        }
+    )
+    return env
+
+
+def network_tool_stubs(tmp_path: Path) -> Path:
+    """A PATH entry where git, curl, wget, pip and uv only record that they ran."""
+    bin_dir = tmp_path / "network-stubs"
+    bin_dir.mkdir()
+    calls = tmp_path / "network-calls.log"
+    for name in NETWORK_TOOLS:
+        stub = bin_dir / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\nexit 97\n')
+        stub.chmod(stub.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return bin_dir
+
+
+def network_calls(tmp_path: Path) -> str:
+    calls = tmp_path / "network-calls.log"
+    return calls.read_text() if calls.exists() else ""
+
+
+def path_without(tmp_path: Path, names: Iterable[str]) -> str:
+    """A PATH with every program of the current one except ``names``."""
+    excluded = set(names)
+    bin_dir = tmp_path / "path-without-{}".format("-".join(sorted(excluded)))
+    bin_dir.mkdir()
+    seen = set(excluded)
+    for directory in os.environ["PATH"].split(os.pathsep):
+        if not directory or not os.path.isdir(directory):
+            continue
+        for entry in sorted(os.listdir(directory)):
+            program = os.path.join(directory, entry)
+            if entry in seen or not (os.path.isfile(program) and os.access(program, os.X_OK)):
+                continue
+            seen.add(entry)
+            (bin_dir / entry).symlink_to(program)
+    return str(bin_dir)
+
+
+@dataclasses.dataclass
+class Boot:
+    """One run of start_server.sh (and, after its exec, the worker) with its output."""
+
+    proc: asyncio.subprocess.Process
+    lines: List[str]
+    reader: "asyncio.Task[None]"
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.lines[-n:])
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def exit_code(self, timeout: float = 60.0) -> int:
+        """Waits for the exit and for the end of its output (tee has written the log by then)."""
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(self.reader), 10.0)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"start_server.sh still running after {timeout}s; output:\n{self.tail()}") from None
+        return code
+
+
+@asynccontextmanager
+async def booted(env: Dict[str, str]) -> AsyncIterator[Boot]:
+    """Runs the script; stops it with SIGTERM (then SIGKILL of its process group) on the way out."""
+    proc = await asyncio.create_subprocess_exec(
+        str(SCRIPT),
+        cwd=str(REPO_ROOT),
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    lines: List[str] = []
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    boot = Boot(proc, lines, asyncio.ensure_future(read()))
+    try:
+        yield boot
+    finally:
+        if proc.returncode is None:
+            with suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10.0)
+            except asyncio.TimeoutError:
+                pass
+        # The script's session holds only what it started (tee, a clone, pip).
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        with suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(boot.reader, 5.0)
+
+
+async def wait_for_report(
+    autoscaler: FakeAutoscaler,
+    boot: Boot,
+    predicate: Callable[[Dict[str, Any]], bool],
+    what: str,
+    since: float,
+    timeout: float = 60.0,
+) -> Dict[str, Any]:
+    """The first report since ``since`` matching ``predicate``; fails early when the process exits first."""
+
+    def match() -> Optional[Dict[str, Any]]:
+        return next((r.body for r in autoscaler.reports if r.at >= since and predicate(r.body)), None)
+
+    waiter = asyncio.ensure_future(autoscaler.wait_for(match, timeout, what))
+    exited = asyncio.ensure_future(boot.proc.wait())
+    try:
+        await asyncio.wait({waiter, exited}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiter, exited):
+            if not task.done():
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+    if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+        return waiter.result()
+    raise AssertionError(f"no {what} (exit code {boot.proc.returncode}); output:\n{boot.tail()}")
+
+
+def ready_report(container_id: str) -> Callable[[Dict[str, Any]], bool]:
+    return lambda r: r.get("id") == int(container_id) and r.get("max_perf") == 100.0 and r.get("error_msg") == ""
+
+
+def error_reports(autoscaler: FakeAutoscaler, container_id: str) -> List[Dict[str, Any]]:
+    return [r.body for r in autoscaler.reports if r.body.get("id") == int(container_id) and r.body.get("error_msg")]
+
+
+async def failed_boot(env: Dict[str, str], timeout: float = 60.0) -> Boot:
+    async with booted(env) as boot:
+        code = await boot.exit_code(timeout)
+        assert code != 0, f"start_server.sh exited 0; output:\n{boot.tail()}"
+    return boot
+
+
+def assert_reported(autoscaler: FakeAutoscaler, env: Dict[str, str], boot: Boot, expected: str) -> Dict[str, Any]:
+    reports = error_reports(autoscaler, env["CONTAINER_ID"])
+    assert len(reports) == 1, f"expected one error report, got {reports}; output:\n{boot.tail()}"
+    assert expected in reports[0]["error_msg"], f"{reports[0]['error_msg']!r} lacks {expected!r}"
+    return reports[0]
+
+
+def log_file(env: Dict[str, str]) -> Path:
+    return Path(env["WORKSPACE_DIR"]) / "pyworker.log"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_script_is_clean_under_shellcheck() -> None:
+    """start_server.sh has no shellcheck finding at warning level or above."""
+    result = subprocess.run(
+        ["shellcheck", "-S", "warning", str(SCRIPT)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_script_is_executable_with_strict_mode() -> None:
+    """The script runs as a program and stops at the first failing command or unset variable."""
+    assert os.access(SCRIPT, os.X_OK)
+    text = SCRIPT.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "\nset -Eeuo pipefail\n" in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"BACKEND": 'no"such\\backend'}, "BACKEND='no\"such\\backend' is not a Python package name"),
+        ({"BACKEND": "nosuch"}, "has no workers/nosuch/worker.py"),
+        ({"WORKER_PORT": "70000"}, "WORKER_PORT='70000' is not a TCP port"),
+        ({"USE_SSL": "True"}, "USE_SSL='True' must be true or false"),
+    ],
+    ids=["backend-not-a-name", "backend-not-in-checkout", "port-out-of-range", "use-ssl-not-lowercase"],
+)
+async def test_bad_setting_is_reported_verbatim_and_exits_non_zero(
+    autoscaler: FakeAutoscaler, tmp_path: Path, overrides: Dict[str, str], expected: str
+) -> None:
+    """A bad BACKEND, WORKER_PORT or USE_SSL reaches the autoscaler as error_msg, quotes and backslashes intact."""
+    env = script_env(tmp_path, autoscaler.url, **overrides)
+    boot = await failed_boot(env)
+    assert_reported(autoscaler, env, boot, expected)
+    assert not Path(env["ENV_PATH"]).exists(), "a refused boot created the venv"
+
+
+async def test_error_report_carries_every_worker_status_field(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+    """The error report has the framework's WorkerStatusData fields: the id, the token, the public URL, zero load."""
+    from vastai.serverless.server.lib.data_types import WorkerStatusData
+
+    public_port = free_port()
+    env = script_env(
+        tmp_path,
+        autoscaler.url,
+        BACKEND="nosuch",
+        WORKER_PORT="3000",
+        MASTER_TOKEN="master-token",
+        **{"VAST_TCP_PORT_3000": str(public_port)},
+    )
+    boot = await failed_boot(env)
+    report = assert_reported(autoscaler, env, boot, "workers/nosuch/worker.py")
+    assert set(report) == {f.name for f in dataclasses.fields(WorkerStatusData)}
+    assert report["id"] == int(env["CONTAINER_ID"])
+    assert report["mtoken"] == "master-token"
+    assert report["url"] == f"http://127.0.0.1:{public_port}"
+    assert report["error_msg"].startswith("start_server.sh: ")
+    assert report["working_request_idxs"] == []
+    numbers = {k: v for k, v in report.items() if k not in {"id", "mtoken", "version", "error_msg", "url", "working_request_idxs"}}
+    assert numbers and all(v == 0 for v in numbers.values()), numbers
+
+
+async def test_report_addr_is_a_fallback_list(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+    """With REPORT_ADDR "down,up" the error still arrives, at the first address that answers."""
+    down = f"http://127.0.0.1:{free_port()}"
+    env = script_env(tmp_path, f"{down}/,{autoscaler.url}/", BACKEND="nosuch")
+    boot = await failed_boot(env)
+    assert_reported(autoscaler, env, boot, "workers/nosuch/worker.py")
+    assert f"could not report the error to {down}/worker_status/" in boot.output
+
+
+async def test_error_is_reported_with_python3_when_curl_is_missing(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+    """Without curl on PATH the error report goes out through python3."""
+    if shutil.which("python3") is None:
+        pytest.skip("python3 is not on PATH")
+    env = script_env(tmp_path, autoscaler.url, BACKEND="nosuch", PATH=path_without(tmp_path, ["curl"]))
+    boot = await failed_boot(env)
+    assert_reported(autoscaler, env, boot, "workers/nosuch/worker.py")
+
+
+async def test_error_without_container_id_is_logged_not_reported(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+    """Without CONTAINER_ID nothing is sent (the autoscaler could not place it) and the log says so."""
+    env = script_env(tmp_path, autoscaler.url, BACKEND="nosuch", CONTAINER_ID=None)
+    boot = await failed_boot(env)
+    assert autoscaler.reports == []
+    assert "not reported to the autoscaler: CONTAINER_ID=''" in boot.output
+
+
+@pytest.mark.skipif(
+    os.path.exists("/etc/instance.crt") or os.path.exists("/etc/instance.key"),
+    reason="this machine has an instance certificate",
+)
+async def test_ssl_by_default_without_instance_certificate_is_refused(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+    """USE_SSL defaults to true as on Vast, and without /etc/instance.crt and .key the boot is refused with the fix named."""
+    env = script_env(tmp_path, autoscaler.url, USE_SSL=None)
+    boot = await failed_boot(env)
+    report = assert_reported(autoscaler, env, boot, "USE_SSL=true but /etc/instance.crt /etc/instance.key not found")
+    assert "set USE_SSL=false" in report["error_msg"]
+
+
+async def test_sdk_version_other_than_the_pin_is_refused(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+    """SDK_VERSION naming another vastai than requirements.txt pins stops the boot before any install."""
+    pin = vastai_pin()
+    env = script_env(tmp_path, autoscaler.url, SDK_VERSION="0.0.1")
+    boot = await failed_boot(env)
+    report = assert_reported(autoscaler, env, boot, f"SDK_VERSION=0.0.1 differs from vastai=={pin}")
+    assert f"set SDK_VERSION={pin} or unset it" in report["error_msg"]
+    assert not Path(env["ENV_PATH"]).exists()
+
+
+async def test_missing_checkout_without_pyworker_repo_is_reported(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+    """With no checkout in SERVER_DIR and no PYWORKER_REPO, the report names PYWORKER_REPO."""
+    env = script_env(tmp_path, autoscaler.url, SERVER_DIR=str(tmp_path / "server"))
+    boot = await failed_boot(env)
+    assert_reported(autoscaler, env, boot, "PYWORKER_REPO is unset")
+
+
+@needs_git
+async def test_failed_clone_is_reported_logged_and_leaves_no_partial_checkout(
+    autoscaler: FakeAutoscaler, tmp_path: Path
+) -> None:
+    """A PYWORKER_REPO that cannot be cloned is reported with git's reason, written to the log, and leaves SERVER_DIR absent."""
+    env = script_env(
+        tmp_path, autoscaler.url, SERVER_DIR=str(tmp_path / "server"), PYWORKER_REPO=str(tmp_path / "no-such-repo")
+    )
+    boot = await failed_boot(env)
+    report = assert_reported(autoscaler, env, boot, f"cloning PYWORKER_REPO={tmp_path / 'no-such-repo'} failed")
+    assert "does not exist" in report["error_msg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["workspace"]
+    assert "ERROR: " + report["error_msg"].replace("start_server.sh: ", "", 1) in log_file(env).read_text()
+
+
+@needs_git
+async def test_a_token_in_pyworker_repo_stays_out_of_the_report_and_the_log(
+    autoscaler: FakeAutoscaler, tmp_path: Path
+) -> None:
+    """A PYWORKER_REPO with user:token in it is shown as ***@ in the error report and the log."""
+    repo = f"http://user:s3cret-token@127.0.0.1:{free_port()}/null-pyworker.git"
+    env = script_env(tmp_path, autoscaler.url, SERVER_DIR=str(tmp_path / "server"), PYWORKER_REPO=repo)
+    boot = await failed_boot(env)
+    report = assert_reported(autoscaler, env, boot, "cloning PYWORKER_REPO=http://***@127.0.0.1:")
+    assert "s3cret" not in report["error_msg"]
+    assert "s3cret" not in log_file(env).read_text()
+
+
+def make_remote_repo(path: Path, requirements: str) -> None:
+    """A git repository shaped like this one, whose worker prints what it was started with.
+
+    Tag v1 and the branch head differ only in the ``ref`` the worker prints, so a
+    boot shows which one it checked out.
+    """
+    (path / "workers" / "null").mkdir(parents=True)
+    (path / "requirements.txt").write_text(requirements)
+    (path / "workers" / "__init__.py").write_text("")
+    (path / "workers" / "null" / "__init__.py").write_text("")
+    worker = path / "workers" / "null" / "worker.py"
+    names = ["WORKER_PORT", "USE_SSL", "REPORT_ADDR", "BACKEND", "PYTHONUNBUFFERED", "PYTHONPATH", "CONTAINER_ID"]
+    source = (
+        "import json, os, sys\n"
+        "print('FIXTURE-WORKER ' + json.dumps({{'ref': {ref!r}, 'pid': os.getpid(), 'cwd': os.getcwd(),"
+        " 'prefix': sys.prefix, 'env': {{k: os.environ.get(k) for k in {names!r}}}}}))\n"
+    )
+    git = ["git", "-C", str(path), "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    worker.write_text(source.format(ref="v1", names=names))
+    subprocess.run(["git", "init", "--quiet", str(path)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "--quiet", "-m", "v1"], check=True)
+    subprocess.run([*git, "tag", "v1"], check=True)
+    worker.write_text(source.format(ref="head", names=names))
+    subprocess.run([*git, "commit", "--quiet", "-am", "head"], check=True)
+
+
+def fixture_worker_line(boot: Boot) -> Dict[str, Any]:
+    lines = [line for line in boot.lines if line.startswith("FIXTURE-WORKER ")]
+    assert len(lines) == 1, f"the fixture worker did not run once; output:\n{boot.tail()}"
+    return json.loads(lines[0][len("FIXTURE-WORKER "):])
+
+
+@pytest.mark.slow
+@needs_git
+async def test_first_boot_clones_the_ref_makes_the_venv_and_execs_the_worker_then_reboots_offline(
+    autoscaler: FakeAutoscaler, tmp_path: Path
+) -> None:
+    """First boot clones PYWORKER_REF, creates the venv, installs, and execs the worker with Vast's defaults; a reboot runs git and pip not at all."""
+    remote = tmp_path / "remote"
+    make_remote_repo(remote, "# the fixture worker needs only the standard library\npip\n")
+    server_dir, env_path = tmp_path / "workspace" / "vast-pyworker", tmp_path / "workspace" / "worker-env"
+    env = script_env(
+        tmp_path,
+        autoscaler.url,
+        SERVER_DIR=None,
+        ENV_PATH=None,
+        WORKER_PORT=None,
+        PYWORKER_REPO=str(remote),
+        PYWORKER_REF="v1",
+        PYTHONPATH="/elsewhere",
+    )
+
+    async with booted(env) as first:
+        assert await first.exit_code(120) == 0, first.tail()
+    started = fixture_worker_line(first)
+    assert started["ref"] == "v1"
+    assert started["pid"] == first.proc.pid, "the worker is not the script's process: no exec"
+    assert Path(started["cwd"]) == tmp_path / "workspace"
+    assert Path(started["prefix"]).resolve() == env_path.resolve()
+    assert started["env"] == {
+        "WORKER_PORT": "3000",
+        "USE_SSL": "false",
+        "REPORT_ADDR": autoscaler.url,
+        "BACKEND": "null",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": f"{server_dir}:/elsewhere",
+        "CONTAINER_ID": env["CONTAINER_ID"],
+    }
+    assert re.search(r"creating the venv ENV_PATH=\S+ with python3(\.10)? \(Python 3\.\d+", first.output), first.output
+    digest = hashlib.sha256((server_dir / "requirements.txt").read_bytes()).hexdigest()
+    assert (env_path / ".null-pyworker-requirements.sha256").read_text() == digest + "\n"
+    assert autoscaler.reports == []
+
+    env["PATH"] = f"{network_tool_stubs(tmp_path)}{os.pathsep}{env['PATH']}"
+    async with booted(env) as second:
+        assert await second.exit_code(60) == 0, second.tail()
+    assert fixture_worker_line(second)["ref"] == "v1"
+    assert network_calls(tmp_path) == ""
+    assert "reboot, no network" in second.output
+    assert log_file(env).read_text(errors="replace").splitlines() == first.lines + second.lines
+
+
+@pytest.mark.slow
+@needs_git
+async def test_failed_requirements_install_is_reported_with_pips_reason(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+    """A requirements.txt pip cannot satisfy is reported with pip's last words, and the next boot tries the install again."""
+    remote = tmp_path / "remote"
+    make_remote_repo(remote, "null-pyworker-no-such-package==0.0.0\n")
+    env = script_env(
+        tmp_path,
+        autoscaler.url,
+        SERVER_DIR=str(tmp_path / "server"),
+        ENV_PATH=str(tmp_path / "venv"),
+        PYWORKER_REPO=str(remote),
+    )
+    boot = await failed_boot(env, timeout=120)
+    report = assert_reported(autoscaler, env, boot, "installing")
+    assert "No matching distribution found for null-pyworker-no-such-package==0.0.0" in report["error_msg"]
+    assert (tmp_path / "venv" / "bin" / "python").exists()
+    assert not (tmp_path / "venv" / ".null-pyworker-requirements.sha256").exists()
+
+    again = await failed_boot(env, timeout=120)
+    assert "installing" in again.output and "reboot, no network" not in again.output
+
+
+@pytest.mark.slow
+async def test_worker_comes_up_from_the_checkout_and_venv_twice_in_a_row(
+    autoscaler: FakeAutoscaler, tmp_path: Path
+) -> None:
+    """With this checkout as SERVER_DIR and the test venv as ENV_PATH the null worker reports ready, stops on SIGTERM with 0, and does it again on reboot without git or pip."""
+    if not (REPO_ROOT / "workers" / "null" / "worker.py").exists():
+        pytest.fail("workers/null/worker.py is missing")
+    if not (TEST_VENV / "bin" / "python").exists():
+        pytest.skip(f"the tests do not run from a venv ({TEST_VENV} has no bin/python)")
+    ports = WorkerPorts.allocate()
+    env = with_worker_ports(
+        script_env(
+            tmp_path,
+            autoscaler.url,
+            ENV_PATH=str(TEST_VENV),
+            # Beside the test venv, not inside it, so every run starts as a first boot.
+            INSTALL_MARKER=str(tmp_path / "installed.sha256"),
+            SDK_VERSION=vastai_pin(),
+            PIP_LOG=str(tmp_path / "pip.log"),
+        ),
+        ports,
+    )
+    # The checkout is used as it is: no clone, so nothing on the first boot needs git or curl either.
+    env["PATH"] = f"{network_tool_stubs(tmp_path)}{os.pathsep}{env['PATH']}"
+    container_id = env["CONTAINER_ID"]
+    outputs: List[str] = []
+
+    for boot_number in (1, 2):
+        since = time.time()
+        async with booted(env) as boot:
+            await wait_for_report(
+                autoscaler,
+                boot,
+                lambda r: ready_report(container_id)(r) and r.get("url") == ports.url,
+                f"ready report on boot {boot_number}",
+                since,
+            )
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+                    async with http.get(f"{ports.control_url}/status") as response:
+                        status = (response.status, await response.json())
+            except aiohttp.ClientError as exc:
+                raise AssertionError(f"GET /status on NULL_CONTROL_PORT: {exc!r}; output:\n{boot.tail()}") from exc
+            assert status[0] == 200 and status[1].get("ready") is True, (status, boot.tail())
+            if boot_number == 1:
+                pip_log = (tmp_path / "pip.log").read_text()
+                assert "Requirement already satisfied" in pip_log
+            else:
+                assert (tmp_path / "pip.log").read_text() == pip_log, "pip ran on reboot"
+                assert "reboot, no network" in boot.output
+            boot.proc.send_signal(signal.SIGTERM)
+            stopping = time.monotonic()
+            code = await boot.exit_code(10)
+            assert code == 0, f"exit code {code} after SIGTERM; output:\n{boot.tail()}"
+            print(f"boot {boot_number}: ready, then stopped {time.monotonic() - stopping:.2f}s after SIGTERM")
+        outputs.extend(boot.lines)
+        assert error_reports(autoscaler, container_id) == [], boot.tail()
+        assert [r for r in autoscaler.reports if r.at >= since and r.body.get("id") == int(container_id)]
+
+    assert network_calls(tmp_path) == ""
+    assert (tmp_path / "installed.sha256").read_text() == hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest() + "\n"
+    assert log_file(env).read_text(errors="replace").splitlines() == outputs
