@@ -1,0 +1,342 @@
+"""The README's Deploying examples, run: both consumers beside a real worker, and
+the dispatcher through the real SDK against the local stand-in with a consumer
+beside each worker it starts.
+
+The examples live in examples/ and the README quotes them verbatim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import os
+import shutil
+import signal
+import ssl
+import sys
+import time
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, AsyncIterator, Dict, List
+
+import aiohttp
+import pytest
+
+from lib.fleet import FleetSettings
+from lib.recorder import serving
+from lib.scaling import EndpointParams
+from lib.serverless import LocalConfig, serve
+from tests.fakes import FakeAutoscaler
+
+if TYPE_CHECKING:
+    from tests.conftest import RunningWorker, StartWorker
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+CONSUMERS = {
+    "shell": [str(EXAMPLES / "consumer.sh")],
+    "python": [sys.executable, str(EXAMPLES / "consumer.py")],
+}
+
+
+def consumer_available(kind: str) -> bool:
+    return kind == "python" or (shutil.which("curl") is not None and shutil.which("jq") is not None)
+
+
+consumer_kinds = pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param(kind, marks=pytest.mark.skipif(not consumer_available(kind), reason="needs curl and jq"))
+        for kind in CONSUMERS
+    ],
+)
+
+
+@dataclasses.dataclass
+class Jobs:
+    """A job runner and a requeue command for the consumers, driven through files.
+
+    ``run_job.sh ID`` notes that it started, then waits for the test to write
+    ``finish-ID`` ("ok" or anything else for a failure).
+    """
+
+    root: Path
+
+    @classmethod
+    def create(cls, root: Path) -> "Jobs":
+        root.mkdir()
+        run = root / "run_job.sh"
+        run.write_text(
+            "#!/bin/sh\n"
+            f'echo "$1" >> "{root}/started"\n'
+            f'while [ ! -e "{root}/finish-$1" ]; do sleep 0.05; done\n'
+            f'[ "$(cat "{root}/finish-$1")" = ok ]\n'
+        )
+        requeue = root / "requeue_job.sh"
+        requeue.write_text(f'#!/bin/sh\necho "$1" >> "{root}/requeued"\n')
+        for script in (run, requeue):
+            script.chmod(0o755)
+        return cls(root)
+
+    @property
+    def args(self) -> List[str]:
+        return [str(self.root / "run_job.sh"), str(self.root / "requeue_job.sh")]
+
+    def finish(self, job: str, outcome: str = "ok") -> None:
+        (self.root / f"finish-{job}").write_text(outcome)
+
+    def listed(self, name: str) -> List[str]:
+        path = self.root / name
+        return path.read_text().split() if path.exists() else []
+
+
+@dataclasses.dataclass
+class Consumer:
+    proc: asyncio.subprocess.Process
+    lines: List[str]
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.lines[-n:])
+
+
+@asynccontextmanager
+async def consumers() -> AsyncIterator:
+    """Starts consumer processes on demand; kills each one's process group on the way out."""
+    started: List[Consumer] = []
+    readers: List["asyncio.Task[None]"] = []
+
+    async def start(kind: str, control_port: int, jobs: Jobs, lease: float) -> Consumer:
+        env = dict(os.environ, NULL_CONTROL_PORT=str(control_port), LEASE_SECONDS=str(lease), PYTHONUNBUFFERED="1")
+        proc = await asyncio.create_subprocess_exec(
+            *CONSUMERS[kind],
+            *jobs.args,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        consumer = Consumer(proc, [])
+
+        async def read() -> None:
+            assert proc.stdout is not None
+            async for raw in proc.stdout:
+                consumer.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+        readers.append(asyncio.ensure_future(read()))
+        started.append(consumer)
+        return consumer
+
+    try:
+        yield start
+    finally:
+        for consumer in started:
+            # The consumer loops forever by design; its group holds the job and the lease keeper too.
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(consumer.proc.pid, signal.SIGKILL)
+            await consumer.proc.wait()
+        for reader in readers:
+            with suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(reader, 5.0)
+
+
+async def poll_until(condition, timeout: float, what: str, explain) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{explain()}")
+        await asyncio.sleep(0.05)
+
+
+async def open_session(http: aiohttp.ClientSession, worker: RunningWorker, job: str, lifetime: float) -> str:
+    body = {
+        "auth_data": worker.grant(),
+        "payload": {
+            "lifetime": lifetime,
+            "on_close_route": worker.autoscaler.on_close_url,
+            "on_close_payload": {"job": job},
+        },
+    }
+    async with http.post(f"{worker.url}/session/create", json=body) as response:
+        answer = await response.json()
+    assert response.status == 201, (response.status, answer, worker.explain())
+    return answer["session_id"]
+
+
+async def held_session(http: aiohttp.ClientSession, worker: RunningWorker):
+    async with http.get(f"{worker.control}/status") as response:
+        return (await response.json())["session"]
+
+
+async def callback_for(autoscaler: FakeAutoscaler, session_id: str, timeout: float, explain):
+    def found():
+        return next((c.body for c in autoscaler.callbacks if c.body.get("session_id") == session_id), None)
+
+    try:
+        return await autoscaler.wait_for(found, timeout, f"the on-close callback of {session_id}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{explain()}") from None
+
+
+@pytest.mark.slow
+@consumer_kinds
+async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_job_is_done(
+    kind: str, start_worker: StartWorker, autoscaler: FakeAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A consumer runs the job named in the session, renews the lease past its 3 s lifetime while the job runs, and releases when it is done."""
+    worker = await start_worker()
+    jobs = Jobs.create(tmp_path / "jobs")
+    async with consumers() as start:
+        consumer = await start(kind, worker.ports.control, jobs, lease=3)
+
+        def explain() -> str:
+            return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
+
+        opened_at = time.monotonic()
+        session_id = await open_session(http, worker, "job-7", lifetime=3)
+        await poll_until(lambda: jobs.listed("started") == ["job-7"], 15, "the job to start", explain)
+        while time.monotonic() - opened_at < 6:
+            held = await held_session(http, worker)
+            assert held is not None and held["session_id"] == session_id, f"the lease lapsed while the job ran\n{explain()}"
+            await asyncio.sleep(0.25)
+        jobs.finish("job-7")
+        callback = await callback_for(autoscaler, session_id, 10, explain)
+        assert callback == {"job": "job-7", "session_id": session_id}
+        assert await held_session(http, worker) is None
+        await poll_until(lambda: "job job-7: done" in consumer.lines, 5, "the consumer's done line", explain)
+    assert jobs.listed("requeued") == []
+    assert "released by consumer (/release)" in worker.process.tail(200), worker.explain()
+
+
+@pytest.mark.slow
+@consumer_kinds
+async def test_consumer_requeues_a_failed_job_and_still_releases_the_worker(
+    kind: str, start_worker: StartWorker, autoscaler: FakeAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """When the job fails the consumer requeues it and releases the worker at once instead of holding it until the lease lapses."""
+    worker = await start_worker()
+    jobs = Jobs.create(tmp_path / "jobs")
+    jobs.finish("job-8", "fail")
+    async with consumers() as start:
+        consumer = await start(kind, worker.ports.control, jobs, lease=60)
+
+        def explain() -> str:
+            return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
+
+        session_id = await open_session(http, worker, "job-8", lifetime=60)
+        callback = await callback_for(autoscaler, session_id, 15, explain)
+        assert callback == {"job": "job-8", "session_id": session_id}
+        assert jobs.listed("requeued") == ["job-8"]
+        await poll_until(lambda: "job job-8: failed, requeued" in consumer.lines, 5, "the consumer's failure line", explain)
+    assert "released by consumer (/release)" in worker.process.tail(200), worker.explain()
+
+
+@pytest.mark.slow
+@consumer_kinds
+async def test_a_killed_consumer_stops_renewing_and_the_lease_lapses(
+    kind: str, start_worker: StartWorker, autoscaler: FakeAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """SIGKILL to the consumer mid-job ends its renewals, so the worker frees itself when the lease runs out."""
+    worker = await start_worker()
+    jobs = Jobs.create(tmp_path / "jobs")
+    async with consumers() as start:
+        consumer = await start(kind, worker.ports.control, jobs, lease=3)
+
+        def explain() -> str:
+            return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
+
+        session_id = await open_session(http, worker, "job-9", lifetime=3)
+        await poll_until(lambda: jobs.listed("started") == ["job-9"], 15, "the job to start", explain)
+        consumer.proc.kill()  # the consumer only: its job and lease keeper are left behind
+        killed_at = time.monotonic()
+        callback = await callback_for(autoscaler, session_id, 15, explain)
+        assert callback == {"job": "job-9", "session_id": session_id}
+        assert time.monotonic() - killed_at <= 3 + 1 + 2, "the lease outlived the consumer by more than one lease"
+        assert await held_session(http, worker) is None
+    assert "expired after" in worker.process.tail(200), worker.explain()
+
+
+def load_dispatcher() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("deploying_dispatcher_example", EXAMPLES / "dispatcher.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+async def test_dispatcher_reserves_one_worker_per_job_and_learns_when_the_consumers_end_them(tmp_path: Path) -> None:
+    """Through the SDK and the local stand-in, the dispatcher example reserves a worker for each of 3 jobs, the consumer beside each worker runs its job and releases it, and the dispatcher hears every session end."""
+    from vastai import Serverless
+
+    dispatcher = load_dispatcher()
+    jobs = Jobs.create(tmp_path / "jobs")
+    names = ["job-a", "job-b", "job-c"]
+    for name in names:
+        jobs.finish(name)
+    config = LocalConfig(
+        port=0,
+        fleet=FleetSettings(
+            params=EndpointParams(target_util=1.0, min_load=0, max_workers=3, max_queue_time=1, target_queue_time=0.5),
+            provisioning_delay=0.0,
+        ),
+    )
+    ended: "asyncio.Queue[Dict[str, str]]" = asyncio.Queue()
+    async with AsyncExitStack() as stack:
+        standin = await stack.enter_async_context(serve(config))
+        callback_url = await stack.enter_async_context(serving(dispatcher.callback_app(ended, "/session-ended")))
+        start = await stack.enter_async_context(consumers())
+        attached: Dict[int, Consumer] = {}
+
+        async def attach_consumers() -> None:
+            # What the template's on-start script does on Vast: a consumer beside each worker.
+            while True:
+                for inst in standin.fleet.live():
+                    if inst.id not in attached and inst.ports is not None:
+                        attached[inst.id] = await start("python", inst.ports.control, jobs, 60)
+                await asyncio.sleep(0.05)
+
+        attacher = asyncio.ensure_future(attach_consumers())
+
+        def explain() -> str:
+            return "\n".join(f"consumer beside worker {i}:\n{c.tail()}" for i, c in attached.items()) + "\n" + standin.fleet.summary()
+
+        try:
+            client = Serverless(
+                api_key=config.api_key, instance="local", autoscaler_url=standin.url, webserver_url=standin.url
+            )
+            # Plain HTTP on loopback: the console's CA certificate is not needed.
+            client._ssl_context = ssl.create_default_context()
+            stack.push_async_callback(client.close)
+            endpoint = await client.get_endpoint(config.endpoint_name)
+            try:
+                sessions = await asyncio.wait_for(
+                    dispatcher.dispatch(endpoint, names, f"{callback_url}/session-ended"), 90
+                )
+            except asyncio.TimeoutError:
+                raise AssertionError(f"not every job got a worker within 90s\n{explain()}") from None
+            assert sorted(sessions) == names and len(set(sessions.values())) == 3
+            notes = []
+            for _ in names:
+                try:
+                    notes.append(await asyncio.wait_for(ended.get(), 30))
+                except asyncio.TimeoutError:
+                    raise AssertionError(f"sessions ended so far: {notes}\n{explain()}") from None
+        finally:
+            attacher.cancel()
+            with suppress(asyncio.CancelledError):
+                await attacher
+    assert sorted((n["job"], n["session_id"]) for n in notes) == sorted(sessions.items())
+    assert sorted(jobs.listed("started")) == names, "a job ran twice or not at all"
+    assert jobs.listed("requeued") == []
+    assert 1 <= len(attached) <= 3
+
+
+@pytest.mark.parametrize("name", ["dispatcher.py", "consumer.sh", "consumer.py"])
+def test_readme_quotes_the_tested_example_verbatim(name: str) -> None:
+    """The README's Deploying section shows each example exactly as these tests run it."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    example = (EXAMPLES / name).read_text()
+    assert example.rstrip("\n") + "\n```" in readme, f"README.md does not quote examples/{name} verbatim"
