@@ -153,3 +153,31 @@ async def test_ping_with_another_grant_does_not_touch_the_session(public, signer
     other = signer.grant(WORKER_URL)
     response = await public.post("/ping", json={"auth_data": other, "payload": {}, "session_id": session_id})
     assert response.status == 401
+
+
+async def test_release_naming_another_session_leaves_the_held_one(control, public, signer, desk):
+    """A consumer naming a session that is no longer held cannot release the next job's session."""
+    session_id, _ = await open_session(public, signer)
+    stale = await (await control.post("/release", json={"session_id": "an-earlier-session"})).json()
+    assert stale == {"released": False, "reason": "session an-earlier-session is not held"}
+    assert session_id in desk.backend.sessions
+
+    named = await (await control.post("/release", json={"session_id": session_id})).json()
+    assert named == {"released": True, "session_ids": [session_id]}
+
+
+async def test_extend_naming_another_session_is_a_conflict(control, public, signer):
+    """/extend for a session that is not held is a 409 and renews nothing."""
+    session_id, _ = await open_session(public, signer)
+    response = await control.post("/extend", json={"seconds": 30, "session_id": "an-earlier-session"})
+    assert response.status == 409
+    assert (await (await control.post("/extend", json={"seconds": 30, "session_id": session_id})).json())["expires_in"] == 30
+
+
+@pytest.mark.parametrize("body", [b'{"session_id": 5}', b'{"session_id": ""}', b"[]", b"nope"])
+async def test_release_refuses_a_malformed_body(control, public, signer, desk, body):
+    """A malformed /release body is a 422 and releases nothing."""
+    await open_session(public, signer)
+    response = await control.post("/release", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 422
+    assert desk.backend.sessions

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from aiohttp import web
 
@@ -21,9 +21,23 @@ CONTROL_HOST = "127.0.0.1"
 DESK = web.AppKey("desk", SessionDesk)
 
 
+def _session_id(body: Any) -> Optional[str]:
+    """The optional ``session_id`` a consumer names to act on that session only."""
+    session_id = body.get("session_id")
+    if session_id is not None and (not isinstance(session_id, str) or not session_id):
+        raise Refusal(422, "session_id must be a non-empty string or null")
+    return session_id
+
+
 @refusals("/release")
 async def release(request: web.Request) -> web.Response:
-    released = await request.app[DESK].release("consumer (/release)")
+    body = await read_json(request, allow_empty=True)
+    session_id = None if body is None else _session_id(require_object(body, "body"))
+    desk = request.app[DESK]
+    if session_id is not None and session_id not in desk.backend.sessions:
+        # A consumer that outlived its lease must not release the next job's session.
+        return web.json_response({"released": False, "reason": f"session {session_id} is not held"})
+    released = await desk.release("consumer (/release)", only=session_id)
     if not released:
         return web.json_response({"released": False, "reason": "no active session"})
     return web.json_response({"released": True, "session_ids": released})
@@ -37,14 +51,18 @@ async def status(request: web.Request) -> web.Response:
 @refusals("/extend")
 async def extend(request: web.Request) -> web.Response:
     body = await read_json(request, allow_empty=True)
-    seconds = None
+    seconds = session_id = None
     if body is not None:
         body = require_object(body, "body")
+        session_id = _session_id(body)
         if body.get("seconds") is not None:
             seconds = finite(body["seconds"])
             if seconds is None or seconds <= 0:
                 raise Refusal(422, "seconds must be a finite number > 0")
-    extended = await request.app[DESK].extend(seconds)
+    desk = request.app[DESK]
+    if session_id is not None and session_id not in desk.backend.sessions:
+        raise Refusal(409, f"session {session_id} is not held")
+    extended = await desk.extend(seconds)
     if extended is None:
         raise Refusal(409, "no active session to extend")
     return web.json_response(extended)

@@ -352,9 +352,9 @@ class SessionDesk:
 
     # -- closing ------------------------------------------------------------
 
-    async def release(self, by: str) -> List[str]:
+    async def release(self, by: str, only: Optional[str] = None) -> List[str]:
         released = []
-        for session_id in list(self.backend.sessions):
+        for session_id in [only] if only is not None else list(self.backend.sessions):
             if await self.close(session_id, by):
                 released.append(session_id)
         return released
