@@ -39,11 +39,11 @@ def call(method, path, body=None):
         return {"error": str(error)}
 
 
-def keep_lease(job_ended):
+def keep_lease(session_id, job_ended):
     # Renews now and while the job runs. Should this process die, the renewals
     # stop, the lease lapses and the worker frees itself.
     while True:
-        call("POST", "/extend", {"seconds": LEASE})
+        call("POST", "/extend", {"seconds": LEASE, "session_id": session_id})
         if job_ended.wait(LEASE / 3):
             return
 
@@ -57,7 +57,8 @@ def main(run_job, requeue_job):
             continue
         print("job %s: started" % job, flush=True)
         job_ended = threading.Event()
-        threading.Thread(target=keep_lease, args=(job_ended,), daemon=True).start()
+        session_id = session["session_id"]
+        threading.Thread(target=keep_lease, args=(session_id, job_ended), daemon=True).start()
         try:
             if subprocess.run([run_job, str(job)]).returncode == 0:
                 print("job %s: done" % job, flush=True)
@@ -68,7 +69,9 @@ def main(run_job, requeue_job):
                 subprocess.run([requeue_job, str(job)])
         finally:
             job_ended.set()
-            print(json.dumps(call("POST", "/release")), flush=True)
+            # Naming the session: should the lease have lapsed meanwhile, the
+            # worker may hold the next job's session, which this must not release.
+            print(json.dumps(call("POST", "/release", {"session_id": session_id})), flush=True)
 
 
 if __name__ == "__main__":

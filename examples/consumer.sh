@@ -14,7 +14,9 @@ run_job=$1
 requeue_job=$2
 
 while true; do
-    job=$(curl -fs "$control/status" | jq -r '.session.on_close_payload.job // empty')
+    status=$(curl -fs "$control/status")
+    job=$(jq -r '.session.on_close_payload.job // empty' <<<"$status")
+    session=$(jq -r '.session.session_id // empty' <<<"$status")
     if [[ -z $job ]]; then
         sleep 1 # the worker is free (or still starting): no job for us yet
         continue
@@ -27,7 +29,7 @@ while true; do
     (
         while kill -0 $$ 2>/dev/null; do
             curl -fsS -X POST -H 'Content-Type: application/json' \
-                -d "{\"seconds\": $lease}" "$control/extend" >/dev/null
+                -d "{\"seconds\": $lease, \"session_id\": \"$session\"}" "$control/extend" >/dev/null
             sleep $((lease / 3))
         done
     ) &
@@ -41,6 +43,9 @@ while true; do
         "$requeue_job" "$job"
     fi
     kill "$keeper_pid"
-    curl -fsS -X POST "$control/release"
+    # Naming the session: should the lease have lapsed meanwhile, the worker
+    # may hold the next job's session, which this must not release.
+    curl -fsS -X POST -H 'Content-Type: application/json' \
+        -d "{\"session_id\": \"$session\"}" "$control/release"
     echo
 done
