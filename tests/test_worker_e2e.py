@@ -500,6 +500,7 @@ async def test_dying_consumer_behind_backend_health_url_makes_the_worker_report_
         consumer.healthy = False
         errored = await worker.wait_report(lambda r: bool(r["error_msg"]), since=died_at, timeout=25, message="the error report")
         print(f"dead consumer reported after {errored.at - died_at:.1f}s: {errored.body['error_msg']!r}")
+        assert errored.body["error_msg"].startswith(f"consumer health check {consumer_url}/health failed"), errored.body
         assert (await status_of(http, worker))["ready"] is False
 
 

@@ -330,7 +330,8 @@ class Dispatcher:
         except (ConnectionError, aiohttp.ClientError) as exc:
             raise SessionLost(f"keep-alive: {_short(exc)}") from None
         if not result.get("ok"):
-            raise SessionLost(f"keep-alive answered HTTP {result.get('status')}: {_short(Exception(result.get('text', '')))}")
+            text = " ".join(str(result.get("text") or "").split())[:160]
+            raise SessionLost(f"keep-alive answered HTTP {result.get('status')}: {text}")
 
     async def release(self, session: Any) -> Optional[str]:
         """Ends the session with /session/end; the error, or None when the worker confirmed."""

@@ -118,7 +118,7 @@ class GrantVerifier:
         # PKCS#1 v1.5 is deterministic and only the URL is signed, so every
         # genuine grant for this worker carries the same signature: once it has
         # verified, a string comparison replaces the RSA check (0.7 ms each).
-        self._verified: Optional[Tuple[RSA.RsaKey, str]] = None
+        self._verified: Optional[Tuple[RSA.RsaKey, str, str]] = None
 
     def check(self, auth_data: Dict[str, Any]) -> None:
         """Raises a 401 Refusal naming the failed check; returns when the grant holds."""
@@ -132,8 +132,7 @@ class GrantVerifier:
         if key is None:
             # Retryable: the SDK routes the request again rather than failing it.
             raise Refusal(429, "worker is not ready yet: the autoscaler's public key is not loaded")
-        verified = self._verified
-        if verified is not None and verified[0] is key and verified[1] == signature and host_port(url) == self._own:
+        if self._verified is not None and self._verified[0] is key and self._verified[1:] == (url, signature):
             return
         try:
             pkcs1_15.new(key).verify(SHA256.new(signed_message(url)), base64.b64decode(signature, validate=True))
@@ -149,4 +148,4 @@ class GrantVerifier:
                 "grant was issued for another worker",
                 f"grant url {url} is not this worker's url {self.own_url}",
             )
-        self._verified = (key, signature)
+        self._verified = (key, url, signature)

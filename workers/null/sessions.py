@@ -161,6 +161,10 @@ class SessionDesk:
         self.report_soon()
 
     def _on_model_errored(self, message: str) -> None:
+        if self.ready and self.settings.backend_health_url:
+            # Once ready, only the framework's health check reports errors, and
+            # it passes on the bare client error.
+            message = f"consumer health check {self.settings.backend_health_url} failed: {message}"
         self._framework_model_errored(message)
         log.error("worker errored: %s", message)
         self.report_soon()
