@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import os
 import signal
 import socket
@@ -25,6 +26,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _stop_with_parent() -> None:
+    """In the child: SIGTERM when the parent dies, even by SIGKILL (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's own cleanup has to do
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,7 @@ class WorkerProcess:
             # Its own process group: a Ctrl-C at the terminal reaches the
             # parent only, which then stops its workers in order.
             start_new_session=True,
+            preexec_fn=_stop_with_parent,
         )
         self._reader = asyncio.ensure_future(self._read_output())
 

@@ -14,7 +14,6 @@ import functools
 import logging
 import secrets
 import time
-from contextlib import suppress
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Set
 
 from aiohttp import web
@@ -51,6 +50,19 @@ def refusals(route: str) -> Callable[[Handler], Handler]:
         return guarded
 
     return wrap
+
+
+async def wait_event(event: asyncio.Event, timeout: Optional[float]) -> None:
+    """Returns when ``event`` is set or ``timeout`` passes.
+
+    Not ``wait_for``: before Python 3.12 it can swallow a cancellation that
+    arrives as the event is set, and these loops must stop when cancelled.
+    """
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
 
 
 def _integer_or_absent(auth_data: Dict[str, Any], name: str) -> Optional[int]:
@@ -139,8 +151,7 @@ class SessionDesk:
         """The framework's report loop, woken at once by any change."""
         self._report_now.set()  # announce the worker as soon as it runs
         while True:
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._report_now.wait(), REPORT_INTERVAL)
+            await wait_event(self._report_now, REPORT_INTERVAL)
             woken = self._report_now.is_set()
             self._report_now.clear()
             stale = time.time() - self.metrics.last_metric_update >= REPORT_HEARTBEAT
@@ -351,8 +362,7 @@ class SessionDesk:
                     await self.close(session_id, "lease expiry")
             deadlines = [s.expiration for s in self.backend.sessions.values()]
             timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._lease_changed.wait(), timeout)
+            await wait_event(self._lease_changed, timeout)
 
     # -- closing ------------------------------------------------------------
 
