@@ -1,0 +1,242 @@
+"""How the local stand-in sizes the fleet and picks a worker for a route.
+
+Vast does not publish its autoscaler. This is the stand-in's model of it,
+written as plain functions of a snapshot (no clock, no I/O) so every rule can
+be checked on its own; ``lib.fleet`` gathers the snapshot and carries out the
+decision. The README gives the same model as formulas.
+
+With ``P`` the capacity of one worker, ``L`` the load, ``u`` ``target_util``:
+
+    L      = sum(cur_load + reserved over live workers)
+             + sum(cost of requests waiting longer than target_queue_time)
+    N      = ceil(max(L, min_load) / (u * P))           capped at max_workers
+    N      = 1 instead of 0 while workers exist and inactivity_timeout has not
+             elapsed since the last activity (never 0 when it is unset)
+
+A worker takes a route when it is ready, has not reported an error, and
+``load + cost <= max_perf`` (or it is idle) and ``load / max_perf <= max_queue_time``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+# Loads are sums of floats: 3 x 100 / 1.0 / 100 must give 3 workers, not 4.
+EPSILON = 1e-9
+
+
+class Phase(str, enum.Enum):
+    PROVISIONING = "provisioning"  # created; the cold start (image pull, model download) is a delay
+    LOADING = "loading"  # process running, not reported ready yet
+    READY = "ready"
+    ERRORED = "errored"  # reported an error, or its process exited or never got ready
+    STOPPING = "stopping"
+    COLD = "cold"  # stopped with its files kept: starting it again skips provisioning
+
+
+LIVE = (Phase.PROVISIONING, Phase.LOADING, Phase.READY)
+# Scale-down gives up the least useful first: not yet started, then loading, then ready.
+_STOP_ORDER = {Phase.PROVISIONING: 0, Phase.LOADING: 1, Phase.READY: 2}
+
+
+@dataclass(frozen=True)
+class EndpointParams:
+    """The endpoint's scaling parameters, as Vast names them."""
+
+    min_load: float = 0.0
+    target_util: float = 1.0
+    max_workers: int = 20
+    cold_workers: int = 0
+    max_queue_time: float = 1.0
+    target_queue_time: float = 0.5
+    inactivity_timeout: Optional[float] = 10.0
+
+    def problems(self) -> List[str]:
+        """Each invalid value with its allowed range; empty when all hold."""
+        found = []
+        if not (self.min_load >= 0 and math.isfinite(self.min_load)):
+            found.append(f"min_load {self.min_load} must be a number >= 0")
+        if not (0 < self.target_util <= 1):
+            found.append(f"target_util {self.target_util} must be in (0, 1]")
+        if self.max_workers < 1:
+            found.append(f"max_workers {self.max_workers} must be >= 1")
+        if not (0 <= self.cold_workers <= self.max_workers):
+            found.append(f"cold_workers {self.cold_workers} must be between 0 and max_workers ({self.max_workers})")
+        if not (self.max_queue_time > 0 and math.isfinite(self.max_queue_time)):
+            found.append(f"max_queue_time {self.max_queue_time} must be a number of seconds > 0")
+        if not (self.target_queue_time >= 0 and math.isfinite(self.target_queue_time)):
+            found.append(f"target_queue_time {self.target_queue_time} must be a number of seconds >= 0")
+        if self.inactivity_timeout is not None and not (
+            self.inactivity_timeout >= 0 and math.isfinite(self.inactivity_timeout)
+        ):
+            found.append(f"inactivity_timeout {self.inactivity_timeout} must be a number of seconds >= 0, or unset")
+        return found
+
+
+@dataclass(frozen=True)
+class LocalPolicy:
+    """What the stand-in decides that Vast does not expose as endpoint parameters."""
+
+    # A surplus worker is stopped only after being idle this long, so a
+    # dispatcher that ends a session and opens the next one keeps its worker.
+    scale_down_delay: float = 5.0
+    # Capacity assumed for a worker that has not reported max_perf yet.
+    assumed_perf: float = 100.0
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    id: int
+    phase: Phase
+    created_at: float
+    cur_load: float = 0.0
+    max_perf: float = 0.0
+    # Cost of grants handed out for this worker that its reports do not show yet.
+    reserved: float = 0.0
+    # Since when it has held no load and no reservation; None while it holds some.
+    idle_since: Optional[float] = None
+
+    @property
+    def load(self) -> float:
+        return self.cur_load + self.reserved
+
+
+@dataclass(frozen=True)
+class WaitingRequest:
+    request_idx: int
+    cost: float
+    since: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    workers: Tuple[WorkerView, ...] = ()
+    waiting: Tuple[WaitingRequest, ...] = ()
+    # Last moment there was load, a reservation, a waiting request or a route call.
+    last_activity: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: int  # live workers wanted
+    load: float  # L
+    perf: float  # P
+    provision: int = 0  # new instances to create (they go through the cold start)
+    resume: Tuple[int, ...] = ()  # cold instances to start again
+    stop: Tuple[int, ...] = ()  # live instances to stop and keep cold
+    destroy: Tuple[int, ...] = ()  # instances to stop (if running) and remove
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.provision or self.resume or self.stop or self.destroy)
+
+
+def has_room(worker: WorkerView, cost: float, params: EndpointParams) -> bool:
+    """Whether ``worker`` may take a route of ``cost`` now."""
+    if worker.phase is not Phase.READY or worker.max_perf <= 0:
+        return False
+    # An idle worker takes any single request, even one costlier than its max_perf.
+    fits = worker.load <= EPSILON or worker.load + cost <= worker.max_perf + EPSILON
+    short_queue = worker.load / worker.max_perf <= params.max_queue_time + EPSILON
+    return fits and short_queue
+
+
+def choose_worker(workers: Iterable[WorkerView], cost: float, params: EndpointParams) -> Optional[int]:
+    """The least-loaded worker with room for ``cost`` (oldest first on ties), or None to wait."""
+    candidates = [w for w in workers if has_room(w, cost, params)]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda w: (w.load / w.max_perf, w.created_at, w.id))
+    return best.id
+
+
+def worker_perf(workers: Iterable[WorkerView], policy: LocalPolicy) -> float:
+    """P: the mean max_perf ready workers report, or the assumed figure before any has."""
+    reported = [w.max_perf for w in workers if w.phase is Phase.READY and w.max_perf > 0]
+    return sum(reported) / len(reported) if reported else policy.assumed_perf
+
+
+def total_load(snapshot: Snapshot, params: EndpointParams) -> float:
+    """L: what live and errored workers hold or are promised, plus requests waiting too long."""
+    held = sum(w.load for w in snapshot.workers if w.phase in LIVE or w.phase is Phase.ERRORED)
+    # A request that has waited less than target_queue_time may still be taken
+    # by a worker that frees up; past it, it counts as demand for a new worker.
+    overdue = sum(
+        r.cost for r in snapshot.waiting if snapshot.now - r.since >= params.target_queue_time - EPSILON
+    )
+    return held + overdue
+
+
+def inactive_long_enough(snapshot: Snapshot, params: EndpointParams) -> bool:
+    timeout = params.inactivity_timeout
+    return timeout is not None and snapshot.now - snapshot.last_activity >= timeout - EPSILON
+
+
+def target_workers(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> int:
+    """N: how many live workers the endpoint should run."""
+    perf = worker_perf(snapshot.workers, policy)
+    demand = max(total_load(snapshot, params), params.min_load)
+    wanted = math.ceil(demand / (params.target_util * perf) - EPSILON) if demand > EPSILON else 0
+    if wanted == 0 and not inactive_long_enough(snapshot, params):
+        still_there = any(w.phase in LIVE or w.phase is Phase.ERRORED for w in snapshot.workers)
+        wanted = 1 if still_there else 0
+    return min(max(wanted, 0), params.max_workers)
+
+
+def decide(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> Decision:
+    """What to start and stop so the fleet moves toward the target."""
+    target = target_workers(snapshot, params, policy)
+    perf = worker_perf(snapshot.workers, policy)
+    load = total_load(snapshot, params)
+    # An errored worker is removed; its capacity no longer counts, so the
+    # target above starts a replacement wherever one is still needed.
+    destroy = [w.id for w in snapshot.workers if w.phase is Phase.ERRORED]
+    live = [w for w in snapshot.workers if w.phase in LIVE]
+    cold = sorted((w for w in snapshot.workers if w.phase is Phase.COLD), key=lambda w: (w.created_at, w.id))
+    resume: List[int] = []
+    stop: List[int] = []
+    provision = 0
+
+    missing = target - len(live)
+    if missing > 0:
+        resume = [w.id for w in cold[:missing]]
+        cold = cold[len(resume):]
+        provision = missing - len(resume)
+    elif missing < 0:
+        idle = _stoppable(live, snapshot.now, policy)
+        kept_cold = len(cold)
+        for worker in idle[:-missing]:
+            # Only a loaded worker is worth keeping cold.
+            if worker.phase is Phase.READY and kept_cold < params.cold_workers:
+                stop.append(worker.id)
+                kept_cold += 1
+            else:
+                destroy.append(worker.id)
+    surplus_cold = len(cold) + len(stop) - params.cold_workers
+    if surplus_cold > 0:
+        destroy.extend(w.id for w in cold[:surplus_cold])
+    return Decision(
+        target=target,
+        load=load,
+        perf=perf,
+        provision=provision,
+        resume=tuple(resume),
+        stop=tuple(stop),
+        destroy=tuple(destroy),
+    )
+
+
+def _stoppable(live: Sequence[WorkerView], now: float, policy: LocalPolicy) -> List[WorkerView]:
+    """Live workers a scale-down may take, least useful first; never one holding load."""
+    idle = [
+        w
+        for w in live
+        if w.load <= EPSILON
+        and w.idle_since is not None
+        and now - w.idle_since >= policy.scale_down_delay - EPSILON
+    ]
+    return sorted(idle, key=lambda w: (_STOP_ORDER[w.phase], -w.created_at, -w.id))

@@ -1,0 +1,278 @@
+"""The local stand-in's scaling model and route choice, as pure functions of a snapshot."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lib.scaling import (
+    EndpointParams,
+    LocalPolicy,
+    Phase,
+    Snapshot,
+    WaitingRequest,
+    WorkerView,
+    choose_worker,
+    decide,
+    has_room,
+    target_workers,
+)
+
+NOW = 1000.0
+POLICY = LocalPolicy(scale_down_delay=5.0, assumed_perf=100.0)
+
+
+def worker(
+    id: int,
+    phase: Phase = Phase.READY,
+    *,
+    load: float = 0.0,
+    reserved: float = 0.0,
+    max_perf: Optional[float] = None,
+    idle_for: Optional[float] = None,
+    age: float = 60.0,
+) -> WorkerView:
+    if max_perf is None:
+        max_perf = 100.0 if phase is Phase.READY else 0.0
+    busy = load + reserved > 0
+    return WorkerView(
+        id=id,
+        phase=phase,
+        created_at=NOW - age + id * 1e-3,  # lower ids are older
+        cur_load=load,
+        max_perf=max_perf,
+        reserved=reserved,
+        idle_since=None if busy else NOW - (age if idle_for is None else idle_for),
+    )
+
+
+def snapshot(
+    workers: Iterable[WorkerView] = (),
+    waiting: Iterable[WaitingRequest] = (),
+    idle_for: float = 0.0,
+) -> Snapshot:
+    return Snapshot(now=NOW, workers=tuple(workers), waiting=tuple(waiting), last_activity=NOW - idle_for)
+
+
+def sessions_on(n: int) -> List[WorkerView]:
+    return [worker(i, load=100.0) for i in range(1, n + 1)]
+
+
+def test_target_util_one_gives_one_worker_per_session():
+    """With cost = max_perf = 100 and target_util 1.0, N open sessions ask for exactly N workers."""
+    params = EndpointParams(target_util=1.0)
+    for n in (1, 2, 3, 7):
+        assert target_workers(snapshot(sessions_on(n)), params, POLICY) == n
+
+
+def test_target_util_point_nine_asks_for_one_extra_worker():
+    """target_util 0.9 turns one session's 100 into 111 of capacity: two workers, one of them idle."""
+    params = EndpointParams(target_util=0.9)
+    assert target_workers(snapshot(sessions_on(1)), params, POLICY) == 2
+    decision = decide(snapshot(sessions_on(1)), params, POLICY)
+    assert decision.provision == 1
+
+
+def test_waiting_request_counts_as_load_once_it_has_waited_target_queue_time():
+    """A request waiting for a worker triggers a cold start after target_queue_time, not before."""
+    params = EndpointParams(target_util=1.0, target_queue_time=0.5)
+    fresh = WaitingRequest(request_idx=1, cost=100.0, since=NOW - 0.2)
+    overdue = WaitingRequest(request_idx=1, cost=100.0, since=NOW - 0.6)
+    assert decide(snapshot(waiting=[fresh]), params, POLICY).provision == 0
+    decision = decide(snapshot(waiting=[overdue]), params, POLICY)
+    assert decision.provision == 1 and decision.load == 100.0
+
+
+def test_workers_still_loading_count_as_capacity_so_waiting_requests_do_not_start_more():
+    """Three waiting sessions and three workers already provisioning start no fourth worker."""
+    params = EndpointParams(target_util=1.0, target_queue_time=0.0)
+    waiting = [WaitingRequest(i, 100.0, NOW - 3) for i in (1, 2, 3)]
+    starting = [worker(1, Phase.PROVISIONING, age=1), worker(2, Phase.LOADING, age=1), worker(3, Phase.LOADING, age=1)]
+    assert decide(snapshot(starting, waiting), params, POLICY).changes is False
+
+
+def test_granted_session_not_yet_reported_still_counts_as_load():
+    """A grant handed out but not in the worker's reports keeps that worker counted as busy."""
+    params = EndpointParams(target_util=1.0)
+    assert target_workers(snapshot([worker(1, reserved=100.0), worker(2, load=100.0)]), params, POLICY) == 2
+
+
+def test_assumed_perf_sizes_the_fleet_before_any_worker_reported():
+    """Before any worker reports max_perf, capacity per worker is the assumed figure."""
+    params = EndpointParams(target_util=1.0, target_queue_time=0.0)
+    waiting = [WaitingRequest(1, 100.0, NOW - 1), WaitingRequest(2, 100.0, NOW - 1)]
+    assert target_workers(snapshot(waiting=waiting), params, LocalPolicy(assumed_perf=200.0)) == 1
+    assert target_workers(snapshot(waiting=waiting), params, LocalPolicy(assumed_perf=100.0)) == 2
+
+
+def test_min_load_keeps_capacity_without_any_load():
+    """min_load above zero keeps workers running with no load at all, whatever the inactivity."""
+    params = EndpointParams(target_util=1.0, min_load=150.0, inactivity_timeout=0.0)
+    assert target_workers(snapshot(idle_for=3600), params, POLICY) == 2
+
+
+def test_last_worker_stays_until_inactivity_timeout_has_elapsed():
+    """With no load the last worker is kept until inactivity_timeout passes, then the target is zero."""
+    params = EndpointParams(target_util=1.0, inactivity_timeout=10.0)
+    idle = [worker(1, idle_for=60)]
+    assert target_workers(snapshot(idle, idle_for=9.0), params, POLICY) == 1
+    assert decide(snapshot(idle, idle_for=9.0), params, POLICY).changes is False
+    assert target_workers(snapshot(idle, idle_for=10.0), params, POLICY) == 0
+    assert decide(snapshot(idle, idle_for=10.0), params, POLICY).destroy == (1,)
+
+
+def test_unset_inactivity_timeout_never_scales_to_zero():
+    """Without an inactivity_timeout the endpoint keeps one worker however long it is idle."""
+    params = EndpointParams(inactivity_timeout=None)
+    assert target_workers(snapshot([worker(1)], idle_for=1e6), params, POLICY) == 1
+
+
+def test_no_workers_and_no_load_starts_nothing():
+    """A fresh endpoint with no load stays at zero workers."""
+    assert decide(snapshot(), EndpointParams(), POLICY).changes is False
+
+
+def test_surplus_worker_stops_only_after_the_scale_down_delay():
+    """A surplus idle worker survives the scale-down delay, so a session right after a release reuses it."""
+    params = EndpointParams(target_util=1.0)
+    busy_and_idle = [worker(1, load=100.0), worker(2, idle_for=4.9)]
+    assert decide(snapshot(busy_and_idle), params, POLICY).changes is False
+    busy_and_idle = [worker(1, load=100.0), worker(2, idle_for=5.0)]
+    assert decide(snapshot(busy_and_idle), params, POLICY).destroy == (2,)
+
+
+def test_scale_down_never_stops_a_worker_holding_load_or_a_reservation():
+    """Even far over target, workers holding a session or a grant keep running."""
+    params = EndpointParams(target_util=1.0, max_workers=1)
+    workers = [worker(1, load=100.0), worker(2, reserved=100.0), worker(3, load=100.0)]
+    decision = decide(snapshot(workers), params, POLICY)
+    assert decision.target == 1
+    assert decision.destroy == () and decision.stop == ()
+
+
+def test_scale_down_gives_up_workers_not_yet_ready_first():
+    """When shrinking, a provisioning worker goes before a loading one, and that before a ready one."""
+    params = EndpointParams(target_util=1.0, inactivity_timeout=0.0)
+    workers = [worker(1, idle_for=60), worker(2, Phase.LOADING, idle_for=60), worker(3, Phase.PROVISIONING, idle_for=60)]
+    one_session = [worker(4, load=100.0)]
+    assert decide(snapshot(workers + one_session), params, POLICY).destroy == (3, 2, 1)
+    params_two = EndpointParams(target_util=0.5)
+    assert decide(snapshot(workers + one_session), params_two, POLICY).destroy == (3, 2)
+
+
+def test_cold_workers_keeps_scaled_down_workers_stopped_instead_of_removed():
+    """With cold_workers 1, the first ready worker scaled down is kept cold and the next one removed."""
+    params = EndpointParams(target_util=1.0, cold_workers=1, inactivity_timeout=0.0)
+    decision = decide(snapshot([worker(1, idle_for=60), worker(2, idle_for=60)]), params, POLICY)
+    assert decision.stop == (2,) and decision.destroy == (1,)
+
+
+def test_scale_up_restarts_cold_workers_before_provisioning_new_ones():
+    """Demand for two workers with one cold instance resumes it and provisions only one more."""
+    params = EndpointParams(target_util=1.0, cold_workers=1, target_queue_time=0.0)
+    waiting = [WaitingRequest(1, 100.0, NOW - 1), WaitingRequest(2, 100.0, NOW - 1)]
+    decision = decide(snapshot([worker(1, Phase.COLD, max_perf=0.0)], waiting), params, POLICY)
+    assert decision.resume == (1,) and decision.provision == 1
+
+
+def test_max_workers_caps_the_fleet():
+    """Demand beyond max_workers provisions up to the cap and no further."""
+    params = EndpointParams(target_util=1.0, max_workers=2, target_queue_time=0.0)
+    waiting = [WaitingRequest(i, 100.0, NOW - 1) for i in range(5)]
+    assert decide(snapshot(waiting=waiting), params, POLICY).provision == 2
+
+
+def test_worker_reporting_an_error_is_removed_and_replaced():
+    """An errored worker holding a session is stopped and a new instance is provisioned in its place."""
+    params = EndpointParams(target_util=1.0)
+    decision = decide(snapshot([worker(1, Phase.ERRORED, load=100.0), worker(2, load=100.0)]), params, POLICY)
+    assert decision.destroy == (1,) and decision.provision == 1
+
+
+def test_lone_idle_errored_worker_is_replaced_until_inactivity_timeout():
+    """An idle errored worker that was the endpoint's last one is replaced while the endpoint is not yet inactive."""
+    params = EndpointParams(target_util=1.0, inactivity_timeout=10.0)
+    decision = decide(snapshot([worker(1, Phase.ERRORED)], idle_for=1.0), params, POLICY)
+    assert decision.destroy == (1,) and decision.provision == 1
+    decision = decide(snapshot([worker(1, Phase.ERRORED)], idle_for=11.0), params, POLICY)
+    assert decision.destroy == (1,) and decision.provision == 0
+
+
+def test_occupied_worker_gets_no_route():
+    """A worker holding a session of cost 100 with max_perf 100 is skipped; the request waits."""
+    params = EndpointParams()
+    assert choose_worker([worker(1, load=100.0)], 100.0, params) is None
+    assert choose_worker([worker(1, load=100.0), worker(2)], 100.0, params) == 2
+
+
+def test_granted_but_unreported_session_makes_its_worker_occupied():
+    """A second route right after a grant does not go to the same still-idle-looking worker."""
+    assert choose_worker([worker(1, reserved=100.0)], 100.0, EndpointParams()) is None
+
+
+def test_worker_whose_queue_exceeds_max_queue_time_gets_no_route():
+    """A worker whose load / max_perf is above max_queue_time is skipped even with room left."""
+    busy = worker(1, load=60.0)
+    assert has_room(busy, 10.0, EndpointParams(max_queue_time=1.0))
+    assert not has_room(busy, 10.0, EndpointParams(max_queue_time=0.5))
+
+
+def test_only_ready_workers_get_routes():
+    """Provisioning, loading, errored, stopping and cold workers never get a route."""
+    params = EndpointParams()
+    for phase in (Phase.PROVISIONING, Phase.LOADING, Phase.ERRORED, Phase.STOPPING, Phase.COLD):
+        assert choose_worker([worker(1, phase, max_perf=100.0)], 100.0, params) is None
+
+
+def test_route_goes_to_the_least_loaded_worker_oldest_first_on_ties():
+    """Among workers with room, the least loaded wins; equal loads go to the oldest."""
+    params = EndpointParams(max_queue_time=10.0)
+    bigger = [worker(1, load=50.0, max_perf=200.0), worker(2, load=10.0, max_perf=200.0), worker(3, load=10.0, max_perf=200.0)]
+    assert choose_worker(bigger, 10.0, params) == 2
+
+
+def test_idle_worker_takes_a_request_costlier_than_its_max_perf():
+    """A request costing more than any worker's max_perf still gets an idle worker instead of waiting forever."""
+    assert choose_worker([worker(1)], 250.0, EndpointParams()) == 1
+
+
+def test_invalid_endpoint_parameters_are_named_with_their_range():
+    """Each out-of-range parameter is reported with its name and the allowed values."""
+    problems = EndpointParams(target_util=1.5, max_workers=0, cold_workers=-1, min_load=-1).problems()
+    text = "; ".join(problems)
+    for expected in ("target_util 1.5 must be in (0, 1]", "max_workers 0", "cold_workers -1", "min_load -1"):
+        assert expected in text
+    assert EndpointParams().problems() == []
+
+
+@given(sessions=st.integers(min_value=0, max_value=20), workers=st.integers(min_value=0, max_value=20))
+def test_sessions_costing_max_perf_never_share_a_worker(sessions, workers):
+    """Routing sessions of cost 100 one after another over idle workers gives each its own worker, then waits."""
+    params = EndpointParams()
+    fleet = [worker(i) for i in range(1, workers + 1)]
+    chosen = []
+    for _ in range(sessions):
+        picked = choose_worker(fleet, 100.0, params)
+        if picked is None:
+            break
+        chosen.append(picked)
+        fleet = [
+            WorkerView(w.id, w.phase, w.created_at, w.cur_load, w.max_perf, w.reserved + 100.0, None) if w.id == picked else w
+            for w in fleet
+        ]
+    assert len(chosen) == len(set(chosen)) == min(sessions, workers)
+
+
+@given(
+    sessions=st.integers(min_value=0, max_value=50),
+    util=st.sampled_from([0.5, 0.75, 0.9, 1.0]),
+)
+def test_target_is_sessions_over_target_util_rounded_up(sessions, util):
+    """The target is ceil(sessions / target_util) with cost = max_perf, and at least one while not inactive."""
+    params = EndpointParams(target_util=util, max_workers=1000)
+    target = target_workers(snapshot(sessions_on(sessions)), params, POLICY)
+    expected = math.ceil(round(sessions / util, 9))
+    assert target == max(expected, 1 if sessions else 0)
