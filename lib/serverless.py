@@ -1,0 +1,385 @@
+"""Vast Serverless on one machine: console endpoint list, autoscaler and instances.
+
+``python -m lib.serverless`` serves, on 127.0.0.1:8080 (the SDK's
+``instance="local"`` address), what the ``vastai`` SDK client and the worker
+framework call, and runs real null worker processes as the scaling model in
+``lib.scaling`` asks. A dispatcher written against
+``Serverless(instance="local")`` runs against it unchanged, apart from
+pointing ``webserver_url`` at it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Dict, NoReturn, Optional, Sequence
+
+from aiohttp import web
+
+from lib.fleet import Fleet, FleetSettings
+from lib.grants import GrantSigner
+from lib.scaling import EndpointParams, LocalPolicy
+
+log = logging.getLogger("lib.serverless")  # also when run as __main__
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_ENDPOINT = "null-pyworker"
+DEFAULT_API_KEY = "local"
+ENDPOINT_ID = 1
+USER_ID = 1
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    endpoint_name: str = DEFAULT_ENDPOINT
+    api_key: str = DEFAULT_API_KEY
+    port: int = DEFAULT_PORT
+
+
+class PortInUse(OSError):
+    """The stand-in's port is taken; the message names it and the fix."""
+
+
+@dataclass
+class LocalServerless:
+    """A running stand-in: its base URL (console and autoscaler alike) and its fleet."""
+
+    config: LocalConfig
+    fleet: Fleet
+    signer: GrantSigner
+    url: str = ""
+    created_at: float = field(default_factory=time.time)
+
+    def endpoint_record(self) -> Dict[str, Any]:
+        """The endpoint as the console's /api/v0/endptjobs/ lists it."""
+        params = self.config.fleet.params
+        return {
+            "id": ENDPOINT_ID,
+            "endpoint_name": self.config.endpoint_name,
+            "api_key": self.config.api_key,
+            "user_id": USER_ID,
+            "created_at": self.created_at,
+            "endpoint_state": "active",
+            "min_load": params.min_load,
+            "target_util": params.target_util,
+            "max_workers": params.max_workers,
+            "cold_workers": params.cold_workers,
+            "max_queue_time": params.max_queue_time,
+            "target_queue_time": params.target_queue_time,
+            "inactivity_timeout": params.inactivity_timeout,
+            # Accepted by Vast, not modelled here: no capacity is planned ahead.
+            "cold_mult": None,
+            "min_cold_load": None,
+        }
+
+
+STANDIN = web.AppKey("standin", LocalServerless)
+
+
+def _error(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+async def _json_object(request: web.Request) -> Optional[Dict[str, Any]]:
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+async def list_endpoints(request: web.Request) -> web.Response:
+    standin = request.app[STANDIN]
+    return web.json_response({"success": True, "results": [standin.endpoint_record()]})
+
+
+async def get_endpoint(request: web.Request) -> web.Response:
+    standin = request.app[STANDIN]
+    if request.match_info["endpoint_id"] != str(ENDPOINT_ID):
+        return _error(404, f"no endpoint {request.match_info['endpoint_id']}: this stand-in serves endpoint {ENDPOINT_ID}")
+    return web.json_response({"success": True, "result": standin.endpoint_record()})
+
+
+async def route(request: web.Request) -> web.Response:
+    standin = request.app[STANDIN]
+    body = await _json_object(request)
+    if body is None:
+        return _error(422, "body must be a JSON object")
+    name = body.get("endpoint")
+    if name != standin.config.endpoint_name:
+        return _error(404, f"no endpoint named {name!r}: this stand-in serves {standin.config.endpoint_name!r}")
+    if body.get("api_key") != standin.config.api_key:
+        return _error(401, "api_key is not this endpoint's key")
+    cost = _number(body.get("cost", 100))
+    if cost is None or cost < 0:
+        return _error(422, "cost must be a finite number >= 0")
+    request_idx = body.get("request_idx") or 0
+    if not isinstance(request_idx, int) or isinstance(request_idx, bool):
+        return _error(422, "request_idx must be an integer")
+    answer = await standin.fleet.route_held(cost, request_idx)
+    if answer.url is None:
+        return web.json_response({"request_idx": answer.request_idx})
+    grant = standin.signer.grant(
+        answer.url, endpoint=standin.config.endpoint_name, cost=cost, request_idx=answer.request_idx
+    )
+    return web.json_response(grant)
+
+
+async def pubkey(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[STANDIN].signer.public_pem)
+
+
+async def worker_status(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    if body is None or not isinstance(body.get("id"), int):
+        return _error(422, "a report is a JSON object with an integer id")
+    for name in ("cur_load", "max_perf"):
+        if body.get(name) is not None and _number(body[name]) is None:
+            return _error(422, f"{name} must be a finite number")
+    idxs = body.get("working_request_idxs") or []
+    if not isinstance(idxs, list) or not all(isinstance(i, int) for i in idxs):
+        return _error(422, "working_request_idxs must be a list of integers")
+    if not request.app[STANDIN].fleet.on_report(body):
+        # Answered 200 all the same: a worker left from an earlier run would
+        # otherwise retry every report.
+        log.debug("report from worker %s, which is not one of this stand-in's", body["id"])
+    return web.json_response({})
+
+
+async def delete_requests(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    if body is None or not isinstance(body.get("worker_id"), int) or not isinstance(body.get("requests"), list):
+        return _error(422, "body must be {worker_id: int, requests: [...]}")
+    items = [item for item in body["requests"] if isinstance(item, dict)]
+    request.app[STANDIN].fleet.on_deleted(body["worker_id"], items)
+    return web.json_response({})
+
+
+async def endpoint_workers(request: web.Request) -> web.Response:
+    standin = request.app[STANDIN]
+    body = await _json_object(request)
+    if body is None or body.get("id") != ENDPOINT_ID:
+        # The SDK reads a dict with error_msg as "not ready yet" and returns [].
+        return web.json_response({"error_msg": f"no endpoint with that id: this stand-in serves {ENDPOINT_ID}"})
+    return web.json_response(standin.fleet.describe())
+
+
+def make_app(standin: LocalServerless) -> web.Application:
+    app = web.Application()
+    app[STANDIN] = standin
+    app.router.add_get("/api/v0/endptjobs/", list_endpoints)
+    app.router.add_get("/api/v0/endptjobs/{endpoint_id}/", get_endpoint)
+    app.router.add_post("/route/", route)
+    app.router.add_get("/pubkey/", pubkey)
+    app.router.add_post("/worker_status/", worker_status)
+    app.router.add_post("/delete_requests/", delete_requests)
+    app.router.add_post("/get_endpoint_workers/", endpoint_workers)
+    return app
+
+
+@asynccontextmanager
+async def serve(config: LocalConfig, *, signer: Optional[GrantSigner] = None) -> AsyncIterator[LocalServerless]:
+    """Serves the stand-in on 127.0.0.1:``config.port`` (0: any free port) and runs its fleet.
+
+    On exit every instance is stopped, whatever ended the block.
+    """
+    problems = config.fleet.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    standin = LocalServerless(config=config, fleet=Fleet(config.fleet), signer=signer or GrantSigner())
+    runner = web.AppRunner(make_app(standin), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, HOST, config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    exc.errno,
+                    f"port {config.port} on {HOST} is in use (another stand-in?): stop what holds it, "
+                    "or pass --port with a free port",
+                ) from None
+            raise
+        host, port = runner.addresses[0][:2]
+        standin.url = f"http://{host}:{port}"
+        standin.fleet.start(standin.url)
+        log.info(
+            "serving endpoint %r on %s (api key %r); %s",
+            config.endpoint_name,
+            standin.url,
+            config.api_key,
+            describe_params(config.fleet),
+        )
+        try:
+            yield standin
+        finally:
+            await standin.fleet.aclose()
+    finally:
+        await runner.cleanup()
+
+
+def describe_params(settings: FleetSettings) -> str:
+    p = settings.params
+    inactivity = "off" if p.inactivity_timeout is None else f"{p.inactivity_timeout:g}s"
+    return (
+        f"target_util {p.target_util:g}, min_load {p.min_load:g}, max_workers {p.max_workers}, "
+        f"cold_workers {p.cold_workers}, max_queue_time {p.max_queue_time:g}s, "
+        f"target_queue_time {p.target_queue_time:g}s, inactivity_timeout {inactivity}, "
+        f"cold start {settings.provisioning_delay:g}s, scale-down delay {settings.policy.scale_down_delay:g}s"
+    )
+
+
+# -- command line ---------------------------------------------------------------------
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the problem, not the whole usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def seconds_or_off(text: str) -> Optional[float]:
+    if text.strip().lower() in ("off", "none", "unset"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or 'off'") from None
+    return value
+
+
+def key_value(text: str) -> tuple:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return (name, value)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    defaults = LocalConfig()
+    params = defaults.fleet.params
+    policy = defaults.fleet.policy
+    parser = OneLineParser(
+        prog="python -m lib.serverless",
+        description=(
+            "Vast Serverless on this machine: the console endpoint list, the autoscaler "
+            "(/route/, /worker_status/, ...) and real null worker processes, on 127.0.0.1."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--port", type=int, default=defaults.port, help="port on 127.0.0.1 (0: any free port); the SDK's instance='local' uses 8080")
+    parser.add_argument("--endpoint", default=defaults.endpoint_name, help="name of the one endpoint served")
+    parser.add_argument("--api-key", default=defaults.api_key, help="the endpoint's API key, which /route/ checks")
+    group = parser.add_argument_group("endpoint parameters (Vast's names)")
+    group.add_argument("--min-load", type=float, default=params.min_load, help="load floor kept as capacity")
+    group.add_argument("--target-util", type=float, default=params.target_util, help="workers = load / (target_util * max_perf), rounded up")
+    group.add_argument("--max-workers", type=int, default=params.max_workers, help="cap on workers")
+    group.add_argument("--cold-workers", type=int, default=params.cold_workers, help="stopped-but-loaded workers kept after scale-down for fast restarts")
+    group.add_argument("--max-queue-time", type=float, default=params.max_queue_time, help="seconds: a worker whose queue (load / max_perf) is longer gets no route")
+    group.add_argument("--target-queue-time", type=float, default=params.target_queue_time, help="seconds a request may wait before it counts as load for scaling up")
+    group.add_argument("--inactivity-timeout", type=seconds_or_off, default=params.inactivity_timeout, help="seconds without load before the last worker stops ('off': never)")
+    group = parser.add_argument_group("stand-in behaviour")
+    group.add_argument("--provisioning-delay", type=float, default=defaults.fleet.provisioning_delay, help="seconds from creating an instance to starting its worker (the cold start)")
+    group.add_argument("--scale-down-delay", type=float, default=policy.scale_down_delay, help="seconds a surplus worker stays idle before it is stopped")
+    group.add_argument("--assumed-perf", type=float, default=policy.assumed_perf, help="max_perf assumed for workers that have not reported yet")
+    group.add_argument("--load-timeout", type=float, default=defaults.fleet.load_timeout, help="seconds a started worker may take to report ready before it is replaced")
+    group.add_argument("--worker-env", type=key_value, action="append", default=[], metavar="NAME=VALUE", help="extra environment for every worker, e.g. NULL_MAX_LIFETIME=600 (repeatable)")
+    group.add_argument("--python", default=sys.executable, help="interpreter that runs the workers")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"), help="DEBUG adds every grant expiry and unknown report")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LocalConfig:
+    params = EndpointParams(
+        min_load=args.min_load,
+        target_util=args.target_util,
+        max_workers=args.max_workers,
+        cold_workers=args.cold_workers,
+        max_queue_time=args.max_queue_time,
+        target_queue_time=args.target_queue_time,
+        inactivity_timeout=args.inactivity_timeout,
+    )
+    settings = FleetSettings(
+        params=params,
+        policy=LocalPolicy(scale_down_delay=args.scale_down_delay, assumed_perf=args.assumed_perf),
+        provisioning_delay=args.provisioning_delay,
+        load_timeout=args.load_timeout,
+        python=args.python,
+        worker_env=tuple(args.worker_env),
+    )
+    problems = settings.problems()
+    if problems:
+        flag = problems[0].split(" ", 1)[0].replace("_", "-")
+        parser.error(f"{problems[0]}: fix --{flag}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a port number: give 0-65535 (0: any free port)")
+    return LocalConfig(fleet=settings, endpoint_name=args.endpoint, api_key=args.api_key, port=args.port)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    logging.getLogger("lib").setLevel(level)
+
+
+async def run(config: LocalConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with serve(config) as standin:
+            log.info(
+                "ready: Serverless(api_key=%r, instance='local', webserver_url=%r); Ctrl-C stops it and every worker",
+                config.api_key,
+                standin.url,
+            )
+            await stop.wait()
+            log.info("stopping %d worker(s)", len(standin.fleet.instances))
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args, parser)
+    configure_logging(args.log_level)
+    try:
+        return asyncio.run(run(config))
+    except PortInUse as exc:
+        print(f"{parser.prog}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before the event loop took over Ctrl-C: no worker was started yet
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
