@@ -22,10 +22,12 @@ MAX_BODY_BYTES = 1 << 20
 class Refusal(Exception):
     """A request the worker turns down; becomes ``{"error": reason}`` with ``status``."""
 
-    def __init__(self, status: int, reason: str, detail: str = ""):
+    def __init__(self, status: int, reason: str, detail: str = "", *, close: bool = False):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        # The body was not read to its end: the connection cannot carry another request.
+        self.close = close
         # For the log only: what a client should not be told but an operator needs.
         self.detail = detail
 
@@ -37,18 +39,18 @@ def _no_constants(token: str) -> Any:
 async def read_json(request: web.Request, *, allow_empty: bool = False) -> Any:
     """The body as JSON, refusing oversized bodies, bad encodings and NaN/Infinity."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes", close=True)
     chunks = []
     size = 0
     try:
         async for chunk in request.content.iter_chunked(64 * 1024):
             size += len(chunk)
             if size > MAX_BODY_BYTES:
-                raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes")
+                raise Refusal(413, f"body larger than {MAX_BODY_BYTES} bytes", close=True)
             chunks.append(chunk)
     except (web.RequestPayloadError, http_exceptions.HttpProcessingError):
         # A body that does not decode as its Content-Encoding says.
-        raise Refusal(400, "body could not be read as its Content-Encoding declares") from None
+        raise Refusal(400, "body could not be read as its Content-Encoding declares", close=True) from None
     raw = b"".join(chunks)
     if allow_empty and not raw.strip():
         return None

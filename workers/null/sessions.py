@@ -45,7 +45,10 @@ def refusals(route: str) -> Callable[[Handler], Handler]:
             except Refusal as refusal:
                 level = logging.DEBUG if refusal.status in (409, 410, 429) else logging.INFO
                 log.log(level, "refused %s (%d): %s", route, refusal.status, refusal.detail or refusal.reason)
-                return web.json_response({"error": refusal.reason}, status=refusal.status)
+                response = web.json_response({"error": refusal.reason}, status=refusal.status)
+                if refusal.close:
+                    response.force_close()
+                return response
 
         return guarded
 
