@@ -1,0 +1,448 @@
+"""How fast and how exact the null worker is, measured side by side.
+
+``python -m lib.bench`` starts real worker processes against a recording
+autoscaler on 127.0.0.1 (and, for scaling, the local stand-in), prints a
+table and writes the figures as JSON. ``--quick`` runs fewer rounds, for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence
+
+import aiohttp
+
+from lib.grants import GrantSigner
+from lib.process import WorkerPorts, WorkerProcess, worker_env
+from lib.recorder import RecordingAutoscaler, serving
+
+FLOOR_COMMAND = "from vastai.serverless.server.worker import Worker"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile; ``q`` in [0, 100]."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def spread(values: Sequence[float]) -> Dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def is_ready(report: Dict[str, Any]) -> bool:
+    return report.get("max_perf") == 100.0 and not report.get("error_msg")
+
+
+class Bench:
+    def __init__(self, *, quick: bool, workdir: Path, progress: Callable[[str], None]):
+        self.quick = quick
+        self.workdir = workdir
+        self.progress = progress
+        self.signer = GrantSigner()
+        self.recorder = RecordingAutoscaler(self.signer)
+        self._ids = itertools.count(5001)
+        self._stack = AsyncExitStack()
+        self.http: aiohttp.ClientSession
+
+    async def __aenter__(self) -> "Bench":
+        self.recorder.url = await self._stack.enter_async_context(serving(self.recorder.app()))
+        self.http = await self._stack.enter_async_context(
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=60),
+            )
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._stack.aclose()
+
+    # -- workers --------------------------------------------------------------
+
+    @asynccontextmanager
+    async def worker(self, module: str = "workers.null.worker", env: Optional[Dict[str, str]] = None) -> AsyncIterator["BenchWorker"]:
+        ports = WorkerPorts.allocate()
+        container_id = next(self._ids)
+        process = WorkerProcess(
+            env=worker_env(ports=ports, container_id=container_id, report_addr=self.recorder.url, extra=env),
+            cwd=self.workdir / f"worker-{container_id}",
+            module=module,
+        )
+        started = time.time()
+        await process.start()
+        try:
+            yield BenchWorker(self, process, ports, container_id, started)
+        finally:
+            await process.stop()
+
+    async def wait_report(self, worker: "BenchWorker", predicate: Callable[[Dict[str, Any]], bool], since: float, timeout: float = 30.0):
+        try:
+            return await self.recorder.wait_for(
+                lambda: self.recorder.first_report(worker.container_id, predicate, since), timeout
+            )
+        except AssertionError:
+            raise RuntimeError(f"no matching report from {worker.process.module}; its output:\n{worker.process.tail()}") from None
+
+    # -- 1. readiness -----------------------------------------------------------
+
+    async def readiness(self) -> Dict[str, Any]:
+        runs = 3 if self.quick else 7
+        ready: List[float] = []
+        for run in range(runs):
+            self.progress(f"readiness: start {run + 1}/{runs}")
+            async with self.worker() as worker:
+                received = await self.wait_report(worker, is_ready, since=0.0, timeout=60)
+                ready.append(received.at - worker.started)
+        floor: List[float] = []
+        for run in range(runs):
+            self.progress(f"readiness: import floor {run + 1}/{runs}")
+            started = time.monotonic()
+            child = await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOR_COMMAND)
+            if await child.wait() != 0:
+                raise RuntimeError(f"{sys.executable} -c {FLOOR_COMMAND!r} failed")
+            floor.append(time.monotonic() - started)
+        return {
+            "ready_s": spread(ready),
+            "import_floor_s": spread(floor),
+            "ratio": statistics.median(ready) / statistics.median(floor),
+        }
+
+    # -- 2. occupancy signal ----------------------------------------------------
+
+    async def occupancy(self) -> Dict[str, Any]:
+        cycles = 20 if self.quick else 100
+        async with self.worker() as worker:
+            await self.wait_report(worker, is_ready, since=0.0, timeout=60)
+            null = await self._cycles(worker, cycles, worker.open_signed, worker.release)
+        framework_cycles = 5 if self.quick else 30
+        async with self.worker(module="lib.plain_worker", env={"UNSECURED": "true"}) as worker:
+            await worker.until_listening()
+            framework = await self._cycles(worker, framework_cycles, worker.open_signed, worker.end)
+        return {
+            "null": null,
+            "framework": framework,
+            "open_ratio": null["open_s"]["p50"] / framework["open_s"]["p50"],
+            "close_ratio": null["close_s"]["p50"] / framework["close_s"]["p50"],
+        }
+
+    async def _cycles(self, worker: "BenchWorker", cycles: int, open_: Callable[[], Awaitable[Any]], close: Callable[[Any], Awaitable[None]]) -> Dict[str, Any]:
+        opens: List[float] = []
+        closes: List[float] = []
+        for cycle in range(cycles):
+            if cycle % 10 == 0:
+                self.progress(f"occupancy ({worker.process.module}): cycle {cycle + 1}/{cycles}")
+            started = time.time()
+            session = await open_()
+            received = await self.wait_report(worker, lambda r: r.get("cur_load", 0) >= 100.0, since=started)
+            opens.append(received.at - started)
+            started = time.time()
+            await close(session)
+            received = await self.wait_report(worker, lambda r: r.get("cur_load") == 0.0, since=started)
+            closes.append(received.at - started)
+        return {"cycles": cycles, "open_s": spread(opens), "close_s": spread(closes)}
+
+    # -- 3. contention ----------------------------------------------------------
+
+    async def contention(self) -> Dict[str, Any]:
+        concurrent = 200
+        async with self.worker() as worker:
+            await self.wait_report(worker, is_ready, since=0.0, timeout=60)
+            bodies = [worker.create_body() for _ in range(concurrent)]
+            self.progress(f"contention: {concurrent} concurrent creates")
+
+            async def create(body: Dict[str, Any]):
+                started = time.monotonic()
+                async with self.http.post(worker.url + "/session/create", json=body) as response:
+                    await response.read()
+                    return response.status, time.monotonic() - started
+
+            results = await asyncio.gather(*(create(body) for body in bodies))
+            await worker.release(None)
+        statuses = [status for status, _ in results]
+        return {
+            "requests": concurrent,
+            "created_201": statuses.count(201),
+            "busy_429": statuses.count(429),
+            "other": len(statuses) - statuses.count(201) - statuses.count(429),
+            "server_errors_5xx": sum(1 for s in statuses if s >= 500),
+            "latency_s": spread([elapsed for _, elapsed in results]),
+        }
+
+    # -- 4. control path --------------------------------------------------------
+
+    async def control(self) -> Dict[str, Any]:
+        calls = 50 if self.quick else 300
+        release: List[float] = []
+        status: List[float] = []
+        async with self.worker() as worker:
+            await self.wait_report(worker, is_ready, since=0.0, timeout=60)
+            self.progress(f"control path: {calls} /status and /release calls")
+            for _ in range(calls):
+                started = time.monotonic()
+                async with self.http.get(worker.ports.control_url + "/status") as response:
+                    await response.read()
+                status.append(time.monotonic() - started)
+                await worker.open_signed()
+                started = time.monotonic()
+                await worker.release(None)
+                release.append(time.monotonic() - started)
+        return {"release_s": spread(release), "status_s": spread(status)}
+
+    # -- 6. footprint -----------------------------------------------------------
+
+    async def footprint(self) -> Dict[str, Any]:
+        window = 5.0 if self.quick else 30.0
+        async with self.worker() as worker:
+            await self.wait_report(worker, is_ready, since=0.0, timeout=60)
+            pid = worker.process.pid
+            assert pid is not None
+            self.progress(f"footprint: idle for {window:.0f}s")
+            ticks_before, started = cpu_ticks(pid), time.monotonic()
+            await asyncio.sleep(window)  # the measurement window itself
+            ticks_after, elapsed = cpu_ticks(pid), time.monotonic() - started
+            rss = rss_mib(pid)
+        cpu = (ticks_after - ticks_before) / os.sysconf("SC_CLK_TCK") / elapsed
+        return {"window_s": round(elapsed, 2), "rss_mib": rss, "cpu_percent": 100.0 * cpu}
+
+
+class BenchWorker:
+    def __init__(self, bench: Bench, process: WorkerProcess, ports: WorkerPorts, container_id: int, started: float):
+        self.bench = bench
+        self.process = process
+        self.ports = ports
+        self.container_id = container_id
+        self.started = started
+
+    @property
+    def url(self) -> str:
+        return self.ports.url
+
+    def create_body(self) -> Dict[str, Any]:
+        return {"auth_data": self.bench.signer.grant(self.url), "payload": {"lifetime": 300}}
+
+    async def open_signed(self) -> Dict[str, Any]:
+        body = self.create_body()
+        async with self.bench.http.post(self.url + "/session/create", json=body) as response:
+            if response.status != 201:
+                raise RuntimeError(f"/session/create answered {response.status}: {await response.text()}")
+            return {"session_id": (await response.json())["session_id"], "session_auth": body["auth_data"]}
+
+    async def release(self, _session: Any) -> None:
+        async with self.bench.http.post(self.ports.control_url + "/release") as response:
+            await response.read()
+
+    async def end(self, session: Dict[str, Any]) -> None:
+        async with self.bench.http.post(self.url + "/session/end", json=session) as response:
+            await response.read()
+
+    async def until_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with suppress(aiohttp.ClientError):
+                async with self.bench.http.post(self.url + "/session/health", json={}) as response:
+                    await response.read()
+                    return
+            if not self.process.running:
+                break
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.process.module} never listened; its output:\n{self.process.tail()}")
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def scaling(quick: bool, progress: Callable[[str], None]) -> Dict[str, Any]:
+    """Sessions through the real SDK and the local stand-in, with the recommended parameters."""
+    import ssl
+
+    from vastai import Serverless
+
+    from lib.fleet import FleetSettings
+    from lib.scaling import EndpointParams
+    from lib.serverless import LocalConfig, serve
+
+    # The recommended endpoint parameters (README: Endpoint parameters); a
+    # shorter cold start and inactivity timeout in --quick keep CI short.
+    params = EndpointParams(
+        target_util=1.0,
+        min_load=0,
+        cold_workers=0,
+        max_queue_time=1.0,
+        target_queue_time=0.5,
+        inactivity_timeout=3.0 if quick else 10.0,
+    )
+    settings = FleetSettings(params=params, provisioning_delay=1.0 if quick else 3.0)
+    cases = []
+    for sessions in (1, 3, 10):
+        progress(f"scaling: {sessions} sessions through the SDK and the local stand-in")
+        async with serve(LocalConfig(fleet=settings, port=0)) as standin:
+            client = Serverless(api_key=standin.config.api_key, instance="local", autoscaler_url=standin.url, webserver_url=standin.url)
+            client._ssl_context = ssl.create_default_context()  # loopback HTTP: no CA download
+            async with client:
+                endpoint = await client.get_endpoint(standin.config.endpoint_name)
+
+                async def reserve_all() -> List[Any]:
+                    async def one() -> Any:
+                        started = time.monotonic()
+                        session = await endpoint.session(cost=100, lifetime=300, timeout=120)
+                        return session, time.monotonic() - started
+
+                    return list(await asyncio.gather(*(one() for _ in range(sessions))))
+
+                cold = await reserve_all()
+                provisioned = len(standin.fleet.created)
+                distinct = len({session.url for session, _ in cold})
+                for session, _ in cold:
+                    await session.close()
+                # Again at once, while the workers are still up: the warm path.
+                warm = await reserve_all()
+                provisioned_warm = len(standin.fleet.created) - provisioned
+                for session, _ in warm:
+                    await session.close()
+                released = time.monotonic()
+                await standin.fleet.wait_for(lambda fleet: not fleet.instances, 120)
+                to_zero = time.monotonic() - released
+        cases.append(
+            {
+                "sessions": sessions,
+                "workers_provisioned": provisioned,
+                "distinct_workers": distinct,
+                "workers_per_session": provisioned / sessions,
+                "provisioned_for_warm_rerun": provisioned_warm,
+                "reserve_cold_s": spread([t for _, t in cold]),
+                "reserve_warm_s": spread([t for _, t in warm]),
+                "to_zero_s": to_zero,
+            }
+        )
+    return {
+        "params": {name: getattr(params, name) for name in ("target_util", "min_load", "cold_workers", "max_queue_time", "target_queue_time", "inactivity_timeout")},
+        "provisioning_delay_s": settings.provisioning_delay,
+        "cases": cases,
+    }
+
+
+SECTIONS = ("readiness", "occupancy", "contention", "control", "scaling", "footprint")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def render(results: Dict[str, Any]) -> str:
+    """The results as the table the README shows."""
+    rows: List[tuple] = []
+    ready = results["readiness"]
+    rows.append(("readiness: start -> ready report, p50", f"{ready['ready_s']['p50']:.2f} s", ""))
+    rows.append(("readiness: import floor, p50", f"{ready['import_floor_s']['p50']:.2f} s", ""))
+    rows.append(("readiness: ratio to the floor", f"{ready['ratio']:.2f}x", "<= 1.25x"))
+    occupancy = results["occupancy"]
+    for side in ("null", "framework"):
+        for edge, label in (("open_s", "open -> cur_load 100"), ("close_s", "close -> cur_load 0")):
+            figures = occupancy[side][edge]
+            target = "p50 <= 100 ms" if side == "null" else ""
+            rows.append((f"occupancy ({side}): {label}, p50 / p99", f"{ms(figures['p50'])} / {ms(figures['p99'])}", target))
+    rows.append(("occupancy: null / framework p50, open / close", f"{occupancy['open_ratio']:.3f} / {occupancy['close_ratio']:.3f}", ""))
+    contention = results["contention"]
+    rows.append(
+        (
+            f"contention: {contention['requests']} concurrent creates 201 / 429 / other",
+            f"{contention['created_201']} / {contention['busy_429']} / {contention['other']}",
+            "1 / 199 / 0",
+        )
+    )
+    rows.append(("contention: latency p50 / p99", f"{ms(contention['latency_s']['p50'])} / {ms(contention['latency_s']['p99'])}", "p99 <= 250 ms"))
+    control = results["control"]
+    rows.append(("control: /release p50 / p99", f"{ms(control['release_s']['p50'])} / {ms(control['release_s']['p99'])}", ""))
+    rows.append(("control: /status p50 / p99", f"{ms(control['status_s']['p50'])} / {ms(control['status_s']['p99'])}", ""))
+    for case in results["scaling"]["cases"]:
+        n = case["sessions"]
+        rows.append((f"scaling, {n} sessions: workers provisioned per session", f"{case['workers_per_session']:.2f}", "1.00"))
+        rows.append((f"scaling, {n} sessions: reserve p50 cold / warm", f"{case['reserve_cold_s']['p50']:.2f} s / {case['reserve_warm_s']['p50']:.2f} s" if case["reserve_warm_s"] else f"{case['reserve_cold_s']['p50']:.2f} s / -", ""))
+        rows.append((f"scaling, {n} sessions: last release -> zero workers", f"{case['to_zero_s']:.2f} s", ""))
+    footprint = results["footprint"]
+    rows.append(("footprint: idle RSS", f"{footprint['rss_mib']:.1f} MiB", ""))
+    rows.append((f"footprint: idle CPU over {footprint['window_s']:.0f} s", f"{footprint['cpu_percent']:.2f} %", "<= 1 %"))
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    lines = [f"{'measure'.ljust(width)}  {'figure'.ljust(value_width)}  target", "-" * (width + value_width + 16)]
+    lines += [f"{name.ljust(width)}  {value.ljust(value_width)}  {target}" for name, value, target in rows]
+    return "\n".join(lines)
+
+
+async def run(quick: bool, progress: Callable[[str], None], only: Sequence[str] = SECTIONS) -> Dict[str, Any]:
+    results: Dict[str, Any] = {
+        "quick": quick,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "started_at": time.time(),
+    }
+    with tempfile.TemporaryDirectory(prefix="null-bench-") as workdir:
+        async with Bench(quick=quick, workdir=Path(workdir), progress=progress) as bench:
+            for section in only:
+                if section == "scaling":
+                    results[section] = await scaling(quick, progress)
+                else:
+                    results[section] = await getattr(bench, section)()
+    results["elapsed_s"] = time.time() - results["started_at"]
+    return results
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lib.bench",
+        description="Measure the null worker's readiness, occupancy signal, contention, control path, scaling and footprint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter windows (for CI)")
+    parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+
+    def progress(message: str) -> None:
+        print(f"  .. {message}", file=sys.stderr, flush=True)
+
+    try:
+        results = asyncio.run(run(args.quick, progress))
+    except KeyboardInterrupt:
+        print("interrupted; no figures written", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(render(results))
+    print(f"\nfigures written to {args.json} ({results['elapsed_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

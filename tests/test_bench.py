@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lib.bench import SECTIONS
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_path):
+    """`python -m lib.bench --quick` writes every section; one 201 in 200 creates and one worker per session."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "lib.bench", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(SECTIONS) <= set(figures)
+
+    assert figures["readiness"]["ready_s"]["n"] == 3 and figures["readiness"]["ratio"] > 0
+    for side in ("null", "framework"):
+        for edge in ("open_s", "close_s"):
+            assert figures["occupancy"][side][edge]["n"] == figures["occupancy"][side]["cycles"]
+    contention = figures["contention"]
+    assert (contention["created_201"], contention["busy_429"], contention["other"]) == (1, 199, 0)
+    assert contention["server_errors_5xx"] == 0
+    assert figures["control"]["release_s"]["n"] == figures["control"]["status_s"]["n"] == 50
+    cases = {case["sessions"]: case for case in figures["scaling"]["cases"]}
+    assert sorted(cases) == [1, 3, 10]
+    for sessions, case in cases.items():
+        assert case["workers_per_session"] == 1.0, case
+        assert case["distinct_workers"] == sessions, case
+        assert case["provisioned_for_warm_rerun"] == 0, case
+    assert figures["footprint"]["rss_mib"] > 0 and figures["footprint"]["cpu_percent"] >= 0
+
+    # The table names every measure the README's Performance section shows.
+    for measure in ("readiness", "occupancy (null)", "occupancy (framework)", "contention", "control", "scaling, 10 sessions", "footprint"):
+        assert measure in run.stdout, run.stdout
