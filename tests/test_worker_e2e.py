@@ -518,6 +518,9 @@ async def test_unreachable_public_key_is_reported_as_an_error(start_worker, http
     status, answer = await post(http, worker.url + "/session/create", worker.create_body())
     assert 400 <= status < 500, (status, answer, worker.explain())
     assert not [r for r in worker.reports() if r["max_perf"] == 100.0], f"went ready without a key; {worker.explain()}"
+    # The control server stays up so the consumer can see why.
+    shown = await status_of(http, worker)
+    assert shown["ready"] is False and where in (shown["error"] or ""), (shown, worker.explain())
 
 
 # -- 5. malformed bodies, one shared worker for the whole corpus ----------------------
