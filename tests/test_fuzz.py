@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from lib.process import free_port
 from tests.conftest import DESK_URL
 from workers.null.control import make_control_app
-from workers.null.requests import MAX_BODY_BYTES, http_url
+from workers.null.requests import MAX_BODY_BYTES
+from workers.null.settings import http_url
 
 # Reproducible in CI: the same examples every run, nothing read from or
 # written to a local example database.

@@ -14,6 +14,7 @@ from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
 
+
 # Grants, session bodies and control calls are a few hundred bytes; the
 # framework's app accepts bodies of any size, so the limit is ours.
 MAX_BODY_BYTES = 1 << 20
@@ -79,18 +80,6 @@ def require_object(body: Any, name: str) -> Dict[str, Any]:
     if not isinstance(body, dict):
         raise Refusal(422, f"{name} must be a JSON object")
     return body
-
-
-def http_url(value: Any) -> bool:
-    """An absolute http(s) URL with a host."""
-    if not isinstance(value, str):
-        return False
-    try:
-        parts = urlsplit(value)
-        parts.port  # raises ValueError on a malformed port
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def host_port(url: str) -> Optional[Tuple[str, int]]:

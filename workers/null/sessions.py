@@ -18,8 +18,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Set
 
 from aiohttp import web
 
-from .requests import GrantVerifier, Refusal, finite, http_url, read_json, require_object
-from .settings import Settings
+from .requests import GrantVerifier, Refusal, finite, read_json, require_object
+from .settings import Settings, http_url
 
 log = logging.getLogger(__name__)
 

@@ -124,7 +124,10 @@ def _flag(env: Mapping[str, str], name: str, *, default: bool, spellings, fold_c
     raise SettingsError(f"{name}={value!r} is not a boolean: set it to true or false")
 
 
-def _http_url(value: str) -> bool:
+def http_url(value: object) -> bool:
+    """An absolute http(s) URL with a host."""
+    if not isinstance(value, str):
+        return False
     try:
         parts = urlsplit(value)
         parts.port  # raises ValueError on a malformed port
@@ -137,7 +140,7 @@ def _report_addrs(env: Mapping[str, str]) -> Tuple[str, ...]:
     value = _required(env, "REPORT_ADDR", hint="the autoscaler's base URL (Vast sets https://run.vast.ai; the local stand-in's URL locally)")
     addrs = tuple(part.strip() for part in value.split(","))
     for addr in addrs:
-        if not _http_url(addr):
+        if not http_url(addr):
             raise SettingsError(f"REPORT_ADDR={value!r} holds {addr!r}, not an absolute http(s) URL: set it to the autoscaler's base URL, e.g. https://run.vast.ai")
     return addrs
 
@@ -146,7 +149,7 @@ def _health_url(env: Mapping[str, str]) -> Optional[str]:
     value = _value(env, "BACKEND_HEALTH_URL")
     if value is None:
         return None
-    if not _http_url(value):
+    if not http_url(value):
         raise SettingsError(f"BACKEND_HEALTH_URL={value!r} is not an absolute http(s) URL: set it to your consumer's health endpoint, e.g. http://127.0.0.1:8000/health, or unset it")
     return value
 
