@@ -24,7 +24,7 @@ import aiohttp
 
 from lib.grants import GrantSigner
 from lib.process import WorkerPorts, WorkerProcess, worker_env
-from lib.recorder import RecordingAutoscaler, serving
+from lib.recorder import RecordingAutoscaler, is_ready, serving
 
 FLOOR_COMMAND = "from vastai.serverless.server.worker import Worker"
 
@@ -44,10 +44,6 @@ def spread(values: Sequence[float]) -> Dict[str, float]:
         "min": min(values),
         "max": max(values),
     }
-
-
-def is_ready(report: Dict[str, Any]) -> bool:
-    return report.get("max_perf") == 100.0 and not report.get("error_msg")
 
 
 class Bench:

@@ -87,10 +87,14 @@ def worker_env(
             "PYTHONUNBUFFERED": "1",
         }
     )
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    with_repo_on_path(env)
     env.update(extra or {})
+    return env
+
+
+def with_repo_on_path(env: Dict[str, str]) -> Dict[str, str]:
+    """Puts this checkout first on ``env``'s PYTHONPATH, so ``python -m`` finds its modules from any cwd."""
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
 

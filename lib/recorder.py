@@ -18,6 +18,11 @@ from aiohttp import web
 from lib.grants import GrantSigner
 
 
+def is_ready(report: Dict[str, Any]) -> bool:
+    """A null worker's ready report: capacity of one session and no error."""
+    return report.get("max_perf") == 100.0 and not report.get("error_msg")
+
+
 @dataclass
 class Received:
     at: float

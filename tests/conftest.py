@@ -12,6 +12,7 @@ import pytest
 
 from lib.grants import GrantSigner
 from lib.process import WorkerPorts, WorkerProcess, worker_env
+from lib.recorder import is_ready
 from tests.fakes import FakeAutoscaler, serving
 
 _container_ids = itertools.count(1001)
@@ -119,10 +120,6 @@ class RunningWorker:
 
     def explain(self) -> str:
         return f"worker output:\n{self.process.tail()}"
-
-
-def is_ready(report: Dict[str, Any]) -> bool:
-    return report.get("max_perf") == 100.0 and not report.get("error_msg")
 
 
 StartWorker = Callable[..., Awaitable[RunningWorker]]

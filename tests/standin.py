@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from lib.fleet import Fleet, FleetSettings
 from lib.scaling import EndpointParams, LocalPolicy
-from lib.process import REPO_ROOT
+from lib.process import REPO_ROOT, with_repo_on_path
 from lib.serverless import LocalConfig, LocalServerless
 
 # Short enough for a test, long enough that every phase is visible.
@@ -79,7 +79,7 @@ class CommandRun:
 
     async def start(self) -> "CommandRun":
         env = dict(os.environ if self.env is None else self.env)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        with_repo_on_path(env)
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -17,6 +17,7 @@ import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Set
 
 from aiohttp import web
+from vastai.serverless.server.lib.data_types import RequestMetrics, Session
 
 from .requests import GrantVerifier, Refusal, finite, read_json, require_object
 from .settings import Settings, http_url
@@ -219,8 +220,6 @@ class SessionDesk:
         return lifetime
 
     async def _open(self, auth_data, cost, request_idx, reqnum, lifetime, on_close_route, on_close_payload) -> web.Response:
-        from vastai.serverless.server.lib.data_types import RequestMetrics, Session
-
         now = time.time()
         request_metrics = RequestMetrics(
             request_idx=request_idx,
