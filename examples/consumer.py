@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 
-CONTROL = "http://127.0.0.1:%s" % os.environ.get("NULL_CONTROL_PORT", "18999")
+CONTROL = "http://127.0.0.1:{}".format(os.environ.get("NULL_CONTROL_PORT", "18999"))
 LEASE = float(os.environ.get("LEASE_SECONDS", "60"))
 
 
@@ -55,17 +55,17 @@ def main(run_job, requeue_job):
         if job is None:
             time.sleep(1)
             continue
-        print("job %s: started" % job, flush=True)
+        print(f"job {job}: started", flush=True)
         job_ended = threading.Event()
         session_id = session["session_id"]
         threading.Thread(target=keep_lease, args=(session_id, job_ended), daemon=True).start()
         try:
             if subprocess.run([run_job, str(job)]).returncode == 0:
-                print("job %s: done" % job, flush=True)
+                print(f"job {job}: done", flush=True)
             else:
                 # Put it back for the dispatcher to open a new session for; the
                 # worker is released either way.
-                print("job %s: failed, requeued" % job, flush=True)
+                print(f"job {job}: failed, requeued", flush=True)
                 subprocess.run([requeue_job, str(job)])
         finally:
             job_ended.set()

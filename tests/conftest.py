@@ -3,16 +3,17 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional
+from typing import Any
 
 import aiohttp
 import pytest
 
-from lib.grants import GrantSigner
-from lib.process import WorkerPorts, WorkerProcess, worker_env
-from lib.recorder import is_ready
+from lib.bench.recorder import is_ready
+from lib.standin.grants import GrantSigner
+from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
 from tests.fakes import FakeAutoscaler, serving
 
 _container_ids = itertools.count(1001)
@@ -92,10 +93,10 @@ class RunningWorker:
     def control(self) -> str:
         return self.ports.control_url
 
-    def grant(self, **kwargs: Any) -> Dict[str, Any]:
+    def grant(self, **kwargs: Any) -> dict[str, Any]:
         return self.autoscaler.grant(self.url, **kwargs)
 
-    def create_body(self, lifetime: float = 60, on_close: bool = True, **grant_kwargs: Any) -> Dict[str, Any]:
+    def create_body(self, lifetime: float = 60, on_close: bool = True, **grant_kwargs: Any) -> dict[str, Any]:
         return {
             "auth_data": self.grant(**grant_kwargs),
             "payload": {
@@ -105,10 +106,12 @@ class RunningWorker:
             },
         }
 
-    def reports(self, since: float = 0.0) -> List[Dict[str, Any]]:
+    def reports(self, since: float = 0.0) -> list[dict[str, Any]]:
         return self.autoscaler.reports_for(self.container_id, since)
 
-    async def wait_report(self, predicate: Callable[[Dict[str, Any]], bool], since: float = 0.0, timeout: float = 15.0, message: str = ""):
+    async def wait_report(
+        self, predicate: Callable[[dict[str, Any]], bool], since: float = 0.0, timeout: float = 15.0, message: str = ""
+    ):
         return await self.autoscaler.wait_for(
             lambda: self.autoscaler.first_report(self.container_id, predicate, since),
             timeout,
@@ -128,14 +131,14 @@ StartWorker = Callable[..., Awaitable[RunningWorker]]
 @pytest.fixture
 async def start_worker(autoscaler: FakeAutoscaler, tmp_path: Path) -> AsyncIterator[StartWorker]:
     """Starts real worker processes against the fake autoscaler; stops them after the test."""
-    started: List[WorkerProcess] = []
+    started: list[WorkerProcess] = []
 
     async def start(
-        env: Optional[Dict[str, str]] = None,
+        env: dict[str, str] | None = None,
         *,
         ready: bool = True,
-        report_addr: Optional[str] = None,
-        files: Optional[Dict[str, str]] = None,
+        report_addr: str | None = None,
+        files: dict[str, str] | None = None,
     ) -> RunningWorker:
         """``files`` (name -> text) are written into the worker's directory before it starts."""
         ports = WorkerPorts.allocate()

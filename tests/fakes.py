@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from lib.recorder import RecordingAutoscaler as FakeAutoscaler, Received, serving
+from lib.bench.recorder import Received, serving
+from lib.bench.recorder import RecordingAutoscaler as FakeAutoscaler
 
 __all__ = ["FakeAutoscaler", "FakeConsumer", "Received", "serving"]
 

@@ -9,14 +9,15 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import fields
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
-from lib.fleet import Fleet, FleetSettings
-from lib.scaling import EndpointParams, LocalPolicy
-from lib.process import REPO_ROOT, with_repo_on_path
-from lib.serverless import LocalConfig, LocalServerless
+from lib.standin.autoscaler import LocalConfig, LocalServerless
+from lib.standin.fleet import Fleet, FleetSettings
+from lib.standin.process import REPO_ROOT, with_repo_on_path
+from lib.standin.scaling import EndpointParams, LocalPolicy
 
 # Short enough for a test, long enough that every phase is visible.
 FAST = dict(provisioning_delay=0.2, tick=0.05, stop_grace=6.0, load_timeout=45.0)
@@ -69,15 +70,15 @@ async def wait_fleet(fleet: Fleet, predicate: Callable[[Fleet], Any], timeout: f
 class CommandRun:
     """A ``python -m ...`` child whose output lines are collected as they arrive."""
 
-    def __init__(self, *args: str, env: Optional[Dict[str, str]] = None):
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
         self.args = args
         self.env = env
-        self.lines: List[str] = []
-        self.proc: Optional[asyncio.subprocess.Process] = None
-        self._reader: Optional[asyncio.Task] = None
+        self.lines: list[str] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task | None = None
         self._arrived = asyncio.Event()
 
-    async def start(self) -> "CommandRun":
+    async def start(self) -> CommandRun:
         env = dict(os.environ if self.env is None else self.env)
         with_repo_on_path(env)
         env["PYTHONUNBUFFERED"] = "1"
@@ -105,16 +106,20 @@ class CommandRun:
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.lines[-n:])
 
-    def matches(self, pattern: str) -> List["re.Match[str]"]:
+    def matches(self, pattern: str) -> list[re.Match[str]]:
         return [m for m in (re.search(pattern, line) for line in self.lines) if m]
 
-    async def wait_for_line(self, pattern: str, timeout: float, count: int = 1) -> List["re.Match[str]"]:
+    async def wait_for_line(self, pattern: str, timeout: float, count: int = 1) -> list[re.Match[str]]:
         """Waits until ``count`` output lines match ``pattern``; fails with the output's tail."""
         deadline = time.monotonic() + timeout
         while len(self.matches(pattern)) < count:
             left = deadline - time.monotonic()
-            if left <= 0 or (self.proc is not None and self.proc.returncode is not None and self._reader and self._reader.done()):
-                raise AssertionError(f"no {count} line(s) matching {pattern!r} within {timeout}s; output:\n{self.tail()}")
+            if left <= 0 or (
+                self.proc is not None and self.proc.returncode is not None and self._reader and self._reader.done()
+            ):
+                raise AssertionError(
+                    f"no {count} line(s) matching {pattern!r} within {timeout}s; output:\n{self.tail()}"
+                )
             self._arrived.clear()
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(left, 0.5))

@@ -3,7 +3,7 @@
 ``python -m workers.null.client --instance local --count 3`` opens three
 sessions one second apart, holds each for a few seconds and closes each with
 ``/session/end``. With ``--instance local`` and nothing answering on
-127.0.0.1:8080 it runs the local stand-in (``lib.serverless``) in-process,
+127.0.0.1:8080 it runs the local stand-in (``lib.standin.autoscaler``) in-process,
 waits for it to scale back to zero, and stops it.
 
 A hold longer than the lifetime is kept alive with the SDK's
@@ -25,9 +25,10 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, List, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -35,7 +36,7 @@ import aiohttp
 log = logging.getLogger("workers.null.client")  # also when run as __main__
 
 INSTANCES = ("prod", "alpha", "candidate", "local")
-DEFAULT_ENDPOINT = "null-pyworker"  # lib.serverless serves this name by default
+DEFAULT_ENDPOINT = "null-pyworker"  # lib.standin.autoscaler serves this name by default
 LOCAL_API_KEY = "local"  # the stand-in's default key; nothing checks it but /route/
 DEFAULT_LOCAL_PORT = 8080  # where the SDK's instance="local" looks for the autoscaler
 KEEPALIVE_TIMEOUT = 10.0
@@ -55,7 +56,7 @@ class SessionLost(Exception):
 
 # The SDK's session() hides the request it queues for /session/create; the
 # client subclass below hands it to the task that asked, through this.
-_CREATIONS: "contextvars.ContextVar[List[Any]]" = contextvars.ContextVar("null_client_creations")
+_CREATIONS: contextvars.ContextVar[list[Any]] = contextvars.ContextVar("null_client_creations")
 
 
 def _sdk():
@@ -95,22 +96,22 @@ def _sdk():
 class SessionRecord:
     number: int
     stage: str = "scheduled"  # scheduled, requesting, holding, done
-    requested_at: Optional[float] = None
-    reserved_at: Optional[float] = None
-    released_at: Optional[float] = None
+    requested_at: float | None = None
+    reserved_at: float | None = None
+    released_at: float | None = None
     worker: str = ""
     session_id: str = ""
     outcome: str = "not requested (interrupted)"
-    creations: List[Any] = field(default_factory=list)
+    creations: list[Any] = field(default_factory=list)
 
     @property
-    def reserve_seconds(self) -> Optional[float]:
+    def reserve_seconds(self) -> float | None:
         if self.requested_at is None or self.reserved_at is None:
             return None
         return self.reserved_at - self.requested_at
 
     @property
-    def held_seconds(self) -> Optional[float]:
+    def held_seconds(self) -> float | None:
         if self.reserved_at is None or self.released_at is None:
             return None
         return self.released_at - self.reserved_at
@@ -126,13 +127,13 @@ class SessionRecord:
         return self.creations[-1].status not in _NOT_SENT
 
 
-def exit_code(records: Sequence[SessionRecord], interrupted_by: Optional[int]) -> int:
+def exit_code(records: Sequence[SessionRecord], interrupted_by: int | None) -> int:
     if interrupted_by is not None:
         return 128 + interrupted_by
     return 0 if records and all(r.ok for r in records) else 1
 
 
-def _seconds(value: Optional[float]) -> str:
+def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
@@ -146,7 +147,7 @@ def format_table(records: Sequence[SessionRecord]) -> str:
     right = (False, False, True, True, False)
     lines = []
     for row in [header, *rows]:
-        cells = [cell.rjust(w) if r else cell.ljust(w) for cell, w, r in zip(row, widths, right)]
+        cells = [cell.rjust(w) if r else cell.ljust(w) for cell, w, r in zip(row, widths, right, strict=False)]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -166,7 +167,7 @@ class Interrupt:
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
 
     def __call__(self, signum: int) -> None:
         if self.signum is None:
@@ -180,7 +181,7 @@ class Interrupt:
     def is_set(self) -> bool:
         return self.event.is_set()
 
-    async def race(self, awaitable: Awaitable[T]) -> Tuple[bool, Optional[T]]:
+    async def race(self, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
         """Awaits ``awaitable`` unless interrupted first (then cancels it): (finished, result)."""
         task = asyncio.ensure_future(awaitable)
         stopper = asyncio.ensure_future(self.event.wait())
@@ -217,8 +218,8 @@ class Dispatcher:
         self.label = label or _host_port
         self.records = [SessionRecord(n) for n in range(1, args.count + 1)]
 
-    async def run(self) -> List[SessionRecord]:
-        tasks: List["asyncio.Future[None]"] = []
+    async def run(self) -> list[SessionRecord]:
+        tasks: list[asyncio.Future[None]] = []
         for index, record in enumerate(self.records):
             if index and await self.interrupt.sleep(self.args.interval):
                 break
@@ -237,8 +238,8 @@ class Dispatcher:
             await self._wind_down(tasks)
         return self.records
 
-    async def _wind_down(self, tasks: List["asyncio.Future[None]"]) -> None:
-        for record, task in zip(self.records, tasks):
+    async def _wind_down(self, tasks: list[asyncio.Future[None]]) -> None:
+        for record, task in zip(self.records, tasks, strict=False):
             # A create that reached a worker is awaited and then closed;
             # one still being routed is cancelled, and the guarded endpoint
             # makes sure it cannot reach a worker any more.
@@ -282,7 +283,7 @@ class Dispatcher:
             record.reserve_seconds,
             record.session_id,
         )
-        lost: Optional[str] = None
+        lost: str | None = None
         try:
             completed = await self.hold(session)
         except SessionLost as exc:
@@ -333,7 +334,7 @@ class Dispatcher:
             text = " ".join(str(result.get("text") or "").split())[:160]
             raise SessionLost(f"keep-alive answered HTTP {result.get('status')}: {text}")
 
-    async def release(self, session: Any) -> Optional[str]:
+    async def release(self, session: Any) -> str | None:
         """Ends the session with /session/end; the error, or None when the worker confirmed."""
         try:
             await session.endpoint.close_session(session)
@@ -375,9 +376,9 @@ async def _stand_in_answers(url: str) -> bool:
     )
 
 
-async def _open_local(stack: AsyncExitStack, args: argparse.Namespace) -> Tuple[str, Any]:
+async def _open_local(stack: AsyncExitStack, args: argparse.Namespace) -> tuple[str, Any]:
     """The stand-in's URL, and the stand-in itself when this process runs it (else None)."""
-    from lib.serverless import LocalConfig, PortInUse, serve
+    from lib.standin.autoscaler import LocalConfig, PortInUse, serve
 
     if args.local_port:
         url = f"http://127.0.0.1:{args.local_port}"
@@ -398,9 +399,7 @@ async def _wait_for_zero(standin: Any, interrupt: Interrupt) -> None:
     params = fleet.settings.params
     if params.inactivity_timeout is None or params.min_load > 0:
         return
-    limit = (
-        params.inactivity_timeout + fleet.settings.policy.scale_down_delay + fleet.settings.stop_grace + 10.0
-    )
+    limit = params.inactivity_timeout + fleet.settings.policy.scale_down_delay + fleet.settings.stop_grace + 10.0
     log.info("waiting for the local stand-in to scale to zero (inactivity_timeout %gs)", params.inactivity_timeout)
     started = time.monotonic()
     finished, _ = await interrupt.race(fleet.wait_for(lambda f: not f.instances, limit))
@@ -418,7 +417,7 @@ async def run(args: argparse.Namespace, api_key: str) -> int:
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
         loop.add_signal_handler(signum, interrupt, signum)
-    records: List[SessionRecord] = []
+    records: list[SessionRecord] = []
     standin = None
     try:
         async with AsyncExitStack() as stack:
@@ -567,7 +566,7 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(sdk_level)
 
 
-def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> int:
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     parser = build_arg_parser()
     args = parser.parse_args(argv)

@@ -7,8 +7,9 @@ it is already on the instance.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from aiohttp import web
 
@@ -21,7 +22,7 @@ CONTROL_HOST = "127.0.0.1"
 DESK = web.AppKey("desk", SessionDesk)
 
 
-def _session_id(body: Any) -> Optional[str]:
+def _session_id(body: Any) -> str | None:
     """The optional ``session_id`` a consumer names to act on that session only."""
     session_id = body.get("session_id")
     if session_id is not None and (not isinstance(session_id, str) or not session_id):

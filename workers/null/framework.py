@@ -13,8 +13,8 @@ import asyncio
 import dataclasses
 import importlib
 import logging
+from collections.abc import Iterable
 from importlib import metadata
-from typing import Iterable, List, Tuple
 
 import aiohttp
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 TESTED_VERSION = "1.9.1"
 
 # (module, class or None for the module itself, attributes it must have)
-_REQUIRED: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
+_REQUIRED: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vastai.serverless.server.worker", "", ("Worker", "WorkerConfig", "HandlerConfig", "BenchmarkConfig")),
     ("vastai.serverless.server.worker", "Worker", ("run_async",)),
     ("vastai.serverless.server.lib.backend", "", ("Backend", "BENCHMARK_INDICATOR_FILE")),
@@ -63,10 +63,32 @@ _REQUIRED: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
     ("vastai.serverless.server.lib.data_types", "", ("Session", "RequestMetrics")),
 )
 
-_DATACLASS_FIELDS: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
-    ("vastai.serverless.server.lib.backend", "Backend", ("sessions", "session_metrics", "_sessions_lock", "max_sessions", "unsecured", "mtoken", "lifecycle")),
-    ("vastai.serverless.server.lib.data_types", "Session", ("session_id", "lifetime", "auth_data", "expiration", "on_close_route", "on_close_payload", "requests", "created_at", "request_idx")),
-    ("vastai.serverless.server.lib.data_types", "RequestMetrics", ("request_idx", "reqnum", "workload", "status", "is_session", "entered_queue_at", "work_started_at")),
+_DATACLASS_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "vastai.serverless.server.lib.backend",
+        "Backend",
+        ("sessions", "session_metrics", "_sessions_lock", "max_sessions", "unsecured", "mtoken", "lifecycle"),
+    ),
+    (
+        "vastai.serverless.server.lib.data_types",
+        "Session",
+        (
+            "session_id",
+            "lifetime",
+            "auth_data",
+            "expiration",
+            "on_close_route",
+            "on_close_payload",
+            "requests",
+            "created_at",
+            "request_idx",
+        ),
+    ),
+    (
+        "vastai.serverless.server.lib.data_types",
+        "RequestMetrics",
+        ("request_idx", "reqnum", "workload", "status", "is_session", "entered_queue_at", "work_started_at"),
+    ),
     ("vastai.serverless.server.lib.data_types", "ModelMetrics", ("error_msg", "requests_working")),
 )
 
@@ -75,7 +97,7 @@ BACKEND_INSTANCE_ATTRIBUTES = ("metrics", "_pubkey", "_Backend__pubkey_fetch_com
 
 
 class FrameworkMismatch(Exception):
-    def __init__(self, missing: List[str]):
+    def __init__(self, missing: list[str]):
         super().__init__(", ".join(missing))
         self.missing = missing
 
@@ -95,9 +117,9 @@ def describe(missing: Iterable[str]) -> str:
     )
 
 
-def missing_internals() -> List[str]:
+def missing_internals() -> list[str]:
     """Names the framework lacks, empty when it has everything the worker uses."""
-    missing: List[str] = []
+    missing: list[str] = []
     for module_name, class_name, attributes in _REQUIRED:
         try:
             owner = importlib.import_module(module_name)
@@ -117,7 +139,7 @@ def missing_internals() -> List[str]:
     return missing
 
 
-def missing_instance_attributes(backend: object) -> List[str]:
+def missing_instance_attributes(backend: object) -> list[str]:
     return [f"Backend().{name}" for name in BACKEND_INSTANCE_ATTRIBUTES if not hasattr(backend, name)]
 
 

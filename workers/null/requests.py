@@ -6,14 +6,14 @@ import base64
 import binascii
 import json
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import http_exceptions, web
 from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
-
 
 # Grants, session bodies and control calls are a few hundred bytes; the
 # framework's app accepts bodies of any size, so the limit is ours.
@@ -65,7 +65,7 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def finite(value: Any) -> Optional[float]:
+def finite(value: Any) -> float | None:
     """``value`` as a finite float, or None when it is not a finite number."""
     if not is_number(value):
         return None
@@ -76,13 +76,13 @@ def finite(value: Any) -> Optional[float]:
     return number if math.isfinite(number) else None
 
 
-def require_object(body: Any, name: str) -> Dict[str, Any]:
+def require_object(body: Any, name: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise Refusal(422, f"{name} must be a JSON object")
     return body
 
 
-def host_port(url: str) -> Optional[Tuple[str, int]]:
+def host_port(url: str) -> tuple[str, int] | None:
     try:
         parts = urlsplit(url)
         port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
@@ -101,7 +101,7 @@ def signed_message(url: str) -> bytes:
 class GrantVerifier:
     """Checks that a grant was signed by the autoscaler and issued for this worker."""
 
-    def __init__(self, own_url: str, public_key: Callable[[], Optional[RSA.RsaKey]], *, unsecured: bool):
+    def __init__(self, own_url: str, public_key: Callable[[], RSA.RsaKey | None], *, unsecured: bool):
         self.own_url = own_url
         self._own = host_port(own_url)
         self._public_key = public_key
@@ -109,9 +109,9 @@ class GrantVerifier:
         # PKCS#1 v1.5 is deterministic and only the URL is signed, so every
         # genuine grant for this worker carries the same signature: once it has
         # verified, a string comparison replaces the RSA check (0.7 ms each).
-        self._verified: Optional[Tuple[RSA.RsaKey, str, str]] = None
+        self._verified: tuple[RSA.RsaKey, str, str] | None = None
 
-    def check(self, auth_data: Dict[str, Any]) -> None:
+    def check(self, auth_data: dict[str, Any]) -> None:
         """Raises a 401 Refusal naming the failed check; returns when the grant holds."""
         if self.unsecured:
             return

@@ -14,7 +14,8 @@ import functools
 import logging
 import secrets
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Set
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from vastai.serverless.server.lib.data_types import RequestMetrics, Session
@@ -56,7 +57,7 @@ def refusals(route: str) -> Callable[[Handler], Handler]:
     return wrap
 
 
-async def wait_event(event: asyncio.Event, timeout: Optional[float]) -> None:
+async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
     """Returns when ``event`` is set or ``timeout`` passes.
 
     Not ``wait_for``: before Python 3.12 it can swallow a cancellation that
@@ -69,7 +70,7 @@ async def wait_event(event: asyncio.Event, timeout: Optional[float]) -> None:
         waiter.cancel()
 
 
-def _integer_or_absent(auth_data: Dict[str, Any], name: str) -> Optional[int]:
+def _integer_or_absent(auth_data: dict[str, Any], name: str) -> int | None:
     value = auth_data.get(name)
     if value is None:
         return None
@@ -79,7 +80,7 @@ def _integer_or_absent(auth_data: Dict[str, Any], name: str) -> Optional[int]:
 
 
 class SessionDesk:
-    def __init__(self, settings: Settings, backend: Any, *, started_at: Optional[float] = None):
+    def __init__(self, settings: Settings, backend: Any, *, started_at: float | None = None):
         self.settings = settings
         self.backend = backend
         self.metrics = backend.metrics
@@ -90,7 +91,7 @@ class SessionDesk:
         self._report_now = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._lease_changed = asyncio.Event()
-        self._callbacks: Set[asyncio.Task] = set()
+        self._callbacks: set[asyncio.Task] = set()
         self._framework_update_handler = backend.pyworker_update_handler
         self._framework_model_loaded = self.metrics._model_loaded
         self._framework_model_errored = self.metrics._model_errored
@@ -115,10 +116,10 @@ class SessionDesk:
 
     # -- state --------------------------------------------------------------
 
-    def held(self) -> Optional[Any]:
+    def held(self) -> Any | None:
         return next(iter(self.backend.sessions.values()), None)
 
-    def status(self) -> Dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         session = self.held()
         error = self.metrics.model_metrics.error_msg
         return {
@@ -128,7 +129,7 @@ class SessionDesk:
             "session": None if session is None else self.describe(session),
         }
 
-    def describe(self, session: Any) -> Dict[str, Any]:
+    def describe(self, session: Any) -> dict[str, Any]:
         now = time.time()
         metrics = self.backend.session_metrics.get(session.session_id)
         return {
@@ -205,7 +206,7 @@ class SessionDesk:
         self.verifier.check(auth_data)
         return await self._open(auth_data, cost, request_idx, reqnum, lifetime, on_close_route, on_close_payload)
 
-    def _lifetime(self, payload: Dict[str, Any]) -> float:
+    def _lifetime(self, payload: dict[str, Any]) -> float:
         if "lifetime" not in payload:
             return DEFAULT_LIFETIME
         lifetime = finite(payload["lifetime"])
@@ -219,7 +220,9 @@ class SessionDesk:
             )
         return lifetime
 
-    async def _open(self, auth_data, cost, request_idx, reqnum, lifetime, on_close_route, on_close_payload) -> web.Response:
+    async def _open(
+        self, auth_data, cost, request_idx, reqnum, lifetime, on_close_route, on_close_payload
+    ) -> web.Response:
         now = time.time()
         request_metrics = RequestMetrics(
             request_idx=request_idx,
@@ -346,7 +349,7 @@ class SessionDesk:
             self._lease_changed.set()
         return round(session.expiration - now, 3)
 
-    async def extend(self, seconds: Optional[float]) -> Optional[Dict[str, Any]]:
+    async def extend(self, seconds: float | None) -> dict[str, Any] | None:
         session = self.held()
         if session is None:
             return None
@@ -368,7 +371,7 @@ class SessionDesk:
 
     # -- closing ------------------------------------------------------------
 
-    async def release(self, by: str, only: Optional[str] = None) -> List[str]:
+    async def release(self, by: str, only: str | None = None) -> list[str]:
         released = []
         for session_id in [only] if only is not None else list(self.backend.sessions):
             if await self.close(session_id, by):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 DEFAULT_CONTROL_PORT = 18999
@@ -25,13 +25,13 @@ class Settings:
     worker_port: int
     worker_http_port: int
     container_id: int
-    report_addrs: Tuple[str, ...]
+    report_addrs: tuple[str, ...]
     public_ip: str
     public_port: int
     use_ssl: bool
     unsecured: bool
     control_port: int = DEFAULT_CONTROL_PORT
-    backend_health_url: Optional[str] = None
+    backend_health_url: str | None = None
     max_lifetime: float = DEFAULT_MAX_LIFETIME
     log_level: str = "INFO"
 
@@ -46,28 +46,50 @@ class Settings:
         return getattr(logging, self.log_level)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Settings":
-        worker_port = _port(env, "WORKER_PORT", required=True, hint="the port the worker listens on (Vast sets it; the stock template uses 3000)")
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        worker_port = _port(
+            env,
+            "WORKER_PORT",
+            required=True,
+            hint="the port the worker listens on (Vast sets it; the stock template uses 3000)",
+        )
         public_port_name = f"VAST_TCP_PORT_{worker_port}"
         return cls(
             worker_port=worker_port,
-            worker_http_port=_port(env, "WORKER_HTTP_PORT", default=worker_port + 1, hint="the plain-HTTP port for /session/end (default WORKER_PORT+1)"),
+            worker_http_port=_port(
+                env,
+                "WORKER_HTTP_PORT",
+                default=worker_port + 1,
+                hint="the plain-HTTP port for /session/end (default WORKER_PORT+1)",
+            ),
             container_id=_int(env, "CONTAINER_ID", hint="the instance id Vast sets; any whole number locally"),
             report_addrs=_report_addrs(env),
-            public_ip=_required(env, "PUBLIC_IPADDR", hint="the instance's public address (Vast sets it; 127.0.0.1 locally)"),
-            public_port=_port(env, public_port_name, required=True, hint=f"the public port mapped to WORKER_PORT {worker_port} (Vast sets it; locally the same number, {public_port_name}={worker_port})"),
+            public_ip=_required(
+                env, "PUBLIC_IPADDR", hint="the instance's public address (Vast sets it; 127.0.0.1 locally)"
+            ),
+            public_port=_port(
+                env,
+                public_port_name,
+                required=True,
+                hint=f"the public port mapped to WORKER_PORT {worker_port} (Vast sets it; locally the same number, {public_port_name}={worker_port})",
+            ),
             # The framework serves TLS only for exactly "true": any other spelling would
             # leave it on plain HTTP while grants name an https URL.
             use_ssl=_flag(env, "USE_SSL", default=False, spellings=({"true"}, {"false"})),
             unsecured=_flag(env, "UNSECURED", default=False, spellings=(_TRUE, _FALSE), fold_case=True),
-            control_port=_port(env, "NULL_CONTROL_PORT", default=DEFAULT_CONTROL_PORT, hint="a free loopback port for the control server (default 18999)"),
+            control_port=_port(
+                env,
+                "NULL_CONTROL_PORT",
+                default=DEFAULT_CONTROL_PORT,
+                hint="a free loopback port for the control server (default 18999)",
+            ),
             backend_health_url=_health_url(env),
             max_lifetime=_positive_seconds(env, "NULL_MAX_LIFETIME", default=DEFAULT_MAX_LIFETIME),
             log_level=_log_level(env),
         )
 
 
-def _value(env: Mapping[str, str], name: str) -> Optional[str]:
+def _value(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return None
@@ -95,7 +117,7 @@ def _port(
     *,
     hint: str,
     required: bool = False,
-    default: Optional[int] = None,
+    default: int | None = None,
 ) -> int:
     value = _value(env, name)
     if value is None:
@@ -136,21 +158,29 @@ def http_url(value: object) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-def _report_addrs(env: Mapping[str, str]) -> Tuple[str, ...]:
-    value = _required(env, "REPORT_ADDR", hint="the autoscaler's base URL (Vast sets https://run.vast.ai; the local stand-in's URL locally)")
+def _report_addrs(env: Mapping[str, str]) -> tuple[str, ...]:
+    value = _required(
+        env,
+        "REPORT_ADDR",
+        hint="the autoscaler's base URL (Vast sets https://run.vast.ai; the local stand-in's URL locally)",
+    )
     addrs = tuple(part.strip() for part in value.split(","))
     for addr in addrs:
         if not http_url(addr):
-            raise SettingsError(f"REPORT_ADDR={value!r} holds {addr!r}, not an absolute http(s) URL: set it to the autoscaler's base URL, e.g. https://run.vast.ai")
+            raise SettingsError(
+                f"REPORT_ADDR={value!r} holds {addr!r}, not an absolute http(s) URL: set it to the autoscaler's base URL, e.g. https://run.vast.ai"
+            )
     return addrs
 
 
-def _health_url(env: Mapping[str, str]) -> Optional[str]:
+def _health_url(env: Mapping[str, str]) -> str | None:
     value = _value(env, "BACKEND_HEALTH_URL")
     if value is None:
         return None
     if not http_url(value):
-        raise SettingsError(f"BACKEND_HEALTH_URL={value!r} is not an absolute http(s) URL: set it to your consumer's health endpoint, e.g. http://127.0.0.1:8000/health, or unset it")
+        raise SettingsError(
+            f"BACKEND_HEALTH_URL={value!r} is not an absolute http(s) URL: set it to your consumer's health endpoint, e.g. http://127.0.0.1:8000/health, or unset it"
+        )
     return value
 
 
@@ -163,7 +193,9 @@ def _positive_seconds(env: Mapping[str, str], name: str, *, default: float) -> f
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise SettingsError(f"{name}={value!r} is not a positive number of seconds: set it to e.g. {int(default)}, or unset it")
+        raise SettingsError(
+            f"{name}={value!r} is not a positive number of seconds: set it to e.g. {int(default)}, or unset it"
+        )
     return seconds
 
 

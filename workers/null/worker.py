@@ -14,9 +14,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from . import framework
 from .settings import Settings, SettingsError
@@ -39,9 +40,9 @@ class NullLifecycle:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.desk = None
-        self._stack: Optional[AsyncExitStack] = None
+        self._stack: AsyncExitStack | None = None
 
-    async def __aenter__(self) -> "NullLifecycle":
+    async def __aenter__(self) -> NullLifecycle:
         from vastai.serverless.server.lib import backend as framework_backend
 
         from .control import make_control_app, serve_control
@@ -94,7 +95,7 @@ class NullLifecycle:
             await stack.aclose()
 
 
-async def _cancel(task: "asyncio.Future[Any]") -> None:
+async def _cancel(task: asyncio.Future[Any]) -> None:
     task.cancel()
     with suppress(asyncio.CancelledError):
         await task
@@ -211,7 +212,7 @@ async def _refuse_framework(settings: Settings, missing) -> int:
     return 1
 
 
-def main(env: Optional[Mapping[str, str]] = None) -> int:
+def main(env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     try:
         settings = Settings.from_env(env)

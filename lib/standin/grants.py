@@ -11,7 +11,7 @@ import base64
 import json
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any, Dict
+from typing import Any
 
 from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
@@ -27,7 +27,7 @@ class GrantSigner:
     """Holds an RSA key and issues grants (``auth_data``) for worker URLs."""
 
     key: RSA.RsaKey = field(default_factory=lambda: RSA.generate(2048))
-    _reqnums: "count[int]" = field(default_factory=lambda: count(1), repr=False)
+    _reqnums: count[int] = field(default_factory=lambda: count(1), repr=False)
 
     @property
     def public_pem(self) -> str:
@@ -44,7 +44,7 @@ class GrantSigner:
         endpoint: str = "null-test",
         cost: float = 100.0,
         request_idx: int | None = None,
-    ) -> Dict[str, Any]:
+    ) -> dict[str, Any]:
         """A route answer as the SDK receives it; the whole object is ``auth_data``."""
         reqnum = next(self._reqnums)
         return {

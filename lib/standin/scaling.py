@@ -2,7 +2,7 @@
 
 Vast does not publish its autoscaler. This is the stand-in's model of it,
 written as plain functions of a snapshot (no clock, no I/O) so every rule can
-be checked on its own; ``lib.fleet`` gathers the snapshot and carries out the
+be checked on its own; ``lib.standin.fleet`` gathers the snapshot and carries out the
 decision. The README gives the same model as formulas.
 
 With ``P`` the capacity of one worker, ``L`` the load, ``u`` ``target_util``:
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
 
 # Loads are sums of floats: 3 x 100 / 1.0 / 100 must give 3 workers, not 4.
 EPSILON = 1e-9
@@ -52,9 +52,9 @@ class EndpointParams:
     cold_workers: int = 0
     max_queue_time: float = 1.0
     target_queue_time: float = 0.5
-    inactivity_timeout: Optional[float] = 10.0
+    inactivity_timeout: float | None = 10.0
 
-    def problems(self) -> List[str]:
+    def problems(self) -> list[str]:
         """Each invalid value with its allowed range; empty when all hold."""
         found = []
         if not (self.min_load >= 0 and math.isfinite(self.min_load)):
@@ -97,7 +97,7 @@ class WorkerView:
     # Cost of grants handed out for this worker that its reports do not show yet.
     reserved: float = 0.0
     # Since when it has held no load and no reservation; None while it holds some.
-    idle_since: Optional[float] = None
+    idle_since: float | None = None
 
     @property
     def load(self) -> float:
@@ -114,8 +114,8 @@ class WaitingRequest:
 @dataclass(frozen=True)
 class Snapshot:
     now: float
-    workers: Tuple[WorkerView, ...] = ()
-    waiting: Tuple[WaitingRequest, ...] = ()
+    workers: tuple[WorkerView, ...] = ()
+    waiting: tuple[WaitingRequest, ...] = ()
     # Last moment there was load, a reservation, a waiting request or a route call.
     last_activity: float = 0.0
 
@@ -126,9 +126,9 @@ class Decision:
     load: float  # L
     perf: float  # P
     provision: int = 0  # new instances to create (they go through the cold start)
-    resume: Tuple[int, ...] = ()  # cold instances to start again
-    stop: Tuple[int, ...] = ()  # live instances to stop and keep cold
-    destroy: Tuple[int, ...] = ()  # instances to stop (if running) and remove
+    resume: tuple[int, ...] = ()  # cold instances to start again
+    stop: tuple[int, ...] = ()  # live instances to stop and keep cold
+    destroy: tuple[int, ...] = ()  # instances to stop (if running) and remove
 
     @property
     def changes(self) -> bool:
@@ -145,7 +145,7 @@ def has_room(worker: WorkerView, cost: float, params: EndpointParams) -> bool:
     return fits and short_queue
 
 
-def choose_worker(workers: Iterable[WorkerView], cost: float, params: EndpointParams) -> Optional[int]:
+def choose_worker(workers: Iterable[WorkerView], cost: float, params: EndpointParams) -> int | None:
     """The least-loaded worker with room for ``cost`` (oldest first on ties), or None to wait."""
     candidates = [w for w in workers if has_room(w, cost, params)]
     if not candidates:
@@ -165,9 +165,7 @@ def total_load(snapshot: Snapshot, params: EndpointParams) -> float:
     held = sum(w.load for w in snapshot.workers if w.phase in LIVE or w.phase is Phase.ERRORED)
     # A request that has waited less than target_queue_time may still be taken
     # by a worker that frees up; past it, it counts as demand for a new worker.
-    overdue = sum(
-        r.cost for r in snapshot.waiting if snapshot.now - r.since >= params.target_queue_time - EPSILON
-    )
+    overdue = sum(r.cost for r in snapshot.waiting if snapshot.now - r.since >= params.target_queue_time - EPSILON)
     return held + overdue
 
 
@@ -197,14 +195,14 @@ def decide(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> D
     destroy = [w.id for w in snapshot.workers if w.phase is Phase.ERRORED]
     live = [w for w in snapshot.workers if w.phase in LIVE]
     cold = sorted((w for w in snapshot.workers if w.phase is Phase.COLD), key=lambda w: (w.created_at, w.id))
-    resume: List[int] = []
-    stop: List[int] = []
+    resume: list[int] = []
+    stop: list[int] = []
     provision = 0
 
     missing = target - len(live)
     if missing > 0:
         resume = [w.id for w in cold[:missing]]
-        cold = cold[len(resume):]
+        cold = cold[len(resume) :]
         provision = missing - len(resume)
     elif missing < 0:
         idle = _stoppable(live, snapshot.now, policy)
@@ -230,13 +228,11 @@ def decide(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> D
     )
 
 
-def _stoppable(live: Sequence[WorkerView], now: float, policy: LocalPolicy) -> List[WorkerView]:
+def _stoppable(live: Sequence[WorkerView], now: float, policy: LocalPolicy) -> list[WorkerView]:
     """Live workers a scale-down may take, least useful first; never one holding load."""
     idle = [
         w
         for w in live
-        if w.load <= EPSILON
-        and w.idle_since is not None
-        and now - w.idle_since >= policy.scale_down_delay - EPSILON
+        if w.load <= EPSILON and w.idle_since is not None and now - w.idle_since >= policy.scale_down_delay - EPSILON
     ]
     return sorted(idle, key=lambda w: (_STOP_ORDER[w.phase], -w.created_at, -w.id))

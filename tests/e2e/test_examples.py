@@ -16,24 +16,25 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, AsyncIterator, Dict, List
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
 
-from lib.fleet import FleetSettings
-from lib.recorder import serving
-from lib.scaling import EndpointParams
-from lib.serverless import LocalConfig, serve
+from lib.bench.recorder import serving
+from lib.standin.autoscaler import LocalConfig, serve
+from lib.standin.fleet import FleetSettings
+from lib.standin.scaling import EndpointParams
 from tests.fakes import FakeAutoscaler
 
 if TYPE_CHECKING:
     from tests.conftest import RunningWorker, StartWorker
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 CONSUMERS = {
     "shell": [str(EXAMPLES / "consumer.sh")],
@@ -65,7 +66,7 @@ class Jobs:
     root: Path
 
     @classmethod
-    def create(cls, root: Path) -> "Jobs":
+    def create(cls, root: Path) -> Jobs:
         root.mkdir()
         run = root / "run_job.sh"
         run.write_text(
@@ -81,13 +82,13 @@ class Jobs:
         return cls(root)
 
     @property
-    def args(self) -> List[str]:
+    def args(self) -> list[str]:
         return [str(self.root / "run_job.sh"), str(self.root / "requeue_job.sh")]
 
     def finish(self, job: str, outcome: str = "ok") -> None:
         (self.root / f"finish-{job}").write_text(outcome)
 
-    def listed(self, name: str) -> List[str]:
+    def listed(self, name: str) -> list[str]:
         path = self.root / name
         return path.read_text().split() if path.exists() else []
 
@@ -95,7 +96,7 @@ class Jobs:
 @dataclasses.dataclass
 class Consumer:
     proc: asyncio.subprocess.Process
-    lines: List[str]
+    lines: list[str]
 
     def tail(self, n: int = 30) -> str:
         return "\n".join(self.lines[-n:])
@@ -104,8 +105,8 @@ class Consumer:
 @asynccontextmanager
 async def consumers() -> AsyncIterator:
     """Starts consumer processes on demand; kills each one's process group on the way out."""
-    started: List[Consumer] = []
-    readers: List["asyncio.Task[None]"] = []
+    started: list[Consumer] = []
+    readers: list[asyncio.Task[None]] = []
 
     async def start(kind: str, control_port: int, jobs: Jobs, lease: float) -> Consumer:
         env = dict(os.environ, NULL_CONTROL_PORT=str(control_port), LEASE_SECONDS=str(lease), PYTHONUNBUFFERED="1")
@@ -199,7 +200,9 @@ async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_
         await poll_until(lambda: jobs.listed("started") == ["job-7"], 15, "the job to start", explain)
         while time.monotonic() - opened_at < 6:
             held = await held_session(http, worker)
-            assert held is not None and held["session_id"] == session_id, f"the lease lapsed while the job ran\n{explain()}"
+            assert held is not None and held["session_id"] == session_id, (
+                f"the lease lapsed while the job ran\n{explain()}"
+            )
             await asyncio.sleep(0.25)
         jobs.finish("job-7")
         callback = await callback_for(autoscaler, session_id, 10, explain)
@@ -229,7 +232,9 @@ async def test_consumer_requeues_a_failed_job_and_still_releases_the_worker(
         callback = await callback_for(autoscaler, session_id, 15, explain)
         assert callback == {"job": "job-8", "session_id": session_id}
         assert jobs.listed("requeued") == ["job-8"]
-        await poll_until(lambda: "job job-8: failed, requeued" in consumer.lines, 5, "the consumer's failure line", explain)
+        await poll_until(
+            lambda: "job job-8: failed, requeued" in consumer.lines, 5, "the consumer's failure line", explain
+        )
     assert "released by consumer (/release)" in worker.process.tail(200), worker.explain()
 
 
@@ -283,12 +288,12 @@ async def test_dispatcher_reserves_one_worker_per_job_and_learns_when_the_consum
             provisioning_delay=0.0,
         ),
     )
-    ended: "asyncio.Queue[Dict[str, str]]" = asyncio.Queue()
+    ended: asyncio.Queue[dict[str, str]] = asyncio.Queue()
     async with AsyncExitStack() as stack:
         standin = await stack.enter_async_context(serve(config))
         callback_url = await stack.enter_async_context(serving(dispatcher.callback_app(ended, "/session-ended")))
         start = await stack.enter_async_context(consumers())
-        attached: Dict[int, Consumer] = {}
+        attached: dict[int, Consumer] = {}
 
         async def attach_consumers() -> None:
             # What the template's on-start script does on Vast: a consumer beside each worker.
@@ -301,7 +306,11 @@ async def test_dispatcher_reserves_one_worker_per_job_and_learns_when_the_consum
         attacher = asyncio.ensure_future(attach_consumers())
 
         def explain() -> str:
-            return "\n".join(f"consumer beside worker {i}:\n{c.tail()}" for i, c in attached.items()) + "\n" + standin.fleet.summary()
+            return (
+                "\n".join(f"consumer beside worker {i}:\n{c.tail()}" for i, c in attached.items())
+                + "\n"
+                + standin.fleet.summary()
+            )
 
         try:
             client = Serverless(

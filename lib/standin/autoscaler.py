@@ -1,9 +1,9 @@
 """Vast Serverless on one machine: console endpoint list, autoscaler and instances.
 
-``python -m lib.serverless`` serves, on 127.0.0.1:8080 (the SDK's
+``python -m lib.standin`` serves, on 127.0.0.1:8080 (the SDK's
 ``instance="local"`` address), what the ``vastai`` SDK client and the worker
 framework call, and runs real null worker processes as the scaling model in
-``lib.scaling`` asks. A dispatcher written against
+``lib.standin.scaling`` asks. A dispatcher written against
 ``Serverless(instance="local")`` runs against it unchanged, apart from
 pointing ``webserver_url`` at it too.
 """
@@ -18,17 +18,18 @@ import math
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, NoReturn, Optional, Sequence
+from typing import Any, NoReturn
 
 from aiohttp import web
 
-from lib.fleet import Fleet, FleetSettings
-from lib.grants import GrantSigner
-from lib.scaling import EndpointParams, LocalPolicy
+from lib.standin.fleet import Fleet, FleetSettings
+from lib.standin.grants import GrantSigner
+from lib.standin.scaling import EndpointParams, LocalPolicy
 
-log = logging.getLogger("lib.serverless")  # also when run as __main__
+log = logging.getLogger("lib.standin.autoscaler")  # also when run as __main__
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -60,7 +61,7 @@ class LocalServerless:
     url: str = ""
     created_at: float = field(default_factory=time.time)
 
-    def endpoint_record(self) -> Dict[str, Any]:
+    def endpoint_record(self) -> dict[str, Any]:
         """The endpoint as the console's /api/v0/endptjobs/ lists it."""
         params = self.config.fleet.params
         return {
@@ -90,7 +91,7 @@ def _error(status: int, reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=status)
 
 
-async def _json_object(request: web.Request) -> Optional[Dict[str, Any]]:
+async def _json_object(request: web.Request) -> dict[str, Any] | None:
     try:
         body = await request.json()
     except ValueError:
@@ -98,7 +99,7 @@ async def _json_object(request: web.Request) -> Optional[Dict[str, Any]]:
     return body if isinstance(body, dict) else None
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     number = float(value)
@@ -113,7 +114,9 @@ async def list_endpoints(request: web.Request) -> web.Response:
 async def get_endpoint(request: web.Request) -> web.Response:
     standin = request.app[STANDIN]
     if request.match_info["endpoint_id"] != str(ENDPOINT_ID):
-        return _error(404, f"no endpoint {request.match_info['endpoint_id']}: this stand-in serves endpoint {ENDPOINT_ID}")
+        return _error(
+            404, f"no endpoint {request.match_info['endpoint_id']}: this stand-in serves endpoint {ENDPOINT_ID}"
+        )
     return web.json_response({"success": True, "result": standin.endpoint_record()})
 
 
@@ -195,7 +198,7 @@ def make_app(standin: LocalServerless) -> web.Application:
 
 
 @asynccontextmanager
-async def serve(config: LocalConfig, *, signer: Optional[GrantSigner] = None) -> AsyncIterator[LocalServerless]:
+async def serve(config: LocalConfig, *, signer: GrantSigner | None = None) -> AsyncIterator[LocalServerless]:
     """Serves the stand-in on 127.0.0.1:``config.port`` (0: any free port) and runs its fleet.
 
     On exit every instance is stopped, whatever ended the block.
@@ -257,7 +260,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
-def seconds_or_off(text: str) -> Optional[float]:
+def seconds_or_off(text: str) -> float | None:
     if text.strip().lower() in ("off", "none", "unset"):
         return None
     try:
@@ -279,32 +282,94 @@ def build_arg_parser() -> argparse.ArgumentParser:
     params = defaults.fleet.params
     policy = defaults.fleet.policy
     parser = OneLineParser(
-        prog="python -m lib.serverless",
+        prog="python -m lib.standin",
         description=(
             "Vast Serverless on this machine: the console endpoint list, the autoscaler "
             "(/route/, /worker_status/, ...) and real null worker processes, on 127.0.0.1."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--port", type=int, default=defaults.port, help="port on 127.0.0.1 (0: any free port); the SDK's instance='local' uses 8080")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=defaults.port,
+        help="port on 127.0.0.1 (0: any free port); the SDK's instance='local' uses 8080",
+    )
     parser.add_argument("--endpoint", default=defaults.endpoint_name, help="name of the one endpoint served")
     parser.add_argument("--api-key", default=defaults.api_key, help="the endpoint's API key, which /route/ checks")
     group = parser.add_argument_group("endpoint parameters (Vast's names)")
     group.add_argument("--min-load", type=float, default=params.min_load, help="load floor kept as capacity")
-    group.add_argument("--target-util", type=float, default=params.target_util, help="workers = load / (target_util * max_perf), rounded up")
+    group.add_argument(
+        "--target-util",
+        type=float,
+        default=params.target_util,
+        help="workers = load / (target_util * max_perf), rounded up",
+    )
     group.add_argument("--max-workers", type=int, default=params.max_workers, help="cap on workers")
-    group.add_argument("--cold-workers", type=int, default=params.cold_workers, help="stopped-but-loaded workers kept after scale-down for fast restarts")
-    group.add_argument("--max-queue-time", type=float, default=params.max_queue_time, help="seconds: a worker whose queue (load / max_perf) is longer gets no route")
-    group.add_argument("--target-queue-time", type=float, default=params.target_queue_time, help="seconds a request may wait before it counts as load for scaling up")
-    group.add_argument("--inactivity-timeout", type=seconds_or_off, default=params.inactivity_timeout, help="seconds without load before the last worker stops ('off': never)")
+    group.add_argument(
+        "--cold-workers",
+        type=int,
+        default=params.cold_workers,
+        help="stopped-but-loaded workers kept after scale-down for fast restarts",
+    )
+    group.add_argument(
+        "--max-queue-time",
+        type=float,
+        default=params.max_queue_time,
+        help="seconds: a worker whose queue (load / max_perf) is longer gets no route",
+    )
+    group.add_argument(
+        "--target-queue-time",
+        type=float,
+        default=params.target_queue_time,
+        help="seconds a request may wait before it counts as load for scaling up",
+    )
+    group.add_argument(
+        "--inactivity-timeout",
+        type=seconds_or_off,
+        default=params.inactivity_timeout,
+        help="seconds without load before the last worker stops ('off': never)",
+    )
     group = parser.add_argument_group("stand-in behaviour")
-    group.add_argument("--provisioning-delay", type=float, default=defaults.fleet.provisioning_delay, help="seconds from creating an instance to starting its worker (the cold start)")
-    group.add_argument("--scale-down-delay", type=float, default=policy.scale_down_delay, help="seconds a surplus worker stays idle before it is stopped")
-    group.add_argument("--assumed-perf", type=float, default=policy.assumed_perf, help="max_perf assumed for workers that have not reported yet")
-    group.add_argument("--load-timeout", type=float, default=defaults.fleet.load_timeout, help="seconds a started worker may take to report ready before it is replaced")
-    group.add_argument("--worker-env", type=key_value, action="append", default=[], metavar="NAME=VALUE", help="extra environment for every worker, e.g. NULL_MAX_LIFETIME=600 (repeatable)")
+    group.add_argument(
+        "--provisioning-delay",
+        type=float,
+        default=defaults.fleet.provisioning_delay,
+        help="seconds from creating an instance to starting its worker (the cold start)",
+    )
+    group.add_argument(
+        "--scale-down-delay",
+        type=float,
+        default=policy.scale_down_delay,
+        help="seconds a surplus worker stays idle before it is stopped",
+    )
+    group.add_argument(
+        "--assumed-perf",
+        type=float,
+        default=policy.assumed_perf,
+        help="max_perf assumed for workers that have not reported yet",
+    )
+    group.add_argument(
+        "--load-timeout",
+        type=float,
+        default=defaults.fleet.load_timeout,
+        help="seconds a started worker may take to report ready before it is replaced",
+    )
+    group.add_argument(
+        "--worker-env",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for every worker, e.g. NULL_MAX_LIFETIME=600 (repeatable)",
+    )
     group.add_argument("--python", default=sys.executable, help="interpreter that runs the workers")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"), help="DEBUG adds every grant expiry and unknown report")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING"),
+        help="DEBUG adds every grant expiry and unknown report",
+    )
     return parser
 
 
@@ -367,7 +432,7 @@ async def run(config: LocalConfig) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     config = config_from_args(args, parser)
@@ -379,7 +444,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:  # before the event loop took over Ctrl-C: no worker was started yet
         return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

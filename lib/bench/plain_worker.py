@@ -1,7 +1,7 @@
 """A worker built from the framework's defaults, as a PyWorker author would write it.
 
 The benchmark runs it beside the null worker to show what the framework
-alone does: ``python -m lib.plain_worker`` with the same environment.
+alone does: ``python -m lib.bench.plain_worker`` with the same environment.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from vastai.serverless.server.worker import BenchmarkConfig, HandlerConfig, Work
 
 
 class NothingToLoad:
-    async def __aenter__(self) -> "NothingToLoad":
+    async def __aenter__(self) -> NothingToLoad:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:

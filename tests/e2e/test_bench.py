@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from lib.bench import SECTIONS
+from lib.bench.measure import SECTIONS
 
 
 @pytest.mark.slow
@@ -38,5 +38,13 @@ def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_p
     assert figures["footprint"]["rss_mib"] > 0 and figures["footprint"]["cpu_percent"] >= 0
 
     # The table names every measure the README's Performance section shows.
-    for measure in ("readiness", "occupancy (null)", "occupancy (framework)", "contention", "control", "scaling, 10 sessions", "footprint"):
+    for measure in (
+        "readiness",
+        "occupancy (null)",
+        "occupancy (framework)",
+        "contention",
+        "control",
+        "scaling, 10 sessions",
+        "footprint",
+    ):
         assert measure in run.stdout, run.stdout

@@ -71,7 +71,9 @@ async def test_status_shows_the_held_session(control, public, signer):
     free = await (await control.get("/status")).json()
     assert free["ready"] is True and free["session"] is None
 
-    session_id, _ = await open_session(public, signer, lifetime=30, on_close_route="http://127.0.0.1:9/cb", on_close_payload={"job": 42})
+    session_id, _ = await open_session(
+        public, signer, lifetime=30, on_close_route="http://127.0.0.1:9/cb", on_close_payload={"job": 42}
+    )
     session = (await (await control.get("/status")).json())["session"]
     assert session["session_id"] == session_id
     assert session["cost"] == 100.0
@@ -105,7 +107,15 @@ async def test_extend_with_nothing_held_is_a_conflict(control):
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"seconds": 0}', b'{"seconds": -3}', b'{"seconds": "10"}', b'{"seconds": true}', b"[1]", b"{", b'{"seconds": NaN}'],
+    [
+        b'{"seconds": 0}',
+        b'{"seconds": -3}',
+        b'{"seconds": "10"}',
+        b'{"seconds": true}',
+        b"[1]",
+        b"{",
+        b'{"seconds": NaN}',
+    ],
 )
 async def test_extend_refuses_bad_seconds(control, public, signer, body):
     """A malformed /extend body is a 422, never a 500."""
@@ -171,7 +181,9 @@ async def test_extend_naming_another_session_is_a_conflict(control, public, sign
     session_id, _ = await open_session(public, signer)
     response = await control.post("/extend", json={"seconds": 30, "session_id": "an-earlier-session"})
     assert response.status == 409
-    assert (await (await control.post("/extend", json={"seconds": 30, "session_id": session_id})).json())["expires_in"] == 30
+    assert (await (await control.post("/extend", json={"seconds": 30, "session_id": session_id})).json())[
+        "expires_in"
+    ] == 30
 
 
 @pytest.mark.parametrize("body", [b'{"session_id": 5}', b'{"session_id": ""}', b"[]", b"nope"])

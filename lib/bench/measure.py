@@ -16,15 +16,16 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import aiohttp
 
-from lib.grants import GrantSigner
-from lib.process import WorkerPorts, WorkerProcess, worker_env
-from lib.recorder import RecordingAutoscaler, is_ready, serving
+from lib.bench.recorder import RecordingAutoscaler, is_ready, serving
+from lib.standin.grants import GrantSigner
+from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
 
 FLOOR_COMMAND = "from vastai.serverless.server.worker import Worker"
 
@@ -36,7 +37,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def spread(values: Sequence[float]) -> Dict[str, float]:
+def spread(values: Sequence[float]) -> dict[str, float]:
     return {
         "n": len(values),
         "p50": percentile(values, 50),
@@ -57,7 +58,7 @@ class Bench:
         self._stack = AsyncExitStack()
         self.http: aiohttp.ClientSession
 
-    async def __aenter__(self) -> "Bench":
+    async def __aenter__(self) -> Bench:
         self.recorder.url = await self._stack.enter_async_context(serving(self.recorder.app()))
         self.http = await self._stack.enter_async_context(
             aiohttp.ClientSession(
@@ -73,7 +74,9 @@ class Bench:
     # -- workers --------------------------------------------------------------
 
     @asynccontextmanager
-    async def worker(self, module: str = "workers.null.worker", env: Optional[Dict[str, str]] = None) -> AsyncIterator["BenchWorker"]:
+    async def worker(
+        self, module: str = "workers.null.worker", env: dict[str, str] | None = None
+    ) -> AsyncIterator[BenchWorker]:
         ports = WorkerPorts.allocate()
         container_id = next(self._ids)
         process = WorkerProcess(
@@ -88,25 +91,29 @@ class Bench:
         finally:
             await process.stop()
 
-    async def wait_report(self, worker: "BenchWorker", predicate: Callable[[Dict[str, Any]], bool], since: float, timeout: float = 30.0):
+    async def wait_report(
+        self, worker: BenchWorker, predicate: Callable[[dict[str, Any]], bool], since: float, timeout: float = 30.0
+    ):
         try:
             return await self.recorder.wait_for(
                 lambda: self.recorder.first_report(worker.container_id, predicate, since), timeout
             )
         except AssertionError:
-            raise RuntimeError(f"no matching report from {worker.process.module}; its output:\n{worker.process.tail()}") from None
+            raise RuntimeError(
+                f"no matching report from {worker.process.module}; its output:\n{worker.process.tail()}"
+            ) from None
 
     # -- 1. readiness -----------------------------------------------------------
 
-    async def readiness(self) -> Dict[str, Any]:
+    async def readiness(self) -> dict[str, Any]:
         runs = 3 if self.quick else 7
-        ready: List[float] = []
+        ready: list[float] = []
         for run in range(runs):
             self.progress(f"readiness: start {run + 1}/{runs}")
             async with self.worker() as worker:
                 received = await self.wait_report(worker, is_ready, since=0.0, timeout=60)
                 ready.append(received.at - worker.started)
-        floor: List[float] = []
+        floor: list[float] = []
         for run in range(runs):
             self.progress(f"readiness: import floor {run + 1}/{runs}")
             started = time.monotonic()
@@ -122,13 +129,13 @@ class Bench:
 
     # -- 2. occupancy signal ----------------------------------------------------
 
-    async def occupancy(self) -> Dict[str, Any]:
+    async def occupancy(self) -> dict[str, Any]:
         cycles = 20 if self.quick else 100
         async with self.worker() as worker:
             await self.wait_report(worker, is_ready, since=0.0, timeout=60)
             null = await self._cycles(worker, cycles, worker.open_signed, worker.release)
         framework_cycles = 5 if self.quick else 30
-        async with self.worker(module="lib.plain_worker", env={"UNSECURED": "true"}) as worker:
+        async with self.worker(module="lib.bench.plain_worker", env={"UNSECURED": "true"}) as worker:
             await worker.until_listening()
             framework = await self._cycles(worker, framework_cycles, worker.open_signed, worker.end)
         return {
@@ -138,9 +145,15 @@ class Bench:
             "close_ratio": null["close_s"]["p50"] / framework["close_s"]["p50"],
         }
 
-    async def _cycles(self, worker: "BenchWorker", cycles: int, open_: Callable[[], Awaitable[Any]], close: Callable[[Any], Awaitable[None]]) -> Dict[str, Any]:
-        opens: List[float] = []
-        closes: List[float] = []
+    async def _cycles(
+        self,
+        worker: BenchWorker,
+        cycles: int,
+        open_: Callable[[], Awaitable[Any]],
+        close: Callable[[Any], Awaitable[None]],
+    ) -> dict[str, Any]:
+        opens: list[float] = []
+        closes: list[float] = []
         for cycle in range(cycles):
             if cycle % 10 == 0:
                 self.progress(f"occupancy ({worker.process.module}): cycle {cycle + 1}/{cycles}")
@@ -156,14 +169,14 @@ class Bench:
 
     # -- 3. contention ----------------------------------------------------------
 
-    async def contention(self) -> Dict[str, Any]:
+    async def contention(self) -> dict[str, Any]:
         concurrent = 200
         async with self.worker() as worker:
             await self.wait_report(worker, is_ready, since=0.0, timeout=60)
             bodies = [worker.create_body() for _ in range(concurrent)]
             self.progress(f"contention: {concurrent} concurrent creates")
 
-            async def create(body: Dict[str, Any]):
+            async def create(body: dict[str, Any]):
                 started = time.monotonic()
                 async with self.http.post(worker.url + "/session/create", json=body) as response:
                     await response.read()
@@ -183,10 +196,10 @@ class Bench:
 
     # -- 4. control path --------------------------------------------------------
 
-    async def control(self) -> Dict[str, Any]:
+    async def control(self) -> dict[str, Any]:
         calls = 50 if self.quick else 300
-        release: List[float] = []
-        status: List[float] = []
+        release: list[float] = []
+        status: list[float] = []
         async with self.worker() as worker:
             await self.wait_report(worker, is_ready, since=0.0, timeout=60)
             self.progress(f"control path: {calls} /status and /release calls")
@@ -203,7 +216,7 @@ class Bench:
 
     # -- 6. footprint -----------------------------------------------------------
 
-    async def footprint(self) -> Dict[str, Any]:
+    async def footprint(self) -> dict[str, Any]:
         window = 5.0 if self.quick else 30.0
         async with self.worker() as worker:
             await self.wait_report(worker, is_ready, since=0.0, timeout=60)
@@ -230,10 +243,10 @@ class BenchWorker:
     def url(self) -> str:
         return self.ports.url
 
-    def create_body(self) -> Dict[str, Any]:
+    def create_body(self) -> dict[str, Any]:
         return {"auth_data": self.bench.signer.grant(self.url), "payload": {"lifetime": 300}}
 
-    async def open_signed(self) -> Dict[str, Any]:
+    async def open_signed(self) -> dict[str, Any]:
         body = self.create_body()
         async with self.bench.http.post(self.url + "/session/create", json=body) as response:
             if response.status != 201:
@@ -244,7 +257,7 @@ class BenchWorker:
         async with self.bench.http.post(self.ports.control_url + "/release") as response:
             await response.read()
 
-    async def end(self, session: Dict[str, Any]) -> None:
+    async def end(self, session: dict[str, Any]) -> None:
         async with self.bench.http.post(self.url + "/session/end", json=session) as response:
             await response.read()
 
@@ -273,15 +286,15 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def scaling(quick: bool, progress: Callable[[str], None]) -> Dict[str, Any]:
+async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     """Sessions through the real SDK and the local stand-in, with the recommended parameters."""
     import ssl
 
     from vastai import Serverless
 
-    from lib.fleet import FleetSettings
-    from lib.scaling import EndpointParams
-    from lib.serverless import LocalConfig, serve
+    from lib.standin.autoscaler import LocalConfig, serve
+    from lib.standin.fleet import FleetSettings
+    from lib.standin.scaling import EndpointParams
 
     # The recommended endpoint parameters (README: Endpoint parameters); a
     # shorter cold start and inactivity timeout in --quick keep CI short.
@@ -298,12 +311,14 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> Dict[str, Any
     for sessions in (1, 3, 10):
         progress(f"scaling: {sessions} sessions through the SDK and the local stand-in")
         async with serve(LocalConfig(fleet=settings, port=0)) as standin:
-            client = Serverless(api_key=standin.config.api_key, instance="local", autoscaler_url=standin.url, webserver_url=standin.url)
+            client = Serverless(
+                api_key=standin.config.api_key, instance="local", autoscaler_url=standin.url, webserver_url=standin.url
+            )
             client._ssl_context = ssl.create_default_context()  # loopback HTTP: no CA download
             async with client:
                 endpoint = await client.get_endpoint(standin.config.endpoint_name)
 
-                async def reserve_all() -> List[Any]:
+                async def reserve_all() -> list[Any]:
                     async def one() -> Any:
                         started = time.monotonic()
                         session = await endpoint.session(cost=100, lifetime=300, timeout=120)
@@ -337,7 +352,17 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> Dict[str, Any
             }
         )
     return {
-        "params": {name: getattr(params, name) for name in ("target_util", "min_load", "cold_workers", "max_queue_time", "target_queue_time", "inactivity_timeout")},
+        "params": {
+            name: getattr(params, name)
+            for name in (
+                "target_util",
+                "min_load",
+                "cold_workers",
+                "max_queue_time",
+                "target_queue_time",
+                "inactivity_timeout",
+            )
+        },
         "provisioning_delay_s": settings.provisioning_delay,
         "cases": cases,
     }
@@ -350,9 +375,9 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def render(results: Dict[str, Any]) -> str:
+def render(results: dict[str, Any]) -> str:
     """The results as the table the README shows."""
-    rows: List[tuple] = []
+    rows: list[tuple] = []
     ready = results["readiness"]
     rows.append(("readiness: start -> ready report, p50", f"{ready['ready_s']['p50']:.2f} s", ""))
     rows.append(("readiness: import floor, p50", f"{ready['import_floor_s']['p50']:.2f} s", ""))
@@ -362,8 +387,16 @@ def render(results: Dict[str, Any]) -> str:
         for edge, label in (("open_s", "open -> cur_load 100"), ("close_s", "close -> cur_load 0")):
             figures = occupancy[side][edge]
             target = "p50 <= 100 ms" if side == "null" else ""
-            rows.append((f"occupancy ({side}): {label}, p50 / p99", f"{ms(figures['p50'])} / {ms(figures['p99'])}", target))
-    rows.append(("occupancy: null / framework p50, open / close", f"{occupancy['open_ratio']:.3f} / {occupancy['close_ratio']:.3f}", ""))
+            rows.append(
+                (f"occupancy ({side}): {label}, p50 / p99", f"{ms(figures['p50'])} / {ms(figures['p99'])}", target)
+            )
+    rows.append(
+        (
+            "occupancy: null / framework p50, open / close",
+            f"{occupancy['open_ratio']:.3f} / {occupancy['close_ratio']:.3f}",
+            "",
+        )
+    )
     contention = results["contention"]
     rows.append(
         (
@@ -372,18 +405,40 @@ def render(results: Dict[str, Any]) -> str:
             "1 / 199 / 0",
         )
     )
-    rows.append(("contention: latency p50 / p99", f"{ms(contention['latency_s']['p50'])} / {ms(contention['latency_s']['p99'])}", "p99 <= 250 ms"))
+    rows.append(
+        (
+            "contention: latency p50 / p99",
+            f"{ms(contention['latency_s']['p50'])} / {ms(contention['latency_s']['p99'])}",
+            "p99 <= 250 ms",
+        )
+    )
     control = results["control"]
-    rows.append(("control: /release p50 / p99", f"{ms(control['release_s']['p50'])} / {ms(control['release_s']['p99'])}", ""))
-    rows.append(("control: /status p50 / p99", f"{ms(control['status_s']['p50'])} / {ms(control['status_s']['p99'])}", ""))
+    rows.append(
+        ("control: /release p50 / p99", f"{ms(control['release_s']['p50'])} / {ms(control['release_s']['p99'])}", "")
+    )
+    rows.append(
+        ("control: /status p50 / p99", f"{ms(control['status_s']['p50'])} / {ms(control['status_s']['p99'])}", "")
+    )
     for case in results["scaling"]["cases"]:
         n = case["sessions"]
-        rows.append((f"scaling, {n} sessions: workers provisioned per session", f"{case['workers_per_session']:.2f}", "1.00"))
-        rows.append((f"scaling, {n} sessions: reserve p50 cold / warm", f"{case['reserve_cold_s']['p50']:.2f} s / {case['reserve_warm_s']['p50']:.2f} s" if case["reserve_warm_s"] else f"{case['reserve_cold_s']['p50']:.2f} s / -", ""))
+        rows.append(
+            (f"scaling, {n} sessions: workers provisioned per session", f"{case['workers_per_session']:.2f}", "1.00")
+        )
+        rows.append(
+            (
+                f"scaling, {n} sessions: reserve p50 cold / warm",
+                f"{case['reserve_cold_s']['p50']:.2f} s / {case['reserve_warm_s']['p50']:.2f} s"
+                if case["reserve_warm_s"]
+                else f"{case['reserve_cold_s']['p50']:.2f} s / -",
+                "",
+            )
+        )
         rows.append((f"scaling, {n} sessions: last release -> zero workers", f"{case['to_zero_s']:.2f} s", ""))
     footprint = results["footprint"]
     rows.append(("footprint: idle RSS", f"{footprint['rss_mib']:.1f} MiB", ""))
-    rows.append((f"footprint: idle CPU over {footprint['window_s']:.0f} s", f"{footprint['cpu_percent']:.2f} %", "<= 1 %"))
+    rows.append(
+        (f"footprint: idle CPU over {footprint['window_s']:.0f} s", f"{footprint['cpu_percent']:.2f} %", "<= 1 %")
+    )
     width = max(len(r[0]) for r in rows)
     value_width = max(len(r[1]) for r in rows)
     lines = [f"{'measure'.ljust(width)}  {'figure'.ljust(value_width)}  target", "-" * (width + value_width + 16)]
@@ -391,8 +446,8 @@ def render(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def run(quick: bool, progress: Callable[[str], None], only: Sequence[str] = SECTIONS) -> Dict[str, Any]:
-    results: Dict[str, Any] = {
+async def run(quick: bool, progress: Callable[[str], None], only: Sequence[str] = SECTIONS) -> dict[str, Any]:
+    results: dict[str, Any] = {
         "quick": quick,
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
@@ -420,7 +475,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
 
     def progress(message: str) -> None:
@@ -438,7 +493,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(render(results))
     print(f"\nfigures written to {args.json} ({results['elapsed_s']:.0f} s)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

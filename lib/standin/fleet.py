@@ -2,7 +2,7 @@
 
 A ``Fleet`` keeps what workers reported, the grants it handed out and the
 requests waiting for a worker; every tick it turns that into a
-``lib.scaling.Snapshot``, asks ``lib.scaling.decide`` what to do and does it.
+``lib.standin.scaling.Snapshot``, asks ``lib.standin.scaling.decide`` what to do and does it.
 Each instance is a ``python -m workers.null.worker`` in its own process
 group, working directory and ports; ``aclose`` stops them all, and an
 ``atexit`` hook kills any still running should the event loop die first.
@@ -20,13 +20,14 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any
 
-from lib.process import WorkerPorts, WorkerProcess, worker_env
-from lib.scaling import (
+from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
+from lib.standin.scaling import (
     EPSILON,
     LIVE,
     Decision,
@@ -66,11 +67,18 @@ class FleetSettings:
     # While instances exist, the fleet line is repeated this often so ages stay current.
     summary_every: float = 10.0
     python: str = sys.executable
-    worker_env: Tuple[Tuple[str, str], ...] = ()
+    worker_env: tuple[tuple[str, str], ...] = ()
 
-    def problems(self) -> List[str]:
+    def problems(self) -> list[str]:
         found = list(self.params.problems())
-        for name in ("provisioning_delay", "load_timeout", "grant_timeout", "waiting_timeout", "route_hold", "stop_grace"):
+        for name in (
+            "provisioning_delay",
+            "load_timeout",
+            "grant_timeout",
+            "waiting_timeout",
+            "route_hold",
+            "stop_grace",
+        ):
             value = getattr(self, name)
             if not value >= 0:
                 found.append(f"{name} {value} must be a number of seconds >= 0")
@@ -88,15 +96,15 @@ class Instance:
     created_at: float
     phase: Phase = Phase.PROVISIONING
     phase_since: float = 0.0
-    ports: Optional[WorkerPorts] = None
-    process: Optional[WorkerProcess] = None
-    task: Optional["asyncio.Future[Any]"] = None
+    ports: WorkerPorts | None = None
+    process: WorkerProcess | None = None
+    task: asyncio.Future[Any] | None = None
     cur_load: float = 0.0
     max_perf: float = 0.0
     error: str = ""
-    working: Tuple[int, ...] = ()
-    idle_since: Optional[float] = None
-    last_report: Optional[float] = None
+    working: tuple[int, ...] = ()
+    idle_since: float | None = None
+    last_report: float | None = None
     booted_at: float = 0.0  # created, or restarted from cold
 
     @property
@@ -104,7 +112,7 @@ class Instance:
         return self.ports.url if self.ports else ""
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
 
@@ -133,8 +141,8 @@ class SeenSession:
 @dataclass(frozen=True)
 class RouteAnswer:
     request_idx: int
-    worker_id: Optional[int] = None
-    url: Optional[str] = None
+    worker_id: int | None = None
+    url: str | None = None
 
 
 class Fleet:
@@ -142,7 +150,7 @@ class Fleet:
         self,
         settings: FleetSettings,
         *,
-        workdir: Optional[Path] = None,
+        workdir: Path | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
@@ -150,22 +158,22 @@ class Fleet:
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="null-local-")) if workdir is None else workdir
         self.report_addr = ""
-        self.instances: Dict[int, Instance] = {}
-        self.waiting: Dict[int, Waiting] = {}
-        self.grants: Dict[int, Grant] = {}
-        self.sessions: Dict[int, SeenSession] = {}
-        self.created: List[int] = []  # every instance id ever created, in order
+        self.instances: dict[int, Instance] = {}
+        self.waiting: dict[int, Waiting] = {}
+        self.grants: dict[int, Grant] = {}
+        self.sessions: dict[int, SeenSession] = {}
+        self.created: list[int] = []  # every instance id ever created, in order
         self.started_at = clock()
         self.last_activity = self.started_at
-        self.last_decision: Optional[Decision] = None
+        self.last_decision: Decision | None = None
         self._ids = itertools.count(1)
         self._next_request_idx = 1
-        self._loop_task: Optional["asyncio.Future[None]"] = None
+        self._loop_task: asyncio.Future[None] | None = None
         self._poke = asyncio.Event()
         self._changed = asyncio.Condition()
-        self._parked: Dict[int, "asyncio.Future[RouteAnswer]"] = {}
+        self._parked: dict[int, asyncio.Future[RouteAnswer]] = {}
         self._closing = False
-        self._last_summary: Tuple[Any, ...] = ()
+        self._last_summary: tuple[Any, ...] = ()
         self._last_summary_at = 0.0
 
     # -- lifecycle ------------------------------------------------------------
@@ -203,7 +211,7 @@ class Fleet:
                     # start_new_session made the worker its group's leader.
                     os.killpg(inst.pid, signal.SIGKILL)
 
-    async def wait_for(self, predicate: Callable[["Fleet"], Any], timeout: float) -> Any:
+    async def wait_for(self, predicate: Callable[[Fleet], Any], timeout: float) -> Any:
         """Waits until ``predicate(self)`` is truthy and returns it; TimeoutError after ``timeout``."""
 
         async def until() -> Any:
@@ -223,7 +231,7 @@ class Fleet:
         answer = self.route(cost, request_idx)
         if answer.url is not None or self.settings.route_hold <= 0:
             return answer
-        parked: "asyncio.Future[RouteAnswer]" = asyncio.get_running_loop().create_future()
+        parked: asyncio.Future[RouteAnswer] = asyncio.get_running_loop().create_future()
         self._parked[answer.request_idx] = parked
         try:
             return await asyncio.wait_for(asyncio.shield(parked), self.settings.route_hold)
@@ -238,9 +246,7 @@ class Fleet:
         """Hands workers with room to held requests, the longest-waiting first."""
         if not self._parked:
             return
-        ordered = sorted(
-            (entry.request.since, idx) for idx, entry in self.waiting.items() if idx in self._parked
-        )
+        ordered = sorted((entry.request.since, idx) for idx, entry in self.waiting.items() if idx in self._parked)
         for _, idx in ordered:
             parked = self._parked[idx]
             if parked.done():
@@ -305,7 +311,7 @@ class Fleet:
         self._poke.set()
         return True
 
-    def on_deleted(self, worker_id: int, requests: List[Mapping[str, Any]]) -> None:
+    def on_deleted(self, worker_id: int, requests: list[Mapping[str, Any]]) -> None:
         """Takes a worker's /delete_requests/ list: finished or refused requests and sessions."""
         now = self.clock()
         for item in requests:
@@ -391,7 +397,11 @@ class Fleet:
                 log.info("request %d no longer polled; dropped", idx)
         for inst in self.instances.values():
             # returncode stays None while the process is still being spawned.
-            if inst.phase in (Phase.LOADING, Phase.READY) and inst.process is not None and inst.process.returncode is not None:
+            if (
+                inst.phase in (Phase.LOADING, Phase.READY)
+                and inst.process is not None
+                and inst.process.returncode is not None
+            ):
                 inst.error = f"process exited with code {inst.process.returncode}"
                 self._set_phase(inst, Phase.ERRORED, now)
                 log.warning("worker %d %s; its last output:\n%s", inst.id, inst.error, inst.process.tail(8))
@@ -409,7 +419,7 @@ class Fleet:
     def _reserved(self, worker_id: int) -> float:
         return sum(g.cost for g in self.grants.values() if g.worker_id == worker_id)
 
-    def _views(self, now: float) -> List[WorkerView]:
+    def _views(self, now: float) -> list[WorkerView]:
         return [
             WorkerView(
                 id=inst.id,
@@ -436,7 +446,10 @@ class Fleet:
             self._set_phase(inst, Phase.LOADING, now)
             inst.idle_since = inst.booted_at = now
             log.info(
-                "worker %d starting again from cold: load %g, workers wanted %d", inst.id, decision.load, decision.target
+                "worker %d starting again from cold: load %g, workers wanted %d",
+                inst.id,
+                decision.load,
+                decision.target,
             )
             inst.task = asyncio.ensure_future(self._launch(inst, delay=0.0))
         for _ in range(decision.provision):
@@ -504,7 +517,7 @@ class Fleet:
         log.info("worker %d stopping (%s)", inst.id, reason)
         inst.task = asyncio.ensure_future(self._stop(inst, keep, launching))
 
-    async def _stop(self, inst: Instance, keep: bool, launching: Optional["asyncio.Future[Any]"]) -> None:
+    async def _stop(self, inst: Instance, keep: bool, launching: asyncio.Future[Any] | None) -> None:
         if launching is not None:
             # Before its process exists the launch is only sleeping out the cold
             # start; after, it is inside process.start() and must finish so
@@ -540,7 +553,7 @@ class Fleet:
 
     # -- what the terminal shows ---------------------------------------------------------
 
-    def describe(self) -> List[Dict[str, Any]]:
+    def describe(self) -> list[dict[str, Any]]:
         """Each instance as /get_endpoint_workers/ lists it (the SDK's Worker fields, plus a few)."""
         now = self.clock()
         rows = []
@@ -571,7 +584,7 @@ class Fleet:
             )
         return rows
 
-    def summary(self, now: Optional[float] = None) -> str:
+    def summary(self, now: float | None = None) -> str:
         now = self.clock() if now is None else now
         parts = []
         for inst in sorted(self.instances.values(), key=lambda i: i.id):
@@ -590,10 +603,10 @@ class Fleet:
             head += f", {waiting} waiting"
         return head + (" | " + " | ".join(parts) if parts else "")
 
-    def live(self) -> List[Instance]:
+    def live(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.phase in LIVE]
 
-    def running_pids(self) -> List[int]:
+    def running_pids(self) -> list[int]:
         return [i.pid for i in self.instances.values() if i.process is not None and i.process.running and i.pid]
 
     def _show(self, now: float) -> None:

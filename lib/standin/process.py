@@ -13,12 +13,12 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Deque, Dict, List, Mapping, Optional
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -47,8 +47,8 @@ class WorkerPorts:
     control: int
 
     @classmethod
-    def allocate(cls) -> "WorkerPorts":
-        ports: List[int] = []
+    def allocate(cls) -> WorkerPorts:
+        ports: list[int] = []
         while len(ports) < 3:
             port = free_port()
             if port not in ports:
@@ -69,9 +69,9 @@ def worker_env(
     ports: WorkerPorts,
     container_id: int,
     report_addr: str,
-    extra: Optional[Mapping[str, str]] = None,
-    base: Optional[Mapping[str, str]] = None,
-) -> Dict[str, str]:
+    extra: Mapping[str, str] | None = None,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The environment Vast gives a worker, pointed at loopback."""
     env = dict(os.environ if base is None else base)
     env.update(
@@ -92,7 +92,7 @@ def worker_env(
     return env
 
 
-def with_repo_on_path(env: Dict[str, str]) -> Dict[str, str]:
+def with_repo_on_path(env: dict[str, str]) -> dict[str, str]:
     """Puts this checkout first on ``env``'s PYTHONPATH, so ``python -m`` finds its modules from any cwd."""
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
@@ -102,14 +102,14 @@ def with_repo_on_path(env: Dict[str, str]) -> Dict[str, str]:
 class WorkerProcess:
     """One ``python -m workers.null.worker`` child (or ``module``), its output kept for diagnosis."""
 
-    env: Dict[str, str]
+    env: dict[str, str]
     cwd: Path
     python: str = sys.executable
     module: str = "workers.null.worker"
     tail_lines: int = 200
-    proc: Optional[asyncio.subprocess.Process] = None
-    output: Deque[str] = field(default_factory=collections.deque)
-    _reader: Optional[asyncio.Task] = None
+    proc: asyncio.subprocess.Process | None = None
+    output: collections.deque[str] = field(default_factory=collections.deque)
+    _reader: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.cwd.mkdir(parents=True, exist_ok=True)
@@ -136,11 +136,11 @@ class WorkerProcess:
             self.output.append(raw.decode(errors="replace").rstrip("\n"))
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
     @property
-    def returncode(self) -> Optional[int]:
+    def returncode(self) -> int | None:
         return self.proc.returncode if self.proc else None
 
     @property
@@ -156,7 +156,7 @@ class WorkerProcess:
             with suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
 
-    async def wait(self, timeout: Optional[float] = None) -> int:
+    async def wait(self, timeout: float | None = None) -> int:
         assert self.proc is not None
         code = await asyncio.wait_for(self.proc.wait(), timeout)
         if self._reader is not None:
@@ -164,7 +164,7 @@ class WorkerProcess:
                 await asyncio.wait_for(self._reader, 1.0)
         return code
 
-    async def stop(self, grace: float = 8.0) -> Optional[int]:
+    async def stop(self, grace: float = 8.0) -> int | None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit code."""
         if self.proc is None:
             return None

@@ -14,18 +14,19 @@ import json
 import re
 import signal
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Union
 
 import aiohttp
 import pytest
 import pytest_asyncio
 
+from lib.standin.grants import GrantSigner
+from lib.standin.process import WorkerPorts, WorkerProcess, free_port, worker_env
 from tests.conftest import RunningWorker
-from lib.grants import GrantSigner
-from lib.process import WorkerPorts, WorkerProcess, free_port, worker_env
 from tests.fakes import FakeAutoscaler, FakeConsumer, serving
 
 MAX_LIFETIME = 600.0
@@ -40,7 +41,7 @@ class Encoded:
     encoding: str
 
 
-Body = Union[bytes, Encoded, Dict[str, Any], List[Any]]
+Body = Union[bytes, Encoded, dict[str, Any], list[Any]]
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def forger() -> GrantSigner:
     return GrantSigner()
 
 
-async def post(http: aiohttp.ClientSession, url: str, body: Optional[Body] = None) -> Tuple[int, Any]:
+async def post(http: aiohttp.ClientSession, url: str, body: Body | None = None) -> tuple[int, Any]:
     """POSTs a JSON value or raw bytes; returns (status, the JSON answer or its text)."""
     if isinstance(body, (bytes, bytearray)):
         request = http.post(url, data=bytes(body), headers={"Content-Type": "application/json"})
@@ -71,13 +72,13 @@ async def post(http: aiohttp.ClientSession, url: str, body: Optional[Body] = Non
             return resp.status, text
 
 
-async def status_of(http: aiohttp.ClientSession, worker: RunningWorker) -> Dict[str, Any]:
+async def status_of(http: aiohttp.ClientSession, worker: RunningWorker) -> dict[str, Any]:
     async with http.get(worker.control + "/status") as resp:
         assert resp.status == 200, worker.explain()
         return await resp.json()
 
 
-async def open_session(http: aiohttp.ClientSession, worker: RunningWorker, body: Optional[Dict[str, Any]] = None) -> str:
+async def open_session(http: aiohttp.ClientSession, worker: RunningWorker, body: dict[str, Any] | None = None) -> str:
     status, answer = await post(http, worker.url + "/session/create", body or worker.create_body())
     assert status == 201, f"create answered {status} {answer}; {worker.explain()}"
     return answer["session_id"]
@@ -95,11 +96,11 @@ async def wait_until(condition: Callable[[], Any], timeout: float, message: str)
         await asyncio.sleep(0.05)
 
 
-def output_lines(worker: RunningWorker, pattern: str) -> List[str]:
+def output_lines(worker: RunningWorker, pattern: str) -> list[str]:
     return [line for line in worker.process.output if re.search(pattern, line)]
 
 
-async def wait_output(worker: RunningWorker, pattern: str, timeout: float = 10.0) -> List[str]:
+async def wait_output(worker: RunningWorker, pattern: str, timeout: float = 10.0) -> list[str]:
     return await wait_until(
         lambda: output_lines(worker, pattern), timeout, f"a line matching {pattern!r} in the output; {worker.explain()}"
     )
@@ -109,11 +110,11 @@ def callbacks_for(autoscaler: FakeAutoscaler, session_id: str):
     return [c for c in autoscaler.callbacks if c.body.get("session_id") == session_id]
 
 
-def deleted_entries(autoscaler: FakeAutoscaler, request_idx: int) -> List[Dict[str, Any]]:
+def deleted_entries(autoscaler: FakeAutoscaler, request_idx: int) -> list[dict[str, Any]]:
     return [r for d in autoscaler.deleted for r in d.body["requests"] if r["request_idx"] == request_idx]
 
 
-async def stop(worker: RunningWorker, signum: int = signal.SIGTERM) -> Tuple[int, float]:
+async def stop(worker: RunningWorker, signum: int = signal.SIGTERM) -> tuple[int, float]:
     """Signals the worker and waits for it to exit; returns (exit code, seconds taken)."""
     started = time.monotonic()
     worker.process.send_signal(signum)
@@ -124,10 +125,10 @@ async def stop(worker: RunningWorker, signum: int = signal.SIGTERM) -> Tuple[int
     return code, time.monotonic() - started
 
 
-def listening_addresses(port: int) -> Set[str]:
+def listening_addresses(port: int) -> set[str]:
     """The local addresses with a socket listening on ``port``, read from the kernel's tables."""
-    found: Set[str] = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+    found: set[str] = set()
+    for table, _width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
         with suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
@@ -163,7 +164,8 @@ async def test_release_ends_the_held_session_and_delivers_its_callback(start_wor
     assert callback[0].body == {"job": "job-1", "session_id": session_id}
     request_idx = body["auth_data"]["request_idx"]
     entries = await autoscaler.wait_for(
-        lambda: deleted_entries(autoscaler, request_idx), message=f"delete_requests for {request_idx}; {worker.explain()}"
+        lambda: deleted_entries(autoscaler, request_idx),
+        message=f"delete_requests for {request_idx}; {worker.explain()}",
     )
     assert [entry["success"] for entry in entries] == [True], entries
     assert (await status_of(http, worker))["session"] is None
@@ -235,7 +237,7 @@ async def test_extend_renews_the_lease_to_now_plus_seconds_capped(start_worker, 
     worker = await start_worker({"NULL_MAX_LIFETIME": "120"})
     session_id = await open_session(http, worker, worker.create_body(lifetime=60))
 
-    async def extend(body: Optional[Body]) -> float:
+    async def extend(body: Body | None) -> float:
         status, answer = await post(http, worker.control + "/extend", body)
         assert status == 200, f"{answer}; {worker.explain()}"
         assert answer["extended"] is True and answer["session_id"] == session_id, answer
@@ -254,7 +256,9 @@ async def test_extend_renews_the_lease_to_now_plus_seconds_capped(start_worker, 
     # A consumer that stops extending lets the lease lapse.
     since = time.time()
     assert await extend({"seconds": 0.5}) == 0.5
-    await autoscaler.wait_for(lambda: callbacks_for(autoscaler, session_id), message=f"the lapse callback; {worker.explain()}")
+    await autoscaler.wait_for(
+        lambda: callbacks_for(autoscaler, session_id), message=f"the lapse callback; {worker.explain()}"
+    )
     await worker.wait_report(lambda report: report["cur_load"] == 0.0, since=since, message="the lapse")
 
 
@@ -316,7 +320,10 @@ async def test_session_end_with_wrong_auth_is_refused_and_the_session_stays_held
         assert status == 401 and isinstance(answer.get("error"), str), (route, status, answer, worker.explain())
     right = {"session_id": session_id, "session_auth": body["auth_data"]}
     status, answer = await post(http, worker.url + "/session/get", right)
-    assert status == 200 and answer["session_id"] == session_id and answer["auth_data"] == body["auth_data"], (status, answer)
+    assert status == 200 and answer["session_id"] == session_id and answer["auth_data"] == body["auth_data"], (
+        status,
+        answer,
+    )
     assert await post(http, worker.url + "/session/health", right) == (200, {"ok": True})
     since = time.time()
     status, answer = await post(http, worker.url + "/session/end", right)
@@ -356,13 +363,19 @@ async def test_ping_with_session_id_renews_the_lease_to_now_plus_lifetime(start_
     status, _ = await post(http, worker.control + "/extend", {"seconds": 2})
     assert status == 200
     for _ in range(3):
-        status, answer = await post(http, worker.url + "/ping", {"auth_data": body["auth_data"], "payload": {}, "session_id": session_id})
+        status, answer = await post(
+            http, worker.url + "/ping", {"auth_data": body["auth_data"], "payload": {}, "session_id": session_id}
+        )
         assert status == 200, f"{answer}; {worker.explain()}"
         assert answer["session_id"] == session_id and answer["expires_in"] == 30, answer
     assert 25 < (await status_of(http, worker))["session"]["expires_in"] <= 30
-    status, answer = await post(http, worker.url + "/ping", {"auth_data": worker.grant(), "payload": {}, "session_id": session_id})
+    status, answer = await post(
+        http, worker.url + "/ping", {"auth_data": worker.grant(), "payload": {}, "session_id": session_id}
+    )
     assert status == 401, (status, answer, worker.explain())
-    status, answer = await post(http, worker.url + "/ping", {"auth_data": body["auth_data"], "payload": {}, "session_id": "gone"})
+    status, answer = await post(
+        http, worker.url + "/ping", {"auth_data": body["auth_data"], "payload": {}, "session_id": "gone"}
+    )
     assert status == 410, (status, answer, worker.explain())
     status, answer = await post(http, worker.url + "/ping", {"auth_data": worker.grant(), "payload": {}})
     assert (status, answer.get("ok")) == (200, True), (status, answer, worker.explain())
@@ -410,9 +423,15 @@ async def test_lapsed_lease_frees_the_worker(start_worker, http, autoscaler):
     opened_at = time.time()
     session_id = await open_session(http, worker, worker.create_body(lifetime=1))
     await worker.wait_report(lambda r: r["cur_load"] == 100.0, since=opened_at, message="the open session")
-    callback = (await autoscaler.wait_for(lambda: callbacks_for(autoscaler, session_id), 10, f"the expiry callback; {worker.explain()}"))[0]
+    callback = (
+        await autoscaler.wait_for(
+            lambda: callbacks_for(autoscaler, session_id), 10, f"the expiry callback; {worker.explain()}"
+        )
+    )[0]
     report = await worker.wait_report(lambda r: r["cur_load"] == 0.0, since=opened_at, message="the expiry")
-    print(f"lifetime 1 s: callback after {callback.at - opened_at:.2f}s, cur_load 0 report after {report.at - opened_at:.2f}s")
+    print(
+        f"lifetime 1 s: callback after {callback.at - opened_at:.2f}s, cur_load 0 report after {report.at - opened_at:.2f}s"
+    )
     assert output_lines(worker, rf"INFO.*session {session_id} expired"), worker.explain()
     await open_session(http, worker)
 
@@ -432,8 +451,12 @@ async def test_stop_signal_ends_the_held_session_and_exits_0(start_worker, http,
     print(f"{signal.Signals(signum).name} -> exit {code} in {took:.2f}s")
     assert code == 0, worker.explain()
     assert callbacks_for(autoscaler, session_id), f"no on-close callback; {worker.explain()}"
-    assert [r for r in worker.reports(since=since) if r["cur_load"] == 0.0], f"no final cur_load 0 report; {worker.explain()}"
-    assert [e["success"] for e in deleted_entries(autoscaler, body["auth_data"]["request_idx"])] == [True], worker.explain()
+    assert [r for r in worker.reports(since=since) if r["cur_load"] == 0.0], (
+        f"no final cur_load 0 report; {worker.explain()}"
+    )
+    assert [e["success"] for e in deleted_entries(autoscaler, body["auth_data"]["request_idx"])] == [True], (
+        worker.explain()
+    )
 
 
 @pytest.mark.slow
@@ -489,7 +512,9 @@ async def test_dying_consumer_behind_backend_health_url_makes_the_worker_report_
         worker = await start_worker({"BACKEND_HEALTH_URL": consumer_url + "/health"}, ready=False)
         await wait_until(lambda: consumer.checks >= 1, 15, f"the first health check; {worker.explain()}")
         assert (await status_of(http, worker))["ready"] is False
-        assert not [r for r in worker.reports() if r["max_perf"] == 100.0], f"ready before a healthy check; {worker.explain()}"
+        assert not [r for r in worker.reports() if r["max_perf"] == 100.0], (
+            f"ready before a healthy check; {worker.explain()}"
+        )
         status, answer = await post(http, worker.url + "/session/create", worker.create_body())
         assert status == 429 and isinstance(answer.get("error"), str), (status, answer, worker.explain())
         assert (await status_of(http, worker))["session"] is None
@@ -498,7 +523,9 @@ async def test_dying_consumer_behind_backend_health_url_makes_the_worker_report_
         print(f"ready {ready.at - worker.started_at:.1f}s after start, after {consumer.checks} health checks")
         died_at = time.time()
         consumer.healthy = False
-        errored = await worker.wait_report(lambda r: bool(r["error_msg"]), since=died_at, timeout=25, message="the error report")
+        errored = await worker.wait_report(
+            lambda r: bool(r["error_msg"]), since=died_at, timeout=25, message="the error report"
+        )
         print(f"dead consumer reported after {errored.at - died_at:.1f}s: {errored.body['error_msg']!r}")
         assert errored.body["error_msg"].startswith(f"consumer health check {consumer_url}/health failed"), errored.body
         assert (await status_of(http, worker))["ready"] is False
@@ -532,7 +559,7 @@ DEEPLY_NESTED = b"[" * 100_000 + b"]" * 100_000
 
 UNDECODABLE = (400, 415, 422)
 
-Builder = Callable[[Dict[str, Any]], Body]
+Builder = Callable[[dict[str, Any]], Body]
 
 
 def auth_with(**changes: Any) -> Builder:
@@ -554,7 +581,7 @@ def fields(**values: Any) -> Builder:
 def raw(where: str, text: str) -> Builder:
     """A body whose ``where`` (cost or lifetime) is JSON text json.dumps cannot write (NaN, 1e999)."""
 
-    def build(grant: Dict[str, Any]) -> bytes:
+    def build(grant: dict[str, Any]) -> bytes:
         value = {"auth_data": dict(grant), "payload": dict(PAYLOAD)}
         (value["auth_data"] if where == "cost" else value["payload"])[where] = "@@raw@@"
         return json.dumps(value).replace(PLACEHOLDER, text).encode()
@@ -662,11 +689,11 @@ EXTEND = [
 ]
 
 
-def statuses(expected: Union[int, Tuple[int, ...]]) -> Tuple[int, ...]:
+def statuses(expected: int | tuple[int, ...]) -> tuple[int, ...]:
     return expected if isinstance(expected, tuple) else (expected,)
 
 
-def cases(routes: List[str], corpus) -> List[Any]:
+def cases(routes: list[str], corpus) -> list[Any]:
     return [pytest.param(route, build, id=f"{route}:{case_id}") for route in routes for case_id, build, *_ in corpus]
 
 
@@ -685,7 +712,9 @@ async def shared(signer, tmp_path_factory) -> AsyncIterator[Shared]:
         ports = WorkerPorts.allocate()
         container_id = 9001
         process = WorkerProcess(
-            env=worker_env(ports=ports, container_id=container_id, report_addr=url, extra={"NULL_MAX_LIFETIME": str(MAX_LIFETIME)}),
+            env=worker_env(
+                ports=ports, container_id=container_id, report_addr=url, extra={"NULL_MAX_LIFETIME": str(MAX_LIFETIME)}
+            ),
             cwd=tmp_path_factory.mktemp("shared-worker"),
         )
         started_at = time.time()
@@ -712,7 +741,9 @@ class TestMalformedBodies:
     """One worker answers the whole corpus: each case starts with nothing held and must leave nothing held."""
 
     @pytest.mark.parametrize("build, expected", [pytest.param(b, statuses(e), id=i) for i, b, e in CREATE])
-    async def test_malformed_create_is_refused_and_holds_no_slot(self, free: Shared, build: Builder, expected: Tuple[int, ...]):
+    async def test_malformed_create_is_refused_and_holds_no_slot(
+        self, free: Shared, build: Builder, expected: tuple[int, ...]
+    ):
         """A malformed /session/create gets its 4xx with {"error"}, no slot is held, and a valid create right after gets 201."""
         worker, http = free.worker, free.http
         status, answer = await post(http, worker.url + "/session/create", build(worker.grant()))
@@ -721,7 +752,10 @@ class TestMalformedBodies:
         assert (await status_of(http, worker))["session"] is None, worker.explain()
         await open_session(http, worker, worker.create_body(on_close=False))
 
-    @pytest.mark.parametrize("route, build", cases(["/session/end", "/session/get", "/session/health"], SESSION_NAMED) + cases(["/ping"], PING))
+    @pytest.mark.parametrize(
+        "route, build",
+        cases(["/session/end", "/session/get", "/session/health"], SESSION_NAMED) + cases(["/ping"], PING),
+    )
     async def test_malformed_body_on_a_framework_route_is_a_4xx(self, free: Shared, route: str, build: Builder):
         """Bad input to /session/end, /session/get, /session/health and /ping is a 4xx with {"error"}, never a 5xx."""
         worker, http = free.worker, free.http
@@ -731,7 +765,9 @@ class TestMalformedBodies:
         assert (await status_of(http, worker))["session"] is None, worker.explain()
 
     @pytest.mark.parametrize("build, expected", [pytest.param(b, statuses(e), id=i) for i, b, e in EXTEND])
-    async def test_extend_with_bad_seconds_or_body_is_refused(self, free: Shared, build: Builder, expected: Tuple[int, ...]):
+    async def test_extend_with_bad_seconds_or_body_is_refused(
+        self, free: Shared, build: Builder, expected: tuple[int, ...]
+    ):
         """/extend with seconds that are not a finite number > 0, or a body that is not a JSON object, is a 422 with {"error"}."""
         worker, http = free.worker, free.http
         status, answer = await post(http, worker.control + "/extend", build(worker.grant()))

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+from typing import Any
 
 from aiohttp import web
 
-from lib.grants import GrantSigner
+from lib.standin.grants import GrantSigner
 
 
-def is_ready(report: Dict[str, Any]) -> bool:
+def is_ready(report: dict[str, Any]) -> bool:
     """A null worker's ready report: capacity of one session and no error."""
     return report.get("max_perf") == 100.0 and not report.get("error_msg")
 
@@ -34,9 +35,9 @@ class RecordingAutoscaler:
     """Serves /pubkey/, signs grants and records every report and callback."""
 
     signer: GrantSigner
-    reports: List[Received] = field(default_factory=list)
-    deleted: List[Received] = field(default_factory=list)
-    callbacks: List[Received] = field(default_factory=list)
+    reports: list[Received] = field(default_factory=list)
+    deleted: list[Received] = field(default_factory=list)
+    callbacks: list[Received] = field(default_factory=list)
     report_status: int = 200
     pubkey_status: int = 200
     callback_delay: float = 0.0
@@ -56,7 +57,7 @@ class RecordingAutoscaler:
             return web.Response(status=self.pubkey_status)
         return web.Response(text=self.signer.public_pem)
 
-    def _record(self, into: List[Received], status: Callable[[], int]):
+    def _record(self, into: list[Received], status: Callable[[], int]):
         async def handler(request: web.Request) -> web.Response:
             if status() != 200:
                 return web.Response(status=status())
@@ -71,7 +72,7 @@ class RecordingAutoscaler:
         await self._note(self.callbacks, await request.json())
         return web.json_response({})
 
-    async def _note(self, into: List[Received], body: Any) -> None:
+    async def _note(self, into: list[Received], body: Any) -> None:
         async with self._changed:
             into.append(Received(time.time(), body))
             self._changed.notify_all()
@@ -80,11 +81,12 @@ class RecordingAutoscaler:
     def on_close_url(self) -> str:
         return f"{self.url}/on_close"
 
-    def grant(self, worker_url: str, **kwargs: Any) -> Dict[str, Any]:
+    def grant(self, worker_url: str, **kwargs: Any) -> dict[str, Any]:
         return self.signer.grant(worker_url, **kwargs)
 
     async def wait_for(self, what: Callable[[], Any], timeout: float = 15.0, message: str = "") -> Any:
         """Waits until ``what()`` is truthy and returns it."""
+
         async def until() -> Any:
             async with self._changed:
                 while True:
@@ -98,10 +100,12 @@ class RecordingAutoscaler:
         except asyncio.TimeoutError:
             raise AssertionError(f"timed out after {timeout}s waiting for {message or what}") from None
 
-    def reports_for(self, container_id: int, since: float = 0.0) -> List[Dict[str, Any]]:
+    def reports_for(self, container_id: int, since: float = 0.0) -> list[dict[str, Any]]:
         return [r.body for r in self.reports if r.body.get("id") == container_id and r.at >= since]
 
-    def first_report(self, container_id: int, predicate: Callable[[Dict[str, Any]], bool], since: float = 0.0) -> Optional[Received]:
+    def first_report(
+        self, container_id: int, predicate: Callable[[dict[str, Any]], bool], since: float = 0.0
+    ) -> Received | None:
         for received in self.reports:
             if received.at >= since and received.body.get("id") == container_id and predicate(received.body):
                 return received

@@ -20,17 +20,18 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, Iterable, List, Optional
+from typing import Any
 
 import aiohttp
 import pytest
 
-from lib.process import WorkerPorts, free_port
+from lib.standin.process import WorkerPorts, free_port
 from tests.fakes import FakeAutoscaler
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "start_server.sh"
 REQUIREMENTS = REPO_ROOT / "requirements.txt"
 # The venv running the tests already satisfies requirements.txt, so a boot
@@ -53,7 +54,7 @@ def vastai_pin() -> str:
     return match.group(1)
 
 
-def script_env(tmp_path: Path, report_addr: str, **overrides: Optional[str]) -> Dict[str, str]:
+def script_env(tmp_path: Path, report_addr: str, **overrides: str | None) -> dict[str, str]:
     """The variables an instance has, pointed at loopback; a None override removes one."""
     env = {name: os.environ[name] for name in PASSED_THROUGH if name in os.environ}
     env.update(
@@ -76,7 +77,7 @@ def script_env(tmp_path: Path, report_addr: str, **overrides: Optional[str]) -> 
     return env
 
 
-def with_worker_ports(env: Dict[str, str], ports: WorkerPorts) -> Dict[str, str]:
+def with_worker_ports(env: dict[str, str], ports: WorkerPorts) -> dict[str, str]:
     env.update(
         {
             "WORKER_PORT": str(ports.worker),
@@ -128,8 +129,8 @@ class Boot:
     """One run of start_server.sh (and, after its exec, the worker) with its output."""
 
     proc: asyncio.subprocess.Process
-    lines: List[str]
-    reader: "asyncio.Task[None]"
+    lines: list[str]
+    reader: asyncio.Task[None]
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.lines[-n:])
@@ -149,7 +150,7 @@ class Boot:
 
 
 @asynccontextmanager
-async def booted(env: Dict[str, str]) -> AsyncIterator[Boot]:
+async def booted(env: dict[str, str]) -> AsyncIterator[Boot]:
     """Runs the script; stops it with SIGTERM (then SIGKILL of its process group) on the way out."""
     proc = await asyncio.create_subprocess_exec(
         str(SCRIPT),
@@ -160,7 +161,7 @@ async def booted(env: Dict[str, str]) -> AsyncIterator[Boot]:
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
     )
-    lines: List[str] = []
+    lines: list[str] = []
 
     async def read() -> None:
         assert proc.stdout is not None
@@ -189,14 +190,14 @@ async def booted(env: Dict[str, str]) -> AsyncIterator[Boot]:
 async def wait_for_report(
     autoscaler: FakeAutoscaler,
     boot: Boot,
-    predicate: Callable[[Dict[str, Any]], bool],
+    predicate: Callable[[dict[str, Any]], bool],
     what: str,
     since: float,
     timeout: float = 60.0,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """The first report since ``since`` matching ``predicate``; fails early when the process exits first."""
 
-    def match() -> Optional[Dict[str, Any]]:
+    def match() -> dict[str, Any] | None:
         return next((r.body for r in autoscaler.reports if r.at >= since and predicate(r.body)), None)
 
     waiter = asyncio.ensure_future(autoscaler.wait_for(match, timeout, what))
@@ -214,38 +215,36 @@ async def wait_for_report(
     raise AssertionError(f"no {what} (exit code {boot.proc.returncode}); output:\n{boot.tail()}")
 
 
-def ready_report(container_id: str) -> Callable[[Dict[str, Any]], bool]:
+def ready_report(container_id: str) -> Callable[[dict[str, Any]], bool]:
     return lambda r: r.get("id") == int(container_id) and r.get("max_perf") == 100.0 and r.get("error_msg") == ""
 
 
-def error_reports(autoscaler: FakeAutoscaler, container_id: str) -> List[Dict[str, Any]]:
+def error_reports(autoscaler: FakeAutoscaler, container_id: str) -> list[dict[str, Any]]:
     return [r.body for r in autoscaler.reports if r.body.get("id") == int(container_id) and r.body.get("error_msg")]
 
 
-async def failed_boot(env: Dict[str, str], timeout: float = 60.0) -> Boot:
+async def failed_boot(env: dict[str, str], timeout: float = 60.0) -> Boot:
     async with booted(env) as boot:
         code = await boot.exit_code(timeout)
         assert code != 0, f"start_server.sh exited 0; output:\n{boot.tail()}"
     return boot
 
 
-def assert_reported(autoscaler: FakeAutoscaler, env: Dict[str, str], boot: Boot, expected: str) -> Dict[str, Any]:
+def assert_reported(autoscaler: FakeAutoscaler, env: dict[str, str], boot: Boot, expected: str) -> dict[str, Any]:
     reports = error_reports(autoscaler, env["CONTAINER_ID"])
     assert len(reports) == 1, f"expected one error report, got {reports}; output:\n{boot.tail()}"
     assert expected in reports[0]["error_msg"], f"{reports[0]['error_msg']!r} lacks {expected!r}"
     return reports[0]
 
 
-def log_file(env: Dict[str, str]) -> Path:
+def log_file(env: dict[str, str]) -> Path:
     return Path(env["WORKSPACE_DIR"]) / "pyworker.log"
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_script_is_clean_under_shellcheck() -> None:
     """start_server.sh has no shellcheck finding at warning level or above."""
-    result = subprocess.run(
-        ["shellcheck", "-S", "warning", str(SCRIPT)], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run(["shellcheck", "-S", "warning", str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -268,7 +267,7 @@ def test_script_is_executable_with_strict_mode() -> None:
     ids=["backend-not-a-name", "backend-not-in-checkout", "port-out-of-range", "use-ssl-not-lowercase"],
 )
 async def test_bad_setting_is_reported_verbatim_and_exits_non_zero(
-    autoscaler: FakeAutoscaler, tmp_path: Path, overrides: Dict[str, str], expected: str
+    autoscaler: FakeAutoscaler, tmp_path: Path, overrides: dict[str, str], expected: str
 ) -> None:
     """A bad BACKEND, WORKER_PORT or USE_SSL reaches the autoscaler as error_msg, quotes and backslashes intact."""
     env = script_env(tmp_path, autoscaler.url, **overrides)
@@ -298,7 +297,11 @@ async def test_error_report_carries_every_worker_status_field(autoscaler: FakeAu
     assert report["url"] == f"http://127.0.0.1:{public_port}"
     assert report["error_msg"].startswith("start_server.sh: ")
     assert report["working_request_idxs"] == []
-    numbers = {k: v for k, v in report.items() if k not in {"id", "mtoken", "version", "error_msg", "url", "working_request_idxs"}}
+    numbers = {
+        k: v
+        for k, v in report.items()
+        if k not in {"id", "mtoken", "version", "error_msg", "url", "working_request_idxs"}
+    }
     assert numbers and all(v == 0 for v in numbers.values()), numbers
 
 
@@ -332,7 +335,9 @@ async def test_error_without_container_id_is_logged_not_reported(autoscaler: Fak
     os.path.exists("/etc/instance.crt") or os.path.exists("/etc/instance.key"),
     reason="this machine has an instance certificate",
 )
-async def test_ssl_by_default_without_instance_certificate_is_refused(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+async def test_ssl_by_default_without_instance_certificate_is_refused(
+    autoscaler: FakeAutoscaler, tmp_path: Path
+) -> None:
     """USE_SSL defaults to true as on Vast, and without /etc/instance.crt and .key the boot is refused with the fix named."""
     env = script_env(tmp_path, autoscaler.url, USE_SSL=None)
     boot = await failed_boot(env)
@@ -412,10 +417,10 @@ def make_remote_repo(path: Path, requirements: str) -> None:
     subprocess.run([*git, "commit", "--quiet", "-am", "head"], check=True)
 
 
-def fixture_worker_line(boot: Boot) -> Dict[str, Any]:
+def fixture_worker_line(boot: Boot) -> dict[str, Any]:
     lines = [line for line in boot.lines if line.startswith("FIXTURE-WORKER ")]
     assert len(lines) == 1, f"the fixture worker did not run once; output:\n{boot.tail()}"
-    return json.loads(lines[0][len("FIXTURE-WORKER "):])
+    return json.loads(lines[0][len("FIXTURE-WORKER ") :])
 
 
 @pytest.mark.slow
@@ -470,7 +475,9 @@ async def test_first_boot_clones_the_ref_makes_the_venv_and_execs_the_worker_the
 
 @pytest.mark.slow
 @needs_git
-async def test_failed_requirements_install_is_reported_with_pips_reason(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+async def test_failed_requirements_install_is_reported_with_pips_reason(
+    autoscaler: FakeAutoscaler, tmp_path: Path
+) -> None:
     """A requirements.txt pip cannot satisfy is reported with pip's last words, and the next boot tries the install again."""
     remote = tmp_path / "remote"
     make_remote_repo(remote, "null-pyworker-no-such-package==0.0.0\n")
@@ -516,7 +523,7 @@ async def test_worker_comes_up_from_the_checkout_and_venv_twice_in_a_row(
     # The checkout is used as it is: no clone, so nothing on the first boot needs git or curl either.
     env["PATH"] = f"{network_tool_stubs(tmp_path)}{os.pathsep}{env['PATH']}"
     container_id = env["CONTAINER_ID"]
-    outputs: List[str] = []
+    outputs: list[str] = []
 
     for boot_number in (1, 2):
         since = time.time()

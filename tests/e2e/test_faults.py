@@ -1,6 +1,6 @@
 """Faults around the worker, each with the outcome users rely on.
 
-Covered in tests/test_worker_e2e.py and not repeated here: an unreachable
+Covered in tests/e2e/test_worker_e2e.py and not repeated here: an unreachable
 public key at start (test_unreachable_public_key_is_reported_as_an_error), a
 consumer whose health check starts failing
 (test_dying_consumer_behind_backend_health_url_makes_the_worker_report_an_error)
@@ -14,14 +14,15 @@ import json
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, List, Optional
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from lib.process import free_port
+from lib.standin.process import free_port
 from tests.fakes import FakeAutoscaler, FakeConsumer, Received, serving
 
 HEALTHCHECK_PERIOD = 10.0  # the framework checks BACKEND_HEALTH_URL this often
@@ -32,7 +33,7 @@ REPORT_ATTEMPTS = 3  # the framework's tries per report, 2 s apart
 class FlakyAutoscaler(FakeAutoscaler):
     """The recording autoscaler, also noting each report it turned away."""
 
-    refused: List[Received] = field(default_factory=list)
+    refused: list[Received] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = super().app()
@@ -61,23 +62,23 @@ async def post(http: aiohttp.ClientSession, url: str, body: Any = None) -> tuple
         return response.status, await response.json()
 
 
-async def open_session(http: aiohttp.ClientSession, worker, body: Optional[Dict[str, Any]] = None) -> str:
+async def open_session(http: aiohttp.ClientSession, worker, body: dict[str, Any] | None = None) -> str:
     status, answer = await post(http, worker.url + "/session/create", body or worker.create_body())
     assert status == 201, (status, answer, worker.explain())
     return answer["session_id"]
 
 
-async def release(http: aiohttp.ClientSession, worker) -> Dict[str, Any]:
+async def release(http: aiohttp.ClientSession, worker) -> dict[str, Any]:
     status, answer = await post(http, worker.control + "/release")
     assert status == 200, (status, answer, worker.explain())
     return answer
 
 
-def deleted(autoscaler: FakeAutoscaler, request_idx: int) -> List[Dict[str, Any]]:
+def deleted(autoscaler: FakeAutoscaler, request_idx: int) -> list[dict[str, Any]]:
     return [r for d in autoscaler.deleted for r in d.body["requests"] if r["request_idx"] == request_idx]
 
 
-def callbacks_for(autoscaler: FakeAutoscaler, session_id: str) -> List[Received]:
+def callbacks_for(autoscaler: FakeAutoscaler, session_id: str) -> list[Received]:
     return [c for c in autoscaler.callbacks if c.body.get("session_id") == session_id]
 
 
@@ -85,7 +86,9 @@ def callbacks_for(autoscaler: FakeAutoscaler, session_id: str) -> List[Received]
 
 
 @pytest.mark.slow
-async def test_worker_keeps_serving_while_reports_fail_and_reports_the_true_state_once_they_succeed(start_worker, http, autoscaler):
+async def test_worker_keeps_serving_while_reports_fail_and_reports_the_true_state_once_they_succeed(
+    start_worker, http, autoscaler
+):
     """With /worker_status/ answering 503 the worker still opens and releases sessions; once it answers again the reports carry the session actually held, then its release.
 
     The issue's outage is 30 s; this one lasts until the worker has given up a
@@ -118,16 +121,24 @@ async def test_worker_keeps_serving_while_reports_fail_and_reports_the_true_stat
     resumed = await worker.wait_report(
         lambda r: r["cur_load"] == 100.0, since=back_at, timeout=15, message="a report of the held session"
     )
-    print(f"reports resumed {resumed.at - back_at:.1f}s after the endpoint came back: cur_load {resumed.body['cur_load']}")
+    print(
+        f"reports resumed {resumed.at - back_at:.1f}s after the endpoint came back: cur_load {resumed.body['cur_load']}"
+    )
     latest = worker.reports(since=back_at)[-1]
-    assert latest["cur_load"] == 100.0 and latest["working_request_idxs"] == [held_body["auth_data"]["request_idx"]], latest
+    assert latest["cur_load"] == 100.0 and latest["working_request_idxs"] == [held_body["auth_data"]["request_idx"]], (
+        latest
+    )
 
     released_at = time.time()
     assert (await release(http, worker))["session_ids"] == [held]
-    await worker.wait_report(lambda r: r["cur_load"] == 0.0, since=released_at, timeout=10, message="the release report")
+    await worker.wait_report(
+        lambda r: r["cur_load"] == 0.0, since=released_at, timeout=10, message="the release report"
+    )
     for body in (first, held_body):
         idx = body["auth_data"]["request_idx"]
-        await autoscaler.wait_for(lambda: deleted(autoscaler, idx), timeout=10, message=f"request {idx} in /delete_requests/")
+        await autoscaler.wait_for(
+            lambda: deleted(autoscaler, idx), timeout=10, message=f"request {idx} in /delete_requests/"
+        )
         assert [e["success"] for e in deleted(autoscaler, idx)] == [True]
     assert not [r for r in worker.reports() if r["error_msg"]], worker.explain()
 
@@ -150,7 +161,9 @@ async def test_consumer_gone_is_reported_as_an_error_within_one_healthcheck_peri
         message="the error report after the consumer went away",
     )
     took = errored.at - gone_at
-    print(f"consumer gone after {checks} health check(s); error reported {took:.1f}s later: {errored.body['error_msg']!r}")
+    print(
+        f"consumer gone after {checks} health check(s); error reported {took:.1f}s later: {errored.body['error_msg']!r}"
+    )
     assert took <= HEALTHCHECK_PERIOD + 5, worker.explain()
     status = await (await http.get(worker.control + "/status")).json()
     assert status["ready"] is False and status["error"], status
@@ -193,9 +206,15 @@ async def test_dispatcher_dying_mid_create_never_leaks_the_worker(start_worker, 
     )
     print(f"the orphaned session lapsed {free.at - sent_at:.2f}s after its create (lifetime {lifetime}s)")
     assert free.at - sent_at >= lifetime - 0.05, "the lease lapsed before its lifetime"
-    await autoscaler.wait_for(lambda: [e for e in deleted(autoscaler, idx) if e["success"]], timeout=10, message=f"request {idx} in /delete_requests/")
+    await autoscaler.wait_for(
+        lambda: [e for e in deleted(autoscaler, idx) if e["success"]],
+        timeout=10,
+        message=f"request {idx} in /delete_requests/",
+    )
     assert [e["success"] for e in deleted(autoscaler, idx)] == [True]
-    callbacks = await autoscaler.wait_for(lambda: callbacks_for(autoscaler, held["session"]["session_id"]), timeout=10, message="the orphan's callback")
+    callbacks = await autoscaler.wait_for(
+        lambda: callbacks_for(autoscaler, held["session"]["session_id"]), timeout=10, message="the orphan's callback"
+    )
     assert len(callbacks) == 1
     await open_session(http, worker)
 
@@ -223,13 +242,17 @@ async def test_release_is_prompt_when_the_callback_target_is_down_or_slow(start_
     took = time.monotonic() - started
     print(f"/release with a {target} callback target returned in {took * 1000:.1f} ms")
     assert answer == {"released": True, "session_ids": [session_id]}
-    report = await worker.wait_report(lambda r: r["cur_load"] == 0.0, since=released_at, timeout=5, message="the release report")
+    report = await worker.wait_report(
+        lambda r: r["cur_load"] == 0.0, since=released_at, timeout=5, message="the release report"
+    )
     print(f"cur_load 0 reported {(report.at - released_at) * 1000:.1f} ms after /release")
     # The worker is free while the callback is still in flight.
     await open_session(http, worker, worker.create_body(on_close=False))
     await release(http, worker)
     if target == "slow":
-        await autoscaler.wait_for(lambda: callbacks_for(autoscaler, session_id), timeout=20, message="the slow callback")
+        await autoscaler.wait_for(
+            lambda: callbacks_for(autoscaler, session_id), timeout=20, message="the slow callback"
+        )
         assert len(callbacks_for(autoscaler, session_id)) == 1
     assert worker.process.running, worker.explain()
 
@@ -237,10 +260,10 @@ async def test_release_is_prompt_when_the_callback_target_is_down_or_slow(start_
 # -- the worker's instance lost (SIGKILL) while it holds a session ------------------------
 
 
-async def route_session(http: aiohttp.ClientSession, standin, avoid: str = "") -> Dict[str, Any]:
+async def route_session(http: aiohttp.ClientSession, standin, avoid: str = "") -> dict[str, Any]:
     """Asks the stand-in's /route/ for a grant as the SDK does, polling with the request index it hands back."""
     # The stand-in is imported only where it is used: the other faults do not depend on it.
-    from lib.scaling import Phase
+    from lib.standin.scaling import Phase
     from tests.standin import wait_fleet
 
     request_idx = 0
@@ -271,14 +294,16 @@ async def route_session(http: aiohttp.ClientSession, standin, avoid: str = "") -
 @pytest.mark.slow
 async def test_killed_worker_is_seen_gone_and_the_next_session_is_routed_elsewhere(http):
     """SIGKILL of a worker holding a session (the instance lost): the local stand-in marks it gone, stops counting its session, and routes the next session to another worker."""
-    from lib.scaling import Phase
-    from lib.serverless import serve
+    from lib.standin.autoscaler import serve
+    from lib.standin.scaling import Phase
     from tests.standin import explain, fast_config, wait_fleet
 
     async with serve(fast_config()) as standin:
         fleet = standin.fleet
         grant = await route_session(http, standin)
-        status, answer = await post(http, grant["url"] + "/session/create", {"auth_data": grant, "payload": {"lifetime": 300}})
+        status, answer = await post(
+            http, grant["url"] + "/session/create", {"auth_data": grant, "payload": {"lifetime": 300}}
+        )
         assert status == 201, (status, answer, explain(fleet))
         lost = next(i for i in fleet.instances.values() if i.url == grant["url"])
         await wait_fleet(fleet, lambda f: grant["request_idx"] in f.sessions, 10, "the session in the fleet's view")
@@ -292,10 +317,16 @@ async def test_killed_worker_is_seen_gone_and_the_next_session_is_routed_elsewhe
             15,
             f"the stand-in to see worker {lost.id} gone",
         )
-        print(f"stand-in saw worker {lost.id} gone {time.monotonic() - killed_at:.2f}s after SIGKILL (phase {lost.phase.value})")
+        print(
+            f"stand-in saw worker {lost.id} gone {time.monotonic() - killed_at:.2f}s after SIGKILL (phase {lost.phase.value})"
+        )
 
         rerouted = await route_session(http, standin, avoid=lost.url)
         assert rerouted["url"] != lost.url, explain(fleet)
-        status, answer = await post(http, rerouted["url"] + "/session/create", {"auth_data": rerouted, "payload": {"lifetime": 60}})
+        status, answer = await post(
+            http, rerouted["url"] + "/session/create", {"auth_data": rerouted, "payload": {"lifetime": 60}}
+        )
         assert status == 201, (status, answer, explain(fleet))
-        print(f"next session routed to {rerouted['url']} {time.monotonic() - killed_at:.2f}s after the kill; fleet: {fleet.summary()}")
+        print(
+            f"next session routed to {rerouted['url']} {time.monotonic() - killed_at:.2f}s after the kill; fleet: {fleet.summary()}"
+        )

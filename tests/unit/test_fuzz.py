@@ -14,8 +14,9 @@ import gzip
 import json
 import math
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,7 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lib.process import free_port
+from lib.standin.process import free_port
 from tests.conftest import DESK_URL
 from workers.null.control import make_control_app
 from workers.null.requests import MAX_BODY_BYTES
@@ -51,9 +52,9 @@ PUBLIC_ROUTES = [
 ]
 CONTROL_ROUTES = [("POST", "/release"), ("GET", "/status"), ("POST", "/extend"), ("GET", "/health")]
 # (server, method, path): "public" is WORKER_PORT, "http" WORKER_HTTP_PORT, "control" the loopback server.
-Route = Tuple[str, str, str]
-ROUTES: List[Route] = [("public", m, p) for m, p in PUBLIC_ROUTES] + [("control", m, p) for m, p in CONTROL_ROUTES]
-PROCESS_ROUTES: List[Route] = ROUTES + [("http", "POST", "/session/end")]
+Route = tuple[str, str, str]
+ROUTES: list[Route] = [("public", m, p) for m, p in PUBLIC_ROUTES] + [("control", m, p) for m, p in CONTROL_ROUTES]
+PROCESS_ROUTES: list[Route] = ROUTES + [("http", "POST", "/session/end")]
 RELEASE: Route = ("control", "POST", "/release")
 
 # No callback may leave this machine: a loopback port that was free when this module loaded.
@@ -80,10 +81,7 @@ JSON_VALUES = st.recursive(
 )
 GRANTISH = st.fixed_dictionaries(
     {},
-    optional={
-        key: JSON_VALUES
-        for key in ("cost", "endpoint", "reqnum", "request_idx", "signature", "url")
-    },
+    optional={key: JSON_VALUES for key in ("cost", "endpoint", "reqnum", "request_idx", "signature", "url")},
 )
 PAYLOADISH = st.fixed_dictionaries(
     {}, optional={"lifetime": JSON_VALUES, "on_close_route": JSON_VALUES, "on_close_payload": JSON_VALUES}
@@ -103,7 +101,19 @@ JSON_BODIES = (BODYISH | JSON_VALUES).map(lambda value: json.dumps(value).encode
 
 # Tokens Python's json would accept but JSON does not, bytes that are not
 # UTF-8, and bytes that break the structure.
-SPLICES = [b"NaN", b"Infinity", b"-Infinity", b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x00", b'"', b"{", b"]", b"1e999"]
+SPLICES = [
+    b"NaN",
+    b"Infinity",
+    b"-Infinity",
+    b"\xff",
+    b"\xc3\x28",
+    b"\xed\xa0\x80",
+    b"\x00",
+    b'"',
+    b"{",
+    b"]",
+    b"1e999",
+]
 
 
 @st.composite
@@ -118,7 +128,7 @@ def nested(depth: int) -> bytes:
 
 
 # Named hostile bodies, also run one by one in test_hostile_bodies_on_every_route.
-HOSTILE: Dict[str, bytes] = {
+HOSTILE: dict[str, bytes] = {
     "nan": b"NaN",
     "infinity": b"-Infinity",
     "nan-seconds": b'{"seconds": NaN}',
@@ -154,14 +164,14 @@ def other_methods(route: Route) -> st.SearchStrategy[str]:
     return st.sampled_from([route[1]] * 12 + ["GET", "POST", "PUT", "DELETE", "PATCH"])
 
 
-def requests_to(routes: List[Route]) -> st.SearchStrategy:
+def requests_to(routes: list[Route]) -> st.SearchStrategy:
     """(route, method, body, Content-Type, Content-Encoding) tuples."""
     return st.sampled_from(routes).flatmap(
         lambda route: st.tuples(st.just(route), other_methods(route), BODIES, CONTENT_TYPES, MAYBE_ENCODED)
     )
 
 
-Request = Tuple[Route, str, bytes, Optional[str], Optional[str]]
+Request = tuple[Route, str, bytes, str | None, str | None]
 
 
 # -- driving requests -----------------------------------------------------------
@@ -179,7 +189,7 @@ class Answer:
 class Routes:
     """Sends raw requests to a worker's public, plain-HTTP and control servers."""
 
-    def __init__(self, send: Callable[[str, str, str, bytes, Dict[str, str]], Awaitable[Answer]]):
+    def __init__(self, send: Callable[[str, str, str, bytes, dict[str, str]], Awaitable[Answer]]):
         self._send = send
 
     async def send(
@@ -187,9 +197,9 @@ class Routes:
         route: Route,
         body: bytes = b"",
         *,
-        method: Optional[str] = None,
-        content_type: Optional[str] = "application/json",
-        headers: Optional[Dict[str, str]] = None,
+        method: str | None = None,
+        content_type: str | None = "application/json",
+        headers: dict[str, str] | None = None,
     ) -> Answer:
         server, default_method, path = route
         headers = dict(headers or {})
@@ -200,17 +210,17 @@ class Routes:
     async def post_json(self, server: str, path: str, value: Any) -> Answer:
         return await self.send((server, "POST", path), json.dumps(value).encode())
 
-    async def status(self) -> Dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         answer = await self.send(("control", "GET", "/status"))
         assert answer.status == 200, answer
         return answer.json()
 
 
-def create_body(grant: Dict[str, Any], **payload: Any) -> Dict[str, Any]:
+def create_body(grant: dict[str, Any], **payload: Any) -> dict[str, Any]:
     return {"auth_data": grant, "payload": {"lifetime": 60, **payload}}
 
 
-async def assert_one_slot(routes: Routes, grant: Dict[str, Any]) -> None:
+async def assert_one_slot(routes: Routes, grant: dict[str, Any]) -> None:
     """A signed create gets the worker, a second one is turned away, /release frees it."""
     first = await routes.post_json("public", "/session/create", create_body(grant))
     assert first.status == 201, f"a signed create after the fuzz: {first}"
@@ -251,12 +261,13 @@ def public_app(desk) -> web.Application:
 
 @pytest.fixture
 async def routes(desk):
-    async with TestClient(TestServer(public_app(desk))) as public, TestClient(
-        TestServer(make_control_app(desk, health_stub=True))
-    ) as control:
+    async with (
+        TestClient(TestServer(public_app(desk))) as public,
+        TestClient(TestServer(make_control_app(desk, health_stub=True))) as control,
+    ):
         clients = {"public": public, "http": public, "control": control}
 
-        async def send(server: str, method: str, path: str, body: bytes, headers: Dict[str, str]) -> Answer:
+        async def send(server: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> Answer:
             async with clients[server].request(method, path, data=body, headers=headers) as response:
                 return Answer(response.status, await response.read())
 
@@ -270,7 +281,7 @@ def assert_free(desk) -> None:
 
 async def test_garbage_on_any_route_is_never_a_5xx_and_holds_no_slot(routes, desk, signer):
     """Arbitrary JSON and bytes on every route answer below 500 and leave the worker free for one signed session."""
-    statuses: Dict[int, int] = {}
+    statuses: dict[int, int] = {}
 
     async def check(example: Request) -> None:
         route, method, body, content_type, encoding = example
@@ -290,7 +301,7 @@ async def test_garbage_never_ends_a_held_session(routes, desk, signer):
     grant = signer.grant(DESK_URL)
     requests = st.tuples(st.sampled_from(ROUTES), BODYISH, st.booleans())
 
-    async def check(example: Tuple[Route, Dict[str, Any], bool]) -> None:
+    async def check(example: tuple[Route, dict[str, Any], bool]) -> None:
         route, body, name_the_session = example
         opened = await routes.post_json("public", "/session/create", create_body(grant))
         assert opened.status == 201, opened
@@ -321,7 +332,9 @@ LIFETIMES = JSON_VALUES | st.floats(min_value=1e-3, max_value=600) | st.sampled_
 ON_CLOSE_ROUTES = (
     st.none()
     | st.just(LOOPBACK_CALLBACK)
-    | st.sampled_from(["file:///etc/passwd", "ftp://127.0.0.1/x", "javascript:alert(1)", "/done", "http://", "127.0.0.1:9/x"])
+    | st.sampled_from(
+        ["file:///etc/passwd", "ftp://127.0.0.1/x", "javascript:alert(1)", "/done", "http://", "127.0.0.1:9/x"]
+    )
     # Arbitrary text is kept only when it is not a usable URL: callbacks never leave 127.0.0.1.
     | st.text(max_size=24).filter(lambda text: not http_url(text))
     | JSON_VALUES.filter(lambda value: not isinstance(value, str))
@@ -345,7 +358,7 @@ SIGNED_CREATES = st.tuples(
 )
 
 
-def encode_create(grant: Dict[str, Any], payload: Dict[str, Any]) -> bytes:
+def encode_create(grant: dict[str, Any], payload: dict[str, Any]) -> bytes:
     """JSON text of a create body; a ``(DEEP, n)`` payload becomes n nested arrays (too deep for json.dumps)."""
     deep = payload.get("on_close_payload")
     if isinstance(deep, tuple):
@@ -371,9 +384,9 @@ def acceptable_cost(value: Any) -> bool:
 async def test_a_signed_create_opens_one_session_or_none(routes, desk, signer):
     """A correctly signed create with any grant fields and payload either opens exactly one session that reads back and releases cleanly, or is a 4xx holding nothing."""
     genuine = signer.grant(DESK_URL)
-    outcomes: Dict[int, int] = {}
+    outcomes: dict[int, int] = {}
 
-    async def check(example: Tuple[Dict[str, Any], Dict[str, Any]]) -> None:
+    async def check(example: tuple[dict[str, Any], dict[str, Any]]) -> None:
         grant_fields, payload = example
         grant = {**genuine, **grant_fields}
         body = encode_create(grant, payload)
@@ -396,7 +409,9 @@ async def test_a_signed_create_opens_one_session_or_none(routes, desk, signer):
         status = await routes.send(("control", "GET", "/status"))
         assert status.status == 200, f"/status with the session opened by {shown!r}: {status}"
         for route in (("control", "POST", "/extend"), ("public", "POST", "/ping")):
-            renewed = await routes.send(route, json.dumps({"auth_data": grant, "payload": {}, "session_id": session_id}).encode())
+            renewed = await routes.send(
+                route, json.dumps({"auth_data": grant, "payload": {}, "session_id": session_id}).encode()
+            )
             assert renewed.status == 200, f"{route} on the session opened by {shown!r}: {renewed}"
         released = await routes.send(RELEASE)
         assert released.json() == {"released": True, "session_ids": [session_id]}, released
@@ -412,29 +427,37 @@ async def test_update_route_refuses_any_token(routes, desk):
     """With MASTER_TOKEN set, /pyworker/update refuses every other Authorization header with a 4xx, never a 5xx."""
     desk.backend.mtoken = "t0ken-" + "k" * 40  # long enough that no example can guess it
 
-    async def check(example: Tuple[str, bytes]) -> None:
+    async def check(example: tuple[str, bytes]) -> None:
         header, body = example
         answer = await routes.send(("public", "POST", "/pyworker/update"), body, headers={"Authorization": header})
         assert 400 <= answer.status < 500, f"Authorization {header!r}: {answer}"
 
     headers = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
-    await fuzz(settings(IN_PROCESS, max_examples=80), st.tuples(headers | headers.map("Bearer ".__add__), RAW_BODIES), check)
+    await fuzz(
+        settings(IN_PROCESS, max_examples=80), st.tuples(headers | headers.map("Bearer ".__add__), RAW_BODIES), check
+    )
 
 
 async def test_body_with_any_content_encoding_is_never_a_5xx(routes, desk, signer):
     """A body declared gzip, deflate, br or an unknown Content-Encoding, whatever its bytes, gets a 4xx or 2xx on every route and holds no slot."""
-    seen: Dict[Tuple[str, int], int] = {}
+    seen: dict[tuple[str, int], int] = {}
 
-    async def check(example: Tuple[Route, str, bytes]) -> None:
+    async def check(example: tuple[Route, str, bytes]) -> None:
         route, encoding, body = example
         answer = await routes.send(route, body, headers={"Content-Encoding": encoding})
         seen[(encoding, answer.status)] = seen.get((encoding, answer.status), 0) + 1
-        assert answer.status < 500, f"{route[1]} {route[2]} with Content-Encoding {encoding} and {body[:100]!r}: {answer}"
+        assert answer.status < 500, (
+            f"{route[1]} {route[2]} with Content-Encoding {encoding} and {body[:100]!r}: {answer}"
+        )
         assert_free(desk)
 
     compressed = st.sampled_from([zlib.compress(b'{"seconds": 5}'), gzip.compress(b"{}"), gzip.compress(b"\xff")])
     try:
-        await fuzz(settings(IN_PROCESS, max_examples=100), st.tuples(st.sampled_from(ROUTES), ENCODINGS, RAW_BODIES | compressed), check)
+        await fuzz(
+            settings(IN_PROCESS, max_examples=100),
+            st.tuples(st.sampled_from(ROUTES), ENCODINGS, RAW_BODIES | compressed),
+            check,
+        )
     finally:
         print("(encoding, status):", dict(sorted(seen.items())))
     await assert_one_slot(routes, signer.grant(DESK_URL))
@@ -467,9 +490,11 @@ async def test_real_worker_survives_the_fuzz_and_still_gives_one_session(start_w
 
     # A connection per request: after a body it cannot read, aiohttp's server
     # may close the connection, and a pooled one would fail the next request.
-    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=30))
+    http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=30)
+    )
 
-    async def send(server: str, method: str, path: str, body: bytes, headers: Dict[str, str]) -> Answer:
+    async def send(server: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> Answer:
         async with http.request(method, bases[server] + path, data=body, headers=headers) as response:
             return Answer(response.status, await response.read())
 
@@ -483,12 +508,14 @@ async def test_real_worker_survives_the_fuzz_and_still_gives_one_session(start_w
         try:
             answer = await routes.send(route, body, method=method, content_type=content_type, headers=headers)
         except aiohttp.ClientError as exc:
-            raise AssertionError(f"{method} {route} ({encoding}) with {body[:200]!r}: {exc!r}\n{worker.explain()}") from None
+            raise AssertionError(
+                f"{method} {route} ({encoding}) with {body[:200]!r}: {exc!r}\n{worker.explain()}"
+            ) from None
         sent += 1
         assert answer.status < 500, f"{method} {route} ({encoding}) with {body[:200]!r}: {answer}\n{worker.explain()}"
         assert worker.process.running, f"the worker exited after {method} {route}\n{worker.explain()}"
 
-    for name, body in HOSTILE.items():
+    for _name, body in HOSTILE.items():
         for route in PROCESS_ROUTES:
             await check((route, route[1], body, "application/json", None))
     try:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lib.fleet import Fleet, FleetSettings, Instance
-from lib.process import WorkerPorts
-from lib.scaling import EndpointParams, Phase
+from lib.standin.fleet import Fleet, FleetSettings, Instance
+from lib.standin.process import WorkerPorts
+from lib.standin.scaling import EndpointParams, Phase
 
 
 class Clock:
@@ -28,7 +28,11 @@ def clock() -> Clock:
 @pytest.fixture
 async def fleet(tmp_path: Path, clock: Clock):
     # No inactivity timeout and no cold start to reach: step() never starts or stops anything here.
-    settings = FleetSettings(params=EndpointParams(inactivity_timeout=None, target_queue_time=3600.0), grant_timeout=5.0, waiting_timeout=20.0)
+    settings = FleetSettings(
+        params=EndpointParams(inactivity_timeout=None, target_queue_time=3600.0),
+        grant_timeout=5.0,
+        waiting_timeout=20.0,
+    )
     fleet = Fleet(settings, workdir=tmp_path, clock=clock)
     yield fleet
     await fleet.aclose()

@@ -7,7 +7,7 @@ import signal
 import pytest
 from aiohttp import web
 
-from lib.serverless import serve
+from lib.standin.autoscaler import serve
 from tests.fakes import serving
 from tests.standin import fast_config
 from workers.null import client

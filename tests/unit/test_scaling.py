@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional
+from collections.abc import Iterable
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lib.scaling import (
+from lib.standin.scaling import (
     EndpointParams,
     LocalPolicy,
     Phase,
@@ -31,8 +31,8 @@ def worker(
     *,
     load: float = 0.0,
     reserved: float = 0.0,
-    max_perf: Optional[float] = None,
-    idle_for: Optional[float] = None,
+    max_perf: float | None = None,
+    idle_for: float | None = None,
     age: float = 60.0,
 ) -> WorkerView:
     if max_perf is None:
@@ -57,7 +57,7 @@ def snapshot(
     return Snapshot(now=NOW, workers=tuple(workers), waiting=tuple(waiting), last_activity=NOW - idle_for)
 
 
-def sessions_on(n: int) -> List[WorkerView]:
+def sessions_on(n: int) -> list[WorkerView]:
     return [worker(i, load=100.0) for i in range(1, n + 1)]
 
 
@@ -156,7 +156,11 @@ def test_scale_down_never_stops_a_worker_holding_load_or_a_reservation():
 def test_scale_down_gives_up_workers_not_yet_ready_first():
     """When shrinking, a provisioning worker goes before a loading one, and that before a ready one."""
     params = EndpointParams(target_util=1.0, inactivity_timeout=0.0)
-    workers = [worker(1, idle_for=60), worker(2, Phase.LOADING, idle_for=60), worker(3, Phase.PROVISIONING, idle_for=60)]
+    workers = [
+        worker(1, idle_for=60),
+        worker(2, Phase.LOADING, idle_for=60),
+        worker(3, Phase.PROVISIONING, idle_for=60),
+    ]
     one_session = [worker(4, load=100.0)]
     assert decide(snapshot(workers + one_session), params, POLICY).destroy == (3, 2, 1)
     params_two = EndpointParams(target_util=0.5)
@@ -230,7 +234,11 @@ def test_only_ready_workers_get_routes():
 def test_route_goes_to_the_least_loaded_worker_oldest_first_on_ties():
     """Among workers with room, the least loaded wins; equal loads go to the oldest."""
     params = EndpointParams(max_queue_time=10.0)
-    bigger = [worker(1, load=50.0, max_perf=200.0), worker(2, load=10.0, max_perf=200.0), worker(3, load=10.0, max_perf=200.0)]
+    bigger = [
+        worker(1, load=50.0, max_perf=200.0),
+        worker(2, load=10.0, max_perf=200.0),
+        worker(3, load=10.0, max_perf=200.0),
+    ]
     assert choose_worker(bigger, 10.0, params) == 2
 
 
@@ -260,7 +268,9 @@ def test_sessions_costing_max_perf_never_share_a_worker(sessions, workers):
             break
         chosen.append(picked)
         fleet = [
-            WorkerView(w.id, w.phase, w.created_at, w.cur_load, w.max_perf, w.reserved + 100.0, None) if w.id == picked else w
+            WorkerView(w.id, w.phase, w.created_at, w.cur_load, w.max_perf, w.reserved + 100.0, None)
+            if w.id == picked
+            else w
             for w in fleet
         ]
     assert len(chosen) == len(set(chosen)) == min(sessions, workers)

@@ -12,7 +12,7 @@ from contextlib import suppress
 import aiohttp
 import pytest
 
-from lib.serverless import DEFAULT_ENDPOINT, serve
+from lib.standin.autoscaler import DEFAULT_ENDPOINT, serve
 from tests.standin import CommandRun, explain, fast_config, process_gone, sdk_client, wait_fleet
 from workers.null.client import Dispatcher, Interrupt
 
@@ -36,8 +36,18 @@ async def test_client_reserves_holds_and_releases_every_session():
     async with serve(fast_config()) as standin:
         port = standin.url.rsplit(":", 1)[1]
         run = CommandRun(
-            "-m", "workers.null.client", "--instance", "local", "--local-port", port,
-            "--count", "3", "--hold", "1.5", "--interval", "0.3",
+            "-m",
+            "workers.null.client",
+            "--instance",
+            "local",
+            "--local-port",
+            port,
+            "--count",
+            "3",
+            "--hold",
+            "1.5",
+            "--interval",
+            "0.3",
         )
         try:
             await run.start()
@@ -51,7 +61,12 @@ async def test_client_reserves_holds_and_releases_every_session():
         assert len(run.matches(r"^\d\s+127\.0\.0\.1:\d+\s+\d+\.\ds\s+1\.\ds\s+released$")) == 3, run.tail()
         assert run.matches(r"^3 of 3 sessions reserved and released; took \d+\.\ds$"), run.tail()
         assert run.matches(r"using the local stand-in already running"), run.tail()
-        await wait_fleet(standin.fleet, lambda f: not f.sessions and all(i.cur_load == 0 for i in f.instances.values()), 10, "every worker free")
+        await wait_fleet(
+            standin.fleet,
+            lambda f: not f.sessions and all(i.cur_load == 0 for i in f.instances.values()),
+            10,
+            "every worker free",
+        )
 
 
 async def test_hold_longer_than_the_lifetime_is_kept_alive_until_released():
@@ -85,8 +100,18 @@ async def test_ctrl_c_closes_held_sessions_cancels_waiting_ones_and_exits_130():
         fleet = standin.fleet
         port = standin.url.rsplit(":", 1)[1]
         run = CommandRun(
-            "-m", "workers.null.client", "--instance", "local", "--local-port", port,
-            "--count", "3", "--hold", "120", "--interval", "0.2",
+            "-m",
+            "workers.null.client",
+            "--instance",
+            "local",
+            "--local-port",
+            port,
+            "--count",
+            "3",
+            "--hold",
+            "120",
+            "--interval",
+            "0.2",
         )
         try:
             await run.start()
@@ -109,7 +134,16 @@ async def test_ctrl_c_closes_held_sessions_cancels_waiting_ones_and_exits_130():
 async def test_ctrl_c_with_its_own_stand_in_leaves_no_worker_process():
     """With no stand-in answering, the client starts one; SIGINT then leaves no worker process behind."""
     run = CommandRun(
-        "-m", "workers.null.client", "--instance", "local", "--local-port", "0", "--count", "1", "--hold", "120",
+        "-m",
+        "workers.null.client",
+        "--instance",
+        "local",
+        "--local-port",
+        "0",
+        "--count",
+        "1",
+        "--hold",
+        "120",
     )
     try:
         await run.start()

@@ -12,9 +12,9 @@ from contextlib import suppress
 import aiohttp
 import pytest
 
-from lib import serverless
-from lib.scaling import Phase
-from lib.serverless import DEFAULT_ENDPOINT, serve
+from lib.standin import autoscaler as serverless
+from lib.standin.autoscaler import DEFAULT_ENDPOINT, serve
+from lib.standin.scaling import Phase
 from tests.standin import CommandRun, explain, fast_config, process_gone, sdk_client, wait_fleet
 
 # Long enough that no worker process starts during the tests that only talk HTTP.
@@ -42,7 +42,13 @@ async def test_sdk_finds_the_endpoint_with_its_key_and_parameters():
 async def test_route_without_a_free_worker_answers_a_request_index_to_poll_with():
     """With no worker ready, /route/ answers after route_hold with a request_idx and no url, and the same index when polled again."""
     async with serve(fast_config(route_hold=0.3, **NO_START)) as standin, aiohttp.ClientSession() as http:
-        body = {"endpoint": DEFAULT_ENDPOINT, "api_key": standin.config.api_key, "cost": 100, "request_idx": 0, "replay_timeout": 60}
+        body = {
+            "endpoint": DEFAULT_ENDPOINT,
+            "api_key": standin.config.api_key,
+            "cost": 100,
+            "request_idx": 0,
+            "replay_timeout": 60,
+        }
         started = time.monotonic()
         status, first = await post(http, f"{standin.url}/route/", body)
         assert time.monotonic() - started >= 0.3
@@ -130,8 +136,17 @@ def test_help_shows_every_endpoint_parameter_with_its_default(capsys):
     with pytest.raises(SystemExit):
         serverless.main(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--min-load", "--target-util", "--max-workers", "--cold-workers", "--max-queue-time",
-                 "--target-queue-time", "--inactivity-timeout", "--provisioning-delay", "--port"):
+    for flag in (
+        "--min-load",
+        "--target-util",
+        "--max-workers",
+        "--cold-workers",
+        "--max-queue-time",
+        "--target-queue-time",
+        "--inactivity-timeout",
+        "--provisioning-delay",
+        "--port",
+    ):
         assert flag in out
     assert "(default: 8080)" in out
 
@@ -219,7 +234,9 @@ async def test_cold_worker_is_restarted_instead_of_provisioning_a_new_one():
             first = await asyncio.wait_for(endpoint.session(cost=100, lifetime=60), 60)
             first_wait = time.monotonic() - started
             await endpoint.close_session(first)
-            await wait_fleet(fleet, lambda f: [i.phase for i in f.instances.values()] == [Phase.COLD], 30, "worker 1 cold")
+            await wait_fleet(
+                fleet, lambda f: [i.phase for i in f.instances.values()] == [Phase.COLD], 30, "worker 1 cold"
+            )
             assert fleet.running_pids() == []
             started = time.monotonic()
             second = await asyncio.wait_for(endpoint.session(cost=100, lifetime=60), 60)
@@ -241,7 +258,13 @@ async def test_worker_that_reports_an_error_or_dies_is_replaced():
             return lambda f: worker_id in f.instances and f.instances[worker_id].phase is Phase.READY
 
         await wait_fleet(fleet, ready_worker(1), 30, "worker 1 ready")
-        report = {"id": 1, "cur_load": 0.0, "max_perf": 100.0, "error_msg": "model server crashed", "working_request_idxs": []}
+        report = {
+            "id": 1,
+            "cur_load": 0.0,
+            "max_perf": 100.0,
+            "error_msg": "model server crashed",
+            "working_request_idxs": [],
+        }
         status, _ = await post(http, f"{standin.url}/worker_status/", report)
         assert status == 200
         await wait_fleet(fleet, ready_worker(2), 30, "worker 2 to replace the errored worker 1")
@@ -254,10 +277,18 @@ async def test_worker_that_reports_an_error_or_dies_is_replaced():
 
 @pytest.mark.slow
 async def test_ctrl_c_on_the_standalone_stand_in_stops_every_worker():
-    """SIGINT to python -m lib.serverless stops its workers and exits 0."""
+    """SIGINT to python -m lib.standin stops its workers and exits 0."""
     run = CommandRun(
-        "-m", "lib.serverless", "--port", "0", "--min-load", "200", "--provisioning-delay", "0",
-        "--target-queue-time", "0",
+        "-m",
+        "lib.standin.autoscaler",
+        "--port",
+        "0",
+        "--min-load",
+        "200",
+        "--provisioning-delay",
+        "0",
+        "--target-queue-time",
+        "0",
     )
     try:
         await run.start()

@@ -9,16 +9,15 @@ import textwrap
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import pytest
 
-from lib.process import REPO_ROOT, WorkerPorts, free_port, worker_env
+from lib.standin.process import REPO_ROOT, WorkerPorts, free_port, worker_env
 
 SUBPROCESS_DEADLINE = 30.0
 
 
-async def run_python(args: List[str], env: Dict[str, str], cwd: Path) -> Tuple[int, str, str, float]:
+async def run_python(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str, float]:
     """Runs ``python *args`` to completion; returns (exit code, stdout, stderr, seconds taken)."""
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
@@ -127,8 +126,12 @@ BAD_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("variable, changes", [case[1:] for case in BAD_SETTINGS], ids=[case[0] for case in BAD_SETTINGS])
-async def test_missing_or_malformed_setting_fails_start_with_one_line_naming_it(autoscaler, tmp_path, variable, changes):
+@pytest.mark.parametrize(
+    "variable, changes", [case[1:] for case in BAD_SETTINGS], ids=[case[0] for case in BAD_SETTINGS]
+)
+async def test_missing_or_malformed_setting_fails_start_with_one_line_naming_it(
+    autoscaler, tmp_path, variable, changes
+):
     """A missing or malformed variable stops the worker with exit code 2 and one stderr line naming it, no traceback."""
     port = free_port()
     # Only what the worker needs: nothing inherited from the test's environment.
@@ -218,7 +221,9 @@ backend.Backend.__post_init__ = __post_init__
     [(BREAK_CLASS, "_Backend__close_session"), (BREAK_INSTANCE, "_pubkey")],
     ids=["class-internal-removed", "instance-attribute-removed"],
 )
-async def test_incompatible_framework_is_reported_with_its_version_and_the_worker_exits(start_worker, tmp_path, sitecustomize, missing):
+async def test_incompatible_framework_is_reported_with_its_version_and_the_worker_exits(
+    start_worker, tmp_path, sitecustomize, missing
+):
     """A vastai without an internal the worker uses gets an error_msg naming the installed version reported, then a non-zero exit."""
     # A sitecustomize on PYTHONPATH runs in the worker before its own code:
     # here it stands in for a vastai release that moved an internal.
@@ -232,4 +237,6 @@ async def test_incompatible_framework_is_reported_with_its_version_and_the_worke
     assert missing in message, worker.explain()
     code = await worker.process.wait(SUBPROCESS_DEADLINE)
     assert code != 0, worker.explain()
-    assert not [r for r in worker.reports() if r["max_perf"] == 100.0], f"an incompatible worker went ready; {worker.explain()}"
+    assert not [r for r in worker.reports() if r["max_perf"] == 100.0], (
+        f"an incompatible worker went ready; {worker.explain()}"
+    )

@@ -4,7 +4,7 @@ The size is set by ``NULL_SOAK_CYCLES`` (create → release cycles; a fifth as
 many create → expire cycles follow, with lifetimes of 0.05-0.2 s). The
 default, 1500, is a shortened run of under a minute for CI; the full soak is::
 
-    NULL_SOAK_CYCLES=5000 .venv/bin/python -m pytest tests/test_soak.py -s
+    NULL_SOAK_CYCLES=5000 .venv/bin/python -m pytest tests/e2e/test_soak.py -s
 
 which prints the cycle counts, the worker's RSS and open fds before and
 after, and the duration.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 
@@ -41,7 +41,7 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def duplicates(values: List[Any]) -> Dict[Any, int]:
+def duplicates(values: list[Any]) -> dict[Any, int]:
     return {value: n for value, n in collections.Counter(values).items() if n > 1}
 
 
@@ -55,7 +55,7 @@ async def test_soak_release_and_expire_cycles_lose_and_leak_nothing(start_worker
     assert pid is not None
     # Only the URL is signed, so one signature serves every grant to this worker.
     signed = worker.grant()
-    opened: Dict[str, int] = {}  # session_id -> request_idx
+    opened: dict[str, int] = {}  # session_id -> request_idx
     next_idx = iter(range(10_000_000, 20_000_000))
 
     async def create(lifetime: float) -> str:
@@ -89,7 +89,9 @@ async def test_soak_release_and_expire_cycles_lose_and_leak_nothing(start_worker
         session_id = await create(LIFETIMES[n % len(LIFETIMES)])
         # Its callback is sent once the session has ended: the worker is free again.
         await autoscaler.wait_for(
-            lambda: called_back(session_id), timeout=10, message=f"the callback of expired session {session_id}\n{worker.explain()}"
+            lambda: called_back(session_id),
+            timeout=10,
+            message=f"the callback of expired session {session_id}\n{worker.explain()}",
         )
 
     for _ in range(WARM_UP):
@@ -117,20 +119,30 @@ async def test_soak_release_and_expire_cycles_lose_and_leak_nothing(start_worker
     )
     callback_ids = [c.body.get("session_id") for c in autoscaler.callbacks]
     assert not duplicates(callback_ids), f"callbacks delivered more than once: {duplicates(callback_ids)}"
-    assert set(callback_ids) == set(opened), f"callbacks for unknown sessions or missing: {set(callback_ids) ^ set(opened)}"
+    assert set(callback_ids) == set(opened), (
+        f"callbacks for unknown sessions or missing: {set(callback_ids) ^ set(opened)}"
+    )
     mismatched = [c.body for c in autoscaler.callbacks if c.body.get("request_idx") != opened[c.body["session_id"]]]
     assert not mismatched, f"callbacks carrying another session's payload: {mismatched[:5]}"
 
-    def finished_requests() -> List[Dict[str, Any]]:
-        return [r for d in autoscaler.deleted if d.body.get("worker_id") == worker.container_id for r in d.body["requests"]]
+    def finished_requests() -> list[dict[str, Any]]:
+        return [
+            r for d in autoscaler.deleted if d.body.get("worker_id") == worker.container_id for r in d.body["requests"]
+        ]
 
     await autoscaler.wait_for(
-        lambda: len(finished_requests()) >= total, timeout=30, message=f"{total} finished sessions in /delete_requests/\n{worker.explain()}"
+        lambda: len(finished_requests()) >= total,
+        timeout=30,
+        message=f"{total} finished sessions in /delete_requests/\n{worker.explain()}",
     )
     finished_list = finished_requests()
     reported_idxs = [r["request_idx"] for r in finished_list]
-    assert not duplicates(reported_idxs), f"sessions reported finished more than once: {list(duplicates(reported_idxs))[:10]}"
-    assert set(reported_idxs) == set(opened.values()), f"missing or unknown: {sorted(set(reported_idxs) ^ set(opened.values()))[:10]}"
+    assert not duplicates(reported_idxs), (
+        f"sessions reported finished more than once: {list(duplicates(reported_idxs))[:10]}"
+    )
+    assert set(reported_idxs) == set(opened.values()), (
+        f"missing or unknown: {sorted(set(reported_idxs) ^ set(opened.values()))[:10]}"
+    )
     failed = [r for r in finished_list if r["success"] is not True]
     assert not failed, f"sessions reported as failed: {failed[:5]}"
 
@@ -142,5 +154,7 @@ async def test_soak_release_and_expire_cycles_lose_and_leak_nothing(start_worker
     errors = [r["error_msg"] for r in worker.reports() if r.get("error_msg")]
     assert not errors, f"the worker reported errors: {errors[:3]}"
     assert worker.process.running, worker.explain()
-    assert rss_after - rss_before < RSS_GROWTH_LIMIT_KIB, f"RSS grew by {rss_after - rss_before} KiB over {total} sessions"
+    assert rss_after - rss_before < RSS_GROWTH_LIMIT_KIB, (
+        f"RSS grew by {rss_after - rss_before} KiB over {total} sessions"
+    )
     assert fds_after - fds_before <= FD_GROWTH_LIMIT, f"open fds went from {fds_before} to {fds_after}"

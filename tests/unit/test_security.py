@@ -1,6 +1,6 @@
 """No state changes without proof: grants, session_auth and on-close routes.
 
-Covered in tests/test_worker_e2e.py and not repeated here: a grant signed
+Covered in tests/e2e/test_worker_e2e.py and not repeated here: a grant signed
 with another key against a real worker
 (test_forged_signature_is_refused_and_holds_no_slot) and the control server
 refusing connections on the machine's non-loopback addresses
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any, Callable, Dict, List
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from lib.grants import GrantSigner
+from lib.standin.grants import GrantSigner
 from tests.conftest import DESK_URL
 
 OTHER_URL = "http://127.0.0.1:4999"
@@ -44,15 +45,18 @@ def flip_a_bit(signature: str) -> str:
     return base64.b64encode(bytes(raw)).decode()
 
 
-Forgery = Callable[[GrantSigner, GrantSigner], Dict[str, Any]]
-FORGERIES: Dict[str, Forgery] = {
+Forgery = Callable[[GrantSigner, GrantSigner], dict[str, Any]]
+FORGERIES: dict[str, Forgery] = {
     "signed-with-another-key": lambda signer, forger: forger.grant(DESK_URL),
     "another-workers-signature-with-this-url": lambda signer, forger: {
         **signer.grant(DESK_URL),
         "signature": signer.sign(OTHER_URL),
     },
     "this-workers-signature-with-another-url": lambda signer, forger: {**signer.grant(DESK_URL), "url": OTHER_URL},
-    "one-bit-flipped": lambda signer, forger: {**signer.grant(DESK_URL), "signature": flip_a_bit(signer.sign(DESK_URL))},
+    "one-bit-flipped": lambda signer, forger: {
+        **signer.grant(DESK_URL),
+        "signature": flip_a_bit(signer.sign(DESK_URL)),
+    },
     "truncated": lambda signer, forger: {**signer.grant(DESK_URL), "signature": signer.sign(DESK_URL)[:-8]},
     "not-base64": lambda signer, forger: {**signer.grant(DESK_URL), "signature": "not base64 at all!"},
     "empty-signature": lambda signer, forger: {**signer.grant(DESK_URL), "signature": ""},
@@ -151,7 +155,9 @@ async def test_grant_for_one_worker_replayed_to_another_is_refused_and_it_stays_
     assert a_status["session"]["cost"] == 100.0, "worker A's session was disturbed"
 
 
-async def test_session_routes_refuse_a_wrong_session_auth_and_the_session_stays_held(start_worker, http, autoscaler, forger):
+async def test_session_routes_refuse_a_wrong_session_auth_and_the_session_stays_held(
+    start_worker, http, autoscaler, forger
+):
     """/session/end (both ports), /session/get, /session/health and /ping with anything but the session's own grant are refused: the session stays held, its lease is not renewed, nothing is reported ended."""
     worker = await start_worker()
     body = worker.create_body(lifetime=300)
@@ -162,29 +168,40 @@ async def test_session_routes_refuse_a_wrong_session_auth_and_the_session_stays_
     opened = await worker.wait_report(lambda r: r["cur_load"] == 100.0, message="the open session")
     before = (await (await http.get(worker.control + "/status")).json())["session"]["expires_in"]
 
-    wrong: Dict[str, Any] = {
+    wrong: dict[str, Any] = {
         "another-genuine-grant": worker.grant(),
         "own-grant-with-cost-changed": {**own, "cost": 0},
         "own-grant-with-request_idx-changed": {**own, "request_idx": own["request_idx"] + 1},
         "forged": forger.grant(worker.url),
         "empty": {},
     }
-    refused: List[str] = []
+    refused: list[str] = []
     http_port = f"http://127.0.0.1:{worker.ports.http}"
     for name, auth in wrong.items():
         named = {"session_id": session_id, "session_auth": auth}
-        for url in (worker.url + "/session/end", http_port + "/session/end", worker.url + "/session/get", worker.url + "/session/health"):
+        for url in (
+            worker.url + "/session/end",
+            http_port + "/session/end",
+            worker.url + "/session/get",
+            worker.url + "/session/health",
+        ):
             status, answer = await post(http, url, named)
             assert status == 401, (name, url, status, answer)
             refused.append(url)
-        status, answer = await post(http, worker.url + "/ping", {"auth_data": auth, "payload": {}, "session_id": session_id})
+        status, answer = await post(
+            http, worker.url + "/ping", {"auth_data": auth, "payload": {}, "session_id": session_id}
+        )
         assert status in (401, 422), (name, "/ping", status, answer)
 
     held = (await (await http.get(worker.control + "/status")).json())["session"]
     assert held is not None and held["session_id"] == session_id, worker.explain()
     assert held["expires_in"] <= before, f"a refused request renewed the lease: {before} -> {held['expires_in']}"
-    assert not [r for r in worker.reports(since=opened.at) if r["cur_load"] == 0.0], "a refused request ended the session"
-    assert not autoscaler.callbacks and not [e for d in autoscaler.deleted for e in d.body["requests"]], "a refused request ended the session"
+    assert not [r for r in worker.reports(since=opened.at) if r["cur_load"] == 0.0], (
+        "a refused request ended the session"
+    )
+    assert not autoscaler.callbacks and not [e for d in autoscaler.deleted for e in d.body["requests"]], (
+        "a refused request ended the session"
+    )
 
     status, answer = await post(http, http_port + "/session/end", {"session_id": session_id, "session_auth": own})
     assert status == 200 and answer["removed_session"] == session_id, (status, answer)

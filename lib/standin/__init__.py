@@ -1,0 +1,1 @@
+"""A local stand-in for Vast Serverless: autoscaler and console, fleet, scaling model, worker processes."""

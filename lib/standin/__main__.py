@@ -1,0 +1,5 @@
+import sys
+
+from .autoscaler import main
+
+sys.exit(main())
