@@ -1,0 +1,486 @@
+"""``python -m lib.planner``: what a job trace would cost and how long its jobs would wait, per parameter set.
+
+    python -m lib.planner --diurnal 0.5:24 --job-seconds 5:60 \\
+        --max-workers 10,20 --inactivity-timeout 30,300 --cold-start 60:180 --max-p95-wait 120
+
+Every parameter flag takes a comma list; the planner replays the trace under
+each set of the cross product and prints one row per set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from lib.planner.model import Plan, Result, simulate
+from lib.planner.sweep import Progress, cheapest_within, default_processes, pareto_front, run_sweep
+from lib.planner.trace import Job, JobSeconds, TraceError, bursts, describe, diurnal, load_trace, poisson
+from lib.standin.scaling import EndpointParams, LocalPolicy
+
+_DEFAULT_PARAMS = EndpointParams()
+_DEFAULT_POLICY = LocalPolicy()
+_DEFAULT_PLAN = Plan()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the problem, exit 2 (no usage dump to read through)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+# -- flag values ---------------------------------------------------------------------
+
+
+def _listed(one: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        items = [item.strip() for item in text.split(",")]
+        if not items or any(not item for item in items):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma list of {what}; write e.g. {_example(what)}"
+            ) from None
+        try:
+            return [one(item) for item in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma list of {what}; write e.g. {_example(what)}"
+            ) from None
+
+    return parse
+
+
+def _example(what: str) -> str:
+    return {
+        "numbers": "0.5,1",
+        "whole numbers": "1,5,20",
+        "seconds or 'off'": "10,60,off",
+        "seconds or MIN:MAX": "60 or 30:90,120",
+        "whole numbers or 'none'": "10,none",
+    }.get(what, "1,2")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _off_or_seconds(text: str) -> float | None:
+    return None if text.lower() in ("off", "none", "unset") else _finite(text)
+
+
+def _whole_or_none(text: str) -> int | None:
+    return None if text.lower() in ("none", "off", "unlimited") else int(text)
+
+
+def _span(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition(":")
+    return (_finite(low), _finite(high)) if sep else (_finite(low), _finite(low))
+
+
+def _fields(text: str, count: int, names: str, example: str) -> list[float]:
+    parts = text.split(":")
+    try:
+        values = [_finite(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {names}; write e.g. {example}")
+    return values
+
+
+def _poisson(text: str) -> tuple[float, float]:
+    rate, seconds = _fields(text, 2, "RATE_PER_S:SECONDS", "0.5:3600")
+    if rate <= 0 or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the rate and the seconds must be > 0; write e.g. 0.5:3600")
+    return rate, seconds
+
+
+def _diurnal(text: str) -> tuple[float, float]:
+    peak, hours = _fields(text, 2, "PEAK_RATE_PER_S:HOURS", "2:24")
+    if peak <= 0 or hours <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the peak rate and the hours must be > 0; write e.g. 2:24")
+    return peak, hours
+
+
+def _bursts(text: str) -> tuple[int, int, float]:
+    count, size, gap = _fields(text, 3, "COUNT:SIZE:GAP_S", "5:20:600")
+    if count < 1 or size < 1 or gap < 0 or count != int(count) or size != int(size):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: COUNT and SIZE must be whole numbers >= 1 and GAP_S >= 0; write e.g. 5:20:600"
+        )
+    return int(count), int(size), gap
+
+
+def _job_seconds(text: str) -> JobSeconds:
+    low, sep, high = text.partition(":")
+    try:
+        if not sep:
+            mean = _finite(low)
+            if mean < 0:
+                raise ValueError(text)
+            return JobSeconds(mean=mean)
+        lo, hi = _finite(low), _finite(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MEAN or MIN:MAX seconds; write e.g. 10 or 5:60") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= MIN <= MAX; write e.g. 5:60")
+    return JobSeconds(mean=None, low=lo, high=hi)
+
+
+# -- the parser ------------------------------------------------------------------------
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m lib.planner",
+        description=(
+            "Replay a job trace through the stand-in's scaling model and report, per parameter set, "
+            "how long jobs wait for a worker and what the workers cost. Every parameter flag takes a "
+            "comma list; the planner runs the cross product."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    group = parser.add_argument_group("trace (a file, or one or more generators)")
+    group.add_argument(
+        "--trace", type=Path, help="CSV with a header or JSON lines with arrival and duration; or a dispatcher job log"
+    )
+    group.add_argument("--poisson", type=_poisson, metavar="RATE_PER_S:SECONDS", help="steady Poisson arrivals")
+    group.add_argument(
+        "--diurnal", type=_diurnal, metavar="PEAK_RATE_PER_S:HOURS", help="rate from 0 at midnight to PEAK at noon"
+    )
+    group.add_argument("--bursts", type=_bursts, metavar="COUNT:SIZE:GAP_S", help="SIZE jobs at once, COUNT times")
+    group.add_argument(
+        "--job-seconds",
+        type=_job_seconds,
+        default=JobSeconds(mean=10.0),
+        metavar="MEAN|MIN:MAX",
+        help="generated job length: exponential around MEAN, or uniform (default: mean 10)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed for generated traces and cold-start draws")
+
+    group = parser.add_argument_group("endpoint parameters (Vast's names, as the stand-in's flags; comma lists)")
+    p = _DEFAULT_PARAMS
+    numbers = _listed(_finite, "numbers")
+    whole = _listed(int, "whole numbers")
+    group.add_argument("--target-util", type=numbers, default=[p.target_util], help="share of capacity to fill")
+    group.add_argument("--min-load", type=numbers, default=[p.min_load], help="load floor kept (100 = one worker)")
+    group.add_argument("--max-workers", type=whole, default=[p.max_workers], help="cap on workers")
+    group.add_argument("--cold-workers", type=whole, default=[p.cold_workers], help="stopped workers kept to resume")
+    group.add_argument(
+        "--max-queue-time", type=numbers, default=[p.max_queue_time], help="seconds of queue a worker takes"
+    )
+    group.add_argument(
+        "--target-queue-time",
+        type=numbers,
+        default=[p.target_queue_time],
+        help="seconds a session waits before it counts as demand",
+    )
+    group.add_argument(
+        "--inactivity-timeout",
+        type=_listed(_off_or_seconds, "seconds or 'off'"),
+        default=[p.inactivity_timeout],
+        help="seconds without activity before scaling to zero, or off",
+    )
+
+    group = parser.add_argument_group("workers, dispatcher and prices (comma lists)")
+    spans = _listed(_span, "seconds or MIN:MAX")
+    group.add_argument(
+        "--cold-start",
+        type=spans,
+        default=[_DEFAULT_PLAN.cold_start],
+        metavar="S|MIN:MAX",
+        help="seconds from starting a worker to its ready report (uniform in MIN:MAX); measure yours",
+    )
+    group.add_argument(
+        "--resume",
+        type=spans,
+        default=[None],
+        metavar="S|MIN:MAX",
+        help="seconds to resume a cold (stopped) worker (default: the cold start)",
+    )
+    group.add_argument(
+        "--stop-seconds", type=numbers, default=[_DEFAULT_PLAN.stop_seconds], help="seconds a worker takes to stop"
+    )
+    group.add_argument(
+        "--scale-down-delay",
+        type=numbers,
+        default=[_DEFAULT_POLICY.scale_down_delay],
+        help="seconds a surplus worker stays idle before it is stopped (the stand-in's rule)",
+    )
+    group.add_argument(
+        "--max-sessions",
+        type=_listed(_whole_or_none, "whole numbers or 'none'"),
+        default=[None],
+        help="the dispatcher's cap on sessions at once (default: none)",
+    )
+    group.add_argument(
+        "--price-running", type=numbers, default=[_DEFAULT_PLAN.price_running], help="per hour, for a running worker"
+    )
+    group.add_argument(
+        "--price-stopped",
+        type=numbers,
+        default=[_DEFAULT_PLAN.price_stopped],
+        help="per hour, for a stopped (cold) one",
+    )
+
+    group = parser.add_argument_group("output")
+    group.add_argument("--max-p95-wait", type=float, metavar="S", help="pick the cheapest set with p95 wait <= S")
+    group.add_argument("--json", type=Path, metavar="FILE", help="write every result as JSON")
+    group.add_argument("--plot", type=Path, metavar="FILE.png|.svg", help="Pareto front and the chosen set's timeline")
+    group.add_argument(
+        "--processes", type=int, default=0, help="processes for a sweep (default 0: one per core, for >1 set)"
+    )
+    return parser
+
+
+# -- from flags to plans ----------------------------------------------------------------
+
+
+def plans_from(args: argparse.Namespace) -> list[Plan]:
+    product = itertools.product(
+        args.target_util,
+        args.min_load,
+        args.max_workers,
+        args.cold_workers,
+        args.max_queue_time,
+        args.target_queue_time,
+        args.inactivity_timeout,
+        args.cold_start,
+        args.resume,
+        args.stop_seconds,
+        args.scale_down_delay,
+        args.max_sessions,
+        args.price_running,
+        args.price_stopped,
+    )
+    plans = []
+    for (
+        util,
+        min_load,
+        max_w,
+        cold_w,
+        mqt,
+        tqt,
+        inactivity,
+        cold,
+        resume,
+        stop,
+        sdd,
+        sessions,
+        run_p,
+        stop_p,
+    ) in product:
+        params = EndpointParams(
+            min_load=min_load,
+            target_util=util,
+            max_workers=max_w,
+            cold_workers=cold_w,
+            max_queue_time=mqt,
+            target_queue_time=tqt,
+            inactivity_timeout=inactivity,
+        )
+        policy = LocalPolicy(scale_down_delay=sdd, assumed_perf=_DEFAULT_POLICY.assumed_perf)
+        plans.append(
+            Plan(
+                params=params,
+                policy=policy,
+                cold_start=cold,
+                resume=resume,
+                stop_seconds=stop,
+                max_sessions=sessions,
+                price_running=run_p,
+                price_stopped=stop_p,
+            )
+        )
+    return plans
+
+
+def jobs_from(args: argparse.Namespace) -> tuple[list[Job], str]:
+    """The trace and a line describing where it came from; TraceError on bad input."""
+    generators = [name for name in ("poisson", "diurnal", "bursts") if getattr(args, name) is not None]
+    if args.trace is not None and generators:
+        raise TraceError(f"--trace and --{generators[0]} both give a trace; pass one or the other")
+    if args.trace is not None:
+        jobs = load_trace(args.trace)
+        return jobs, f"{args.trace}: {describe(jobs)}"
+    if not generators:
+        raise TraceError("no trace; pass --trace FILE, or generate one with --poisson, --diurnal or --bursts")
+    rng = random.Random(args.seed)
+    jobs: list[Job] = []
+    names = []
+    if args.poisson is not None:
+        jobs += poisson(*args.poisson, args.job_seconds, rng)
+        names.append(f"poisson {args.poisson[0]:g}/s for {args.poisson[1]:g}s")
+    if args.diurnal is not None:
+        jobs += diurnal(*args.diurnal, args.job_seconds, rng)
+        names.append(f"diurnal peak {args.diurnal[0]:g}/s over {args.diurnal[1]:g}h")
+    if args.bursts is not None:
+        jobs += bursts(*args.bursts, args.job_seconds, rng)
+        names.append(f"{args.bursts[0]} bursts of {args.bursts[1]} every {args.bursts[2]:g}s")
+    if not jobs:
+        raise TraceError("the generated trace has no jobs; raise the rate or the length")
+    jobs.sort(key=lambda j: j.arrival)
+    source = f"{' + '.join(names)}, jobs {args.job_seconds.describe()}, seed {args.seed}"
+    return jobs, f"{source}: {describe(jobs)}"
+
+
+# -- what is printed ----------------------------------------------------------------------
+
+# (key in Plan.as_dict(), column title, the stand-in's flag)
+_PARAM_COLUMNS = (
+    ("target_util", "util", "--target-util"),
+    ("min_load", "min_load", "--min-load"),
+    ("max_workers", "max_w", "--max-workers"),
+    ("cold_workers", "cold_w", "--cold-workers"),
+    ("max_queue_time", "mqt", "--max-queue-time"),
+    ("target_queue_time", "tqt", "--target-queue-time"),
+    ("inactivity_timeout", "inact", "--inactivity-timeout"),
+    ("cold_start", "cold_start", "--cold-start"),
+    ("resume", "resume", "--resume"),
+    ("stop_seconds", "stop_s", "--stop-seconds"),
+    ("scale_down_delay", "sdd", "--scale-down-delay"),
+    ("max_sessions", "max_sess", "--max-sessions"),
+    ("price_running", "$/h run", "--price-running"),
+    ("price_stopped", "$/h cold", "--price-stopped"),
+)
+_ENDPOINT_KEYS = (
+    "min_load",
+    "target_util",
+    "max_workers",
+    "cold_workers",
+    "max_queue_time",
+    "target_queue_time",
+    "inactivity_timeout",
+)
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "off"
+    if isinstance(value, list):
+        return ":".join(f"{v:g}" for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def format_table(results: Sequence[Result], front: Sequence[int], chosen: int | None) -> str:
+    dicts = [r.plan.as_dict() for r in results]
+    varying = [col for col in _PARAM_COLUMNS if len({_value(d[col[0]]) for d in dicts}) > 1]
+    head = ["set", *(title for _, title, _ in varying)]
+    head += ["jobs", "p50 s", "p95 s", "p99 s", "max s", "cold", "peak", "billed h", "busy h", "cost", ""]
+    rows = []
+    for i, (r, d) in enumerate(zip(results, dicts, strict=False)):
+        w = r.wait_stats()
+        mark = ("chosen " if i == chosen else "") + ("pareto" if i in front else "")
+        rows.append(
+            [
+                str(i + 1),
+                *(_value(d[key]) for key, _, _ in varying),
+                str(r.jobs),
+                f"{w['p50']:.1f}",
+                f"{w['p95']:.1f}",
+                f"{w['p99']:.1f}",
+                f"{w['max']:.1f}",
+                str(r.cold_starts),
+                str(r.peak_workers),
+                f"{r.billed_worker_s / 3600:.1f}",
+                f"{r.busy_worker_s / 3600:.1f}",
+                f"{r.cost:.2f}",
+                mark.strip(),
+            ]
+        )
+    widths = [max(len(row[c]) for row in [head, *rows]) for c in range(len(head))]
+    lines = ["  ".join(cell.rjust(widths[c]) for c, cell in enumerate(row)).rstrip() for row in [head, *rows]]
+    if not varying:
+        return "\n".join(lines)
+    fixed = [f"{flag} {_value(dicts[0][key])}" for key, _, flag in _PARAM_COLUMNS if (key, _, flag) not in varying]
+    return "\n".join(lines) + "\nsame in every set: " + " ".join(fixed)
+
+
+def format_choice(result: Result, max_p95: float) -> str:
+    d = result.plan.as_dict()
+    w = result.wait_stats()
+    lines = [
+        f"cheapest set with p95 wait <= {max_p95:g}s: cost {result.cost:.2f}, p95 wait {w['p95']:.1f}s, "
+        f"{result.cold_starts} cold starts, at most {result.peak_workers} workers",
+        "set on the endpoint:",
+    ]
+    lines += [f"  {key} = {_value(d[key])}" for key in _ENDPOINT_KEYS]
+    flags = " ".join(f"{flag} {_value(d[key])}" for key, _, flag in _PARAM_COLUMNS if key in _ENDPOINT_KEYS)
+    lines.append(f"  (the stand-in: python -m lib.standin {flags})")
+    return "\n".join(lines)
+
+
+def results_json(results: Sequence[Result], front: Sequence[int], chosen: int | None, source: str) -> dict[str, Any]:
+    return {
+        "trace": source,
+        "results": [r.as_dict() for r in results],
+        "pareto": list(front),
+        "chosen": chosen,
+    }
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.max_p95_wait is not None and not (args.max_p95_wait >= 0 and math.isfinite(args.max_p95_wait)):
+        parser.error(f"--max-p95-wait {args.max_p95_wait:g} must be seconds >= 0")
+    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".svg"):
+        parser.error(f"--plot {args.plot}: name a .png or .svg file")
+    if args.processes < 0:
+        parser.error(f"--processes {args.processes} must be >= 0 (0: one per core)")
+    plans = plans_from(args)
+    for i, plan in enumerate(plans):
+        problems = plan.problems()
+        if problems:
+            where = f"parameter set {i + 1} of {len(plans)}: " if len(plans) > 1 else ""
+            parser.error(where + "; ".join(problems))
+    try:
+        jobs, source = jobs_from(args)
+    except TraceError as exc:
+        parser.error(str(exc))
+    print(f"trace: {source}")
+    processes = args.processes or default_processes()
+    try:
+        results = run_sweep(jobs, plans, seed=args.seed, processes=processes, progress=Progress())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    front = pareto_front(results)
+    chosen = cheapest_within(results, args.max_p95_wait) if args.max_p95_wait is not None else None
+    print(format_table(results, front, chosen))
+    status = 0
+    if args.max_p95_wait is not None:
+        if chosen is None:
+            best = min(range(len(results)), key=lambda i: results[i].wait_stats()["p95"])
+            print(
+                f"no set keeps p95 wait <= {args.max_p95_wait:g}s (the best is set {best + 1} at "
+                f"{results[best].wait_stats()['p95']:.1f}s); allow more workers, cold workers or a min_load"
+            )
+            status = 1
+        else:
+            print(format_choice(results[chosen], args.max_p95_wait))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results_json(results, front, chosen, source), indent=1) + "\n")
+        print(f"results written to {args.json}")
+    if args.plot is not None:
+        from lib.planner.plot import plot_results
+
+        shown = chosen if chosen is not None else min(front, key=lambda i: results[i].wait_stats()["p95"])
+        timeline = simulate(jobs, results[shown].plan, seed=args.seed, record=True)
+        plot_results(args.plot, results, front, shown, timeline, source)
+        print(f"plot written to {args.plot} (timeline of set {shown + 1})")
+    return status
