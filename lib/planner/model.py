@@ -33,19 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lib.planner.book import Book
 from lib.planner.trace import Job
-from lib.standin.scaling import (
-    EPSILON,
-    LIVE,
-    Decision,
-    EndpointParams,
-    LocalPolicy,
-    Phase,
-    Snapshot,
-    decide,
-    target_workers,
-)
+from lib.standin.book import Answer, Book, BookSettings, Command, Provision, Report, Resume, Stop
+from lib.standin.scaling import EndpointParams, LocalPolicy, Phase
 
 # One job is one session of this cost on a worker of this max_perf: the fleet's cost rule.
 COST = 100.0
@@ -53,8 +43,12 @@ MAX_PERF = 100.0
 
 RUNNING_PHASES = (Phase.PROVISIONING, Phase.LOADING, Phase.READY, Phase.STOPPING)
 
+# The SDK's pauses between /route/ calls while a session waits (vastai.serverless.client).
+SDK_FIRST_POLL = 1.0
+SDK_MAX_POLL = 5.0
+
 # Event kinds, in the order they are handled when they fall on the same moment.
-_STOPPED, _JOB_END, _READY, _ARRIVAL, _WAKE = range(5)
+_STOPPED, _JOB_END, _READY, _ARRIVAL, _ROUTE, _WAKE = range(6)
 
 
 @dataclass(frozen=True)
@@ -71,6 +65,9 @@ class Plan:
     stop_seconds: float = 1.0
     # The dispatcher's cap on sessions alive at once; None: no cap.
     max_sessions: int | None = None
+    # How long the autoscaler holds a /route/ call open for a worker to free up (the stand-in's 6 s;
+    # Vast's is not published). 0: it answers at once and the SDK polls.
+    route_hold: float = 6.0
     price_running: float = 0.40  # per hour
     price_stopped: float = 0.01  # per hour
 
@@ -81,6 +78,8 @@ class Plan:
                 found.append(f"{name} {span[0]:g}:{span[1]:g} must be seconds >= 0 with MIN <= MAX")
         if not (self.stop_seconds >= 0 and math.isfinite(self.stop_seconds)):
             found.append(f"stop_seconds {self.stop_seconds} must be a number of seconds >= 0")
+        if not (self.route_hold >= 0 and math.isfinite(self.route_hold)):
+            found.append(f"route_hold {self.route_hold} must be a number of seconds >= 0")
         if self.max_sessions is not None and self.max_sessions < 1:
             found.append(f"max_sessions {self.max_sessions} must be >= 1")
         for name in ("price_running", "price_stopped"):
@@ -106,6 +105,7 @@ class Plan:
             "stop_seconds": self.stop_seconds,
             "scale_down_delay": self.policy.scale_down_delay,
             "max_sessions": self.max_sessions,
+            "route_hold": self.route_hold,
             "price_running": self.price_running,
             "price_stopped": self.price_stopped,
         }
@@ -173,20 +173,62 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 TIMELINE_PHASES = (Phase.PROVISIONING, Phase.LOADING, Phase.READY, Phase.STOPPING, Phase.COLD)
 
 
+class _Ledger:
+    """Each worker's phase and since when, to bill it by the second; kept beside the book's own phases."""
+
+    def __init__(self) -> None:
+        self.phase: dict[int, Phase] = {}
+        self.since: dict[int, float] = {}
+        self.generation: dict[int, int] = {}
+        self.counts = {phase: 0 for phase in Phase}
+        self.seconds = {phase: 0.0 for phase in Phase}
+
+    def enter(self, worker_id: int, phase: Phase | None, now: float) -> int:
+        """Moves the worker to ``phase`` (None: gone) and returns its new generation."""
+        old = self.phase.get(worker_id)
+        if old is not None:
+            self.seconds[old] += now - self.since[worker_id]
+            self.counts[old] -= 1
+        generation = self.generation.get(worker_id, 0) + 1
+        if phase is None:
+            self.phase.pop(worker_id, None)
+            self.since.pop(worker_id, None)
+            self.generation.pop(worker_id, None)
+            return generation
+        self.phase[worker_id] = phase
+        self.since[worker_id] = now
+        self.generation[worker_id] = generation
+        self.counts[phase] += 1
+        return generation
+
+    @property
+    def live(self) -> int:
+        counts = self.counts
+        return counts[Phase.PROVISIONING] + counts[Phase.LOADING] + counts[Phase.READY]
+
+    def close(self, now: float) -> dict[str, float]:
+        totals = dict(self.seconds)
+        for worker_id, phase in self.phase.items():
+            totals[phase] += max(0.0, now - self.since[worker_id])
+        return {phase.value: seconds for phase, seconds in totals.items()}
+
+
 class _Sim:
     def __init__(self, jobs: Sequence[Job], plan: Plan, seed: int, record: bool, exact: bool = False):
         self.jobs = jobs
         self.plan = plan
-        self.params = plan.params
-        self.policy = plan.policy
-        self.rng = random.Random(seed)
-        self.book = Book(plan.params, plan.policy, perf=MAX_PERF)
+        self.rng = random.Random(seed)  # cold starts
+        self.polls = random.Random(seed + 7919)  # the SDK's pauses between /route/ calls
+        settings = BookSettings(params=plan.params, policy=plan.policy, route_hold=plan.route_hold)
+        self.book = Book(settings, 0.0)
+        self.ledger = _Ledger()
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.seq = itertools.count()
         self.pending: deque[int] = deque()  # jobs arrived, not yet taken by a consumer
         self.unclaimed = 0  # sessions asked for, no job taken on them yet
         self.alive = 0  # sessions asked for and not yet ended
         self.next_session = itertools.count(1)
+        self.attempts: dict[int, int] = {}  # waiting session -> /route/ calls it has made
         self.waits = [0.0] * len(jobs)
         self.cold_starts = 0
         self.resumed = 0
@@ -194,7 +236,8 @@ class _Sim:
         self.busy = 0.0
         self.wake_at = math.inf
         self.record = record
-        # Call decide() at every moment, not only when may_change() says it would act: for tests.
+        # Step the book after every event and command, as the real-time stand-in does;
+        # slower, and equal in every figure (a test holds the two to that).
         self.exact = exact
         self.timeline: list[tuple[float, int, int, int, int, int, int]] = []
 
@@ -214,7 +257,7 @@ class _Sim:
             if moved:
                 self._settle(now)
         horizon = max(now, self.jobs[-1].arrival if self.jobs else 0.0)
-        phase_s = self.book.close(horizon)
+        phase_s = self.ledger.close(horizon)
         billed = sum(phase_s[p.value] for p in RUNNING_PHASES)
         return Result(
             plan=self.plan,
@@ -235,19 +278,35 @@ class _Sim:
         heapq.heappush(self.heap, (at, kind, next(self.seq), a, b))
 
     def _handle(self, now: float, kind: int, a: int, b: int) -> bool:
-        """Takes one event; False when nothing the fleet decides on has changed."""
+        """Takes one event; False when it changed nothing (a stale wake or a superseded start)."""
         book = self.book
         if kind == _ARRIVAL:
             self.pending.append(a)
+        elif kind == _ROUTE:
+            if a not in self.attempts:
+                return False  # it has its worker already
+            self._route(now, a)
         elif kind == _JOB_END:
-            # The consumer acks and releases: the worker is idle, the session ends.
-            book.release(a, COST, now)
+            # The consumer acks and releases: the worker reports itself empty.
+            # (Its /delete_requests/ entry for the session would end a grant,
+            # and the report showing the session already ended that one.)
+            book.report(now, Report(worker_id=a, cur_load=0.0, max_perf=MAX_PERF))
             self.alive -= 1
         elif kind == _READY:
-            return book.ready(a, b, MAX_PERF, now)
+            if self.ledger.generation.get(a) != b:
+                return False
+            book.started(now, a)
+            book.report(now, Report(worker_id=a, cur_load=0.0, max_perf=MAX_PERF))
+            self.ledger.enter(a, Phase.READY, now)
         elif kind == _STOPPED:
-            # A worker gone was neither live nor cold while stopping: only a new cold one counts.
-            return book.stopped(a, b, now) is Phase.COLD
+            if self.ledger.generation.get(a) != b:
+                return False
+            book.stopped(now, a)
+            worker = book.workers.get(a)
+            self.ledger.enter(a, worker.phase if worker is not None else None, now)
+            # A worker gone was neither live nor cold while it stopped: the
+            # decision cannot move, so only a worker kept cold needs a step.
+            return worker is not None or self.exact
         elif kind == _WAKE:
             if now < self.wake_at:
                 return False  # superseded by an earlier wake
@@ -255,34 +314,25 @@ class _Sim:
         return True
 
     def _settle(self, now: float) -> None:
-        """Everything that happens at ``now`` once its events are in: sessions, routes, the fleet."""
+        """Everything that happens at ``now`` once its events are in: new sessions, the book's step, the next wake."""
         book = self.book
         self._open_sessions(now)
-        self._route_waiting(now)
-        # Only the oldest waiting sessions can move the decision: once the load
-        # held plus theirs asks for max_workers, the target is capped whatever
-        # follows (target_util <= 1). Passing that prefix gives decide() the
-        # same answer at a cost that does not grow with the queue.
-        cap = max(0, math.ceil((self.params.max_workers * MAX_PERF - book.held) / COST - EPSILON)) + 1
-        for _ in range(4):
-            target = target_workers(book.summary(now, cap), self.params, self.policy)
-            if not (self.exact or book.may_change(target, now)):
+        for _ in range(8):
+            commands = book.step(now)
+            # The stand-in steps again after carrying out commands; a decision
+            # just applied asks for nothing more, so only a session that opened
+            # (its worker's report changed the book) needs that second step.
+            if not self._carry_out(commands, now) and not self.exact:
                 break
-            decision = decide(book.snapshot(now, cap), self.params, self.policy)
-            if not decision.changes:
-                break
-            self._apply(decision, now)
-            # A zero cold start makes workers ready at this very moment.
-            self._route_waiting(now)
-        wake = book.next_change(now, target)
+        wake = book.next_wakeup(now)
         if wake is not None and wake < self.wake_at:
             self.wake_at = wake
             self._push(wake, _WAKE, 0)
-        live = book.live_count
+        live = self.ledger.live
         if live > self.peak:
             self.peak = live
         if self.record:
-            counts = book.counts
+            counts = self.ledger.counts
             self.timeline.append((now, len(self.pending), *(counts[p] for p in TIMELINE_PHASES)))
 
     def _open_sessions(self, now: float) -> None:
@@ -290,44 +340,69 @@ class _Sim:
         room = (cap - self.alive) if cap is not None else len(self.pending)
         wanted = min(len(self.pending) - self.unclaimed, room)
         for _ in range(max(wanted, 0)):
-            self.book.ask(next(self.next_session), COST, now)
+            session = next(self.next_session)
             self.unclaimed += 1
             self.alive += 1
+            self.attempts[session] = 0
+            self._route(now, session)
 
-    def _route_waiting(self, now: float) -> None:
-        """Hands workers with room to waiting sessions, oldest first; each takes the oldest pending job."""
-        for _request_idx, worker_id in self.book.serve(now):
-            self.unclaimed -= 1
-            job_index = self.pending.popleft()
-            job = self.jobs[job_index]
-            self.waits[job_index] = now - job.arrival
-            self.busy += job.duration
-            self._push(now + job.duration, _JOB_END, worker_id)
+    def _route(self, now: float, session: int) -> None:
+        """The SDK's /route/ call for ``session`` (its request index): a worker now, or wait."""
+        routed = self.book.route(now, COST, session, hold=True)
+        if routed.worker_id is not None:
+            self._start(now, session, routed.worker_id)
+        elif routed.held_until is None:
+            self._poll_later(now, session)  # answered at once: the SDK pauses and asks again
 
-    def _apply(self, decision: Decision, now: float) -> None:
-        book = self.book
-        for worker_id in decision.destroy:
-            done = book.stop(worker_id, keep=False, now=now)
-            if done is not None:
-                self._push(
-                    now + (self.plan.stop_seconds if done else 0.0), _STOPPED, worker_id, book.generation(worker_id)
-                )
-        for worker_id in decision.stop:
-            done = book.stop(worker_id, keep=True, now=now)
-            if done is not None:
-                self._push(
-                    now + (self.plan.stop_seconds if done else 0.0), _STOPPED, worker_id, book.generation(worker_id)
-                )
-        resume = self.plan.resume if self.plan.resume is not None else self.plan.cold_start
-        for worker_id in decision.resume:
-            book.resume(worker_id, now)
-            self.cold_starts += 1
-            self.resumed += 1
-            self._push(now + self._draw(resume), _READY, worker_id, book.generation(worker_id))
-        for _ in range(decision.provision):
-            worker_id = book.provision(now)
-            self.cold_starts += 1
-            self._push(now + self._draw(self.plan.cold_start), _READY, worker_id, book.generation(worker_id))
+    def _poll_later(self, now: float, session: int) -> None:
+        """The SDK's pause before its next /route/ call: 1 s, then random, growing to at most 5 s."""
+        attempt = self.attempts[session]
+        self.attempts[session] = attempt + 1
+        if attempt == 0:
+            pause = SDK_FIRST_POLL
+        else:
+            pause = self.polls.uniform(0.1, min(2.0**attempt + self.polls.uniform(0.0, 1.0), SDK_MAX_POLL))
+        self._push(now + pause, _ROUTE, session)
+
+    def _start(self, now: float, session: int, worker_id: int) -> None:
+        """The session opens on ``worker_id`` and its consumer takes the oldest pending job."""
+        self.attempts.pop(session, None)
+        self.book.report(now, Report(worker_id=worker_id, cur_load=COST, max_perf=MAX_PERF, working=(session,)))
+        self.unclaimed -= 1
+        job_index = self.pending.popleft()
+        job = self.jobs[job_index]
+        self.waits[job_index] = now - job.arrival
+        self.busy += job.duration
+        self._push(now + job.duration, _JOB_END, worker_id, session)
+
+    def _carry_out(self, commands: Sequence[Command], now: float) -> bool:
+        """Does what the book asked; True when a session opened on a worker."""
+        ledger = self.ledger
+        opened = False
+        for command in commands:
+            if isinstance(command, Answer):
+                if command.worker_id is not None:
+                    self._start(now, command.request_idx, command.worker_id)
+                    opened = True
+                else:
+                    self._poll_later(now, command.request_idx)  # its hold is over
+            elif isinstance(command, Provision):
+                self.cold_starts += 1
+                generation = ledger.enter(command.worker_id, Phase.PROVISIONING, now)
+                self._push(now + self._draw(self.plan.cold_start), _READY, command.worker_id, generation)
+            elif isinstance(command, Resume):
+                self.cold_starts += 1
+                self.resumed += 1
+                generation = ledger.enter(command.worker_id, Phase.LOADING, now)
+                resume = self.plan.resume if self.plan.resume is not None else self.plan.cold_start
+                self._push(now + self._draw(resume), _READY, command.worker_id, generation)
+            elif isinstance(command, Stop):
+                # A worker still provisioning has no process yet: it is gone at once.
+                was = ledger.phase.get(command.worker_id)
+                takes = self.plan.stop_seconds if was in (Phase.LOADING, Phase.READY) else 0.0
+                generation = ledger.enter(command.worker_id, Phase.STOPPING, now)
+                self._push(now + takes, _STOPPED, command.worker_id, generation)
+        return opened
 
     def _draw(self, span: tuple[float, float]) -> float:
         low, high = span
@@ -337,10 +412,6 @@ class _Sim:
 def simulate(jobs: Sequence[Job], plan: Plan, *, seed: int = 0, record: bool = False, exact: bool = False) -> Result:
     """The waits, worker-seconds and cost of ``jobs`` under ``plan``; ``record`` keeps a timeline.
 
-    ``exact`` asks ``decide`` at every event instead of only when the fleet
-    can change; the answer is the same, only slower (tests compare the two).
+    ``exact`` steps the book after every event, also where a step can ask for nothing.
     """
     return _Sim(jobs, plan, seed, record, exact).run()
-
-
-__all__ = ["COST", "EPSILON", "LIVE", "MAX_PERF", "Plan", "Result", "Snapshot", "percentile", "simulate"]

@@ -1,0 +1,179 @@
+"""The planner's model: known answers of the trace replay through the stand-in's book and scaling model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lib.planner.model import Plan, percentile, simulate
+from lib.planner.sweep import cheapest_within, pareto_front
+from lib.planner.trace import Job, JobSeconds, bursts, diurnal, poisson
+from lib.standin.scaling import EndpointParams, LocalPolicy
+
+
+def plan(cold: float = 3.0, **params) -> Plan:
+    policy = params.pop("policy", LocalPolicy())
+    extra = {k: params.pop(k) for k in ("stop_seconds", "route_hold", "max_sessions", "resume") if k in params}
+    return Plan(params=EndpointParams(**params), policy=policy, cold_start=(cold, cold), **extra)
+
+
+def mixed_trace(seed: int) -> list[Job]:
+    rng = random.Random(seed)
+    jobs = poisson(0.2, 900, JobSeconds(mean=None, low=1, high=20), rng)
+    jobs += bursts(2, 8, 400, JobSeconds(mean=5), rng)
+    return sorted(jobs, key=lambda j: j.arrival)
+
+
+def test_unlimited_workers_without_cold_start_or_queue_target_never_wait():
+    """With no cap, a zero cold start and target_queue_time 0, every job starts the moment it arrives."""
+    jobs = mixed_trace(1)
+    result = simulate(jobs, plan(cold=0.0, max_workers=10_000, target_queue_time=0.0))
+    assert result.jobs == len(jobs)
+    assert max(result.waits) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_jobs_far_apart_each_meet_a_cold_start():
+    """Jobs spaced beyond max(inactivity_timeout, scale-down delay) + 1 s each start a worker and wait it out."""
+    cold, inactivity, delay = 4.0, 10.0, 5.0
+    gap = max(inactivity, delay) + 1.5
+    chosen = plan(cold=cold, cold_workers=0, inactivity_timeout=inactivity, policy=LocalPolicy(scale_down_delay=delay))
+    # A job's wait is at most target_queue_time plus the cold start: its end is known before the run.
+    longest_wait = chosen.params.target_queue_time + cold
+    jobs, t = [], 0.0
+    for duration in (2.0, 7.0, 1.0, 3.0, 5.0):
+        jobs.append(Job(t, duration))
+        t += longest_wait + duration + gap
+    result = simulate(jobs, chosen)
+    assert max(result.waits) <= longest_wait + 1e-9
+    assert result.cold_starts == len(jobs)
+    assert min(result.waits) >= cold
+
+
+def test_min_load_of_one_worker_leaves_only_the_first_job_a_cold_start():
+    """A min_load of one worker keeps it warm: of jobs that never overlap, only the first waits for a start."""
+    jobs = [Job(0.0, 2.0)] + [Job(10.0 + 30.0 * i, 4.0) for i in range(6)]
+    result = simulate(jobs, plan(cold=3.0, min_load=100.0))
+    assert result.cold_starts == 1
+    assert result.waits[0] >= 3.0
+    assert result.waits[1:] == [0.0] * 6
+
+
+def test_one_worker_runs_simultaneous_jobs_one_after_another():
+    """With max_workers 1, jobs that arrive together run one at a time on the one worker."""
+    jobs = [Job(0.0, 2.0) for _ in range(6)]
+    result = simulate(jobs, plan(cold=1.0, max_workers=1))
+    starts = sorted(job.arrival + wait for job, wait in zip(jobs, result.waits, strict=True))
+    assert result.peak_workers == 1
+    assert result.cold_starts == 1
+    for before, after in zip(starts, starts[1:], strict=False):
+        assert after >= before + 2.0 - 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_billed_covers_busy_and_busy_is_the_sum_of_durations(seed):
+    """Every busy second is billed, and busy worker-seconds are exactly the jobs' durations."""
+    jobs = mixed_trace(seed)
+    result = simulate(jobs, plan(cold=5.0, max_workers=6, cold_workers=2), seed=seed)
+    assert result.busy_worker_s == pytest.approx(sum(j.duration for j in jobs))
+    assert result.billed_worker_s >= result.busy_worker_s
+    assert result.cost > 0
+
+
+def test_same_inputs_and_seed_give_the_same_output():
+    """Two runs of one trace, plan and seed agree to the last figure, cold-start draws included."""
+    jobs = mixed_trace(3)
+    chosen = Plan(cold_start=(2.0, 9.0), resume=(1.0, 2.0), params=EndpointParams(cold_workers=2))
+    first = simulate(jobs, chosen, seed=11)
+    second = simulate(jobs, chosen, seed=11)
+    assert first.as_dict() == second.as_dict()
+    assert first.waits == second.waits
+
+
+def test_another_seed_draws_other_cold_starts():
+    """The seed reaches the cold-start draws: a spread cold start gives other waits under another seed."""
+    jobs = mixed_trace(3)
+    chosen = Plan(cold_start=(2.0, 30.0))
+    assert simulate(jobs, chosen, seed=1).waits != simulate(jobs, chosen, seed=2).waits
+
+
+@pytest.mark.parametrize(
+    "chosen",
+    [
+        Plan(cold_start=(5.0, 40.0)),
+        Plan(params=EndpointParams(max_workers=4, cold_workers=2, min_load=100.0), cold_start=(5.0, 20.0)),
+        Plan(route_hold=0.0, cold_start=(10.0, 10.0), max_sessions=5),
+        Plan(params=EndpointParams(target_util=0.5, inactivity_timeout=None), cold_start=(1.0, 1.0)),
+    ],
+)
+def test_skipping_steps_that_ask_for_nothing_changes_no_figure(chosen):
+    """The planner's shortcut (no book step where none can act) gives exactly what stepping after every event gives."""
+    jobs = mixed_trace(5)
+    fast = simulate(jobs, chosen, seed=4)
+    exact = simulate(jobs, chosen, seed=4, exact=True)
+    assert fast.as_dict() == exact.as_dict()
+    assert fast.waits == exact.waits
+
+
+def test_cold_workers_resume_instead_of_provisioning():
+    """With cold_workers, a stopped worker is resumed for the next burst and its seconds billed at the stopped price."""
+    jobs = [Job(0.0, 5.0)] * 3 + [Job(200.0, 5.0)] * 3
+    result = simulate(jobs, plan(cold=20.0, cold_workers=3, inactivity_timeout=10.0, resume=(2.0, 2.0)))
+    assert result.resumed >= 1
+    assert result.cold_worker_s > 0
+    assert max(result.waits[3:]) < 20.0
+
+
+def test_dispatcher_cap_limits_sessions_and_so_workers():
+    """The dispatcher opens no more sessions than max_sessions, so no more workers are started."""
+    jobs = [Job(0.0, 3.0) for _ in range(10)]
+    result = simulate(jobs, plan(cold=1.0, max_sessions=2, target_queue_time=0.0))
+    assert result.peak_workers <= 2
+
+
+def test_timeline_records_queue_depth_and_workers():
+    """A recorded run keeps, per moment, the jobs waiting and the workers in each phase."""
+    jobs = [Job(0.0, 2.0) for _ in range(4)]
+    result = simulate(jobs, plan(cold=2.0, max_workers=2), record=True)
+    assert result.timeline
+    assert max(row[1] for row in result.timeline) == 4
+    assert max(row[2] + row[3] + row[4] for row in result.timeline) == 2
+
+
+def test_generators_are_seeded_and_shaped():
+    """Generated traces repeat under a seed, and a diurnal day is quiet at midnight and busy at noon."""
+    first = diurnal(0.5, 24, JobSeconds(mean=10), random.Random(7))
+    assert first == diurnal(0.5, 24, JobSeconds(mean=10), random.Random(7))
+    night = sum(1 for j in first if j.arrival < 3 * 3600)
+    noon = sum(1 for j in first if 10.5 * 3600 <= j.arrival < 13.5 * 3600)
+    assert noon > 5 * night
+    assert 0.5 * 43200 * 0.9 < len(first) < 0.5 * 43200 * 1.1
+    spaced = bursts(3, 4, 60.0, JobSeconds(mean=None, low=1, high=2), random.Random(1))
+    assert [j.arrival for j in spaced] == [0.0] * 4 + [60.0] * 4 + [120.0] * 4
+    assert all(1 <= j.duration <= 2 for j in spaced)
+
+
+def test_percentile_interpolates():
+    """Percentiles interpolate between neighbours like numpy's default."""
+    values = [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 50) == 2.0
+    assert percentile(values, 95) == pytest.approx(3.8)
+    assert percentile([], 95) == 0.0
+
+
+def test_pareto_front_and_cheapest_choice():
+    """The front keeps sets no other beats on both cost and p95; the choice is the cheapest within the limit."""
+    jobs = [Job(0.0, 5.0) for _ in range(4)] + [Job(100.0, 5.0) for _ in range(4)]
+    results = [simulate(jobs, plan(cold=10.0, max_workers=n)) for n in (1, 2, 4)]
+    p95 = [r.wait_stats()["p95"] for r in results]
+    costs = [r.cost for r in results]
+    front = pareto_front(results)
+    assert front == sorted(front, key=lambda i: costs[i])
+    for i in range(3):
+        dominated = any(costs[j] <= costs[i] and p95[j] < p95[i] for j in range(3) if j != i)
+        assert (i in front) == (not dominated)
+    limit = sorted(p95)[1]
+    chosen = cheapest_within(results, limit)
+    assert p95[chosen] <= limit
+    assert all(costs[chosen] <= costs[i] for i in range(3) if p95[i] <= limit)
+    assert cheapest_within(results, -1.0) is None
