@@ -373,6 +373,11 @@ def _value(value: Any) -> str:
     return str(value)
 
 
+def _figure(value: float) -> str:
+    """Two decimals, or three significant digits for small figures so a short trace does not show 0.00."""
+    return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"
+
+
 def format_table(results: Sequence[Result], front: Sequence[int], chosen: int | None) -> str:
     dicts = [r.plan.as_dict() for r in results]
     varying = [col for col in _PARAM_COLUMNS if len({_value(d[col[0]]) for d in dicts}) > 1]
@@ -393,9 +398,9 @@ def format_table(results: Sequence[Result], front: Sequence[int], chosen: int | 
                 f"{w['max']:.1f}",
                 str(r.cold_starts),
                 str(r.peak_workers),
-                f"{r.billed_worker_s / 3600:.1f}",
-                f"{r.busy_worker_s / 3600:.1f}",
-                f"{r.cost:.2f}",
+                _figure(r.billed_worker_s / 3600),
+                _figure(r.busy_worker_s / 3600),
+                _figure(r.cost),
                 mark.strip(),
             ]
         )
