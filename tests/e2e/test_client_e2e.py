@@ -14,7 +14,8 @@ import pytest
 
 from lib.standin.autoscaler import DEFAULT_ENDPOINT, serve
 from tests.standin import CommandRun, explain, fast_config, process_gone, sdk_client, wait_fleet
-from workers.null.client import Dispatcher, Interrupt
+from workers.null.cli import Interrupt
+from workers.null.sessionclient import SessionRunner
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +77,7 @@ async def test_hold_longer_than_the_lifetime_is_kept_alive_until_released():
         client = sdk_client(standin)
         try:
             endpoint = await client.get_endpoint(DEFAULT_ENDPOINT)
-            dispatcher = Dispatcher(endpoint, session_args(hold=3.5, lifetime=lifetime), Interrupt())
+            dispatcher = SessionRunner(endpoint, session_args(hold=3.5, lifetime=lifetime), Interrupt())
             (record,) = await asyncio.wait_for(dispatcher.run(), 60)
             assert record.outcome == "released", explain(standin.fleet)
             assert record.held_seconds >= 3.5

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from lib.standin.autoscaler import LocalConfig, serve
 from lib.standin.fleet import FleetSettings
 from lib.standin.scaling import EndpointParams
 from tests.fakes import FakeAutoscaler
+from workers.null import sdk
 
 if TYPE_CHECKING:
     from tests.conftest import RunningWorker, StartWorker
@@ -274,7 +274,6 @@ def load_dispatcher() -> ModuleType:
 @pytest.mark.slow
 async def test_dispatcher_reserves_one_worker_per_job_and_learns_when_the_consumers_end_them(tmp_path: Path) -> None:
     """Through the SDK and the local stand-in, the dispatcher example reserves a worker for each of 3 jobs, the consumer beside each worker runs its job and releases it, and the dispatcher hears every session end."""
-    from vastai import Serverless
 
     dispatcher = load_dispatcher()
     jobs = Jobs.create(tmp_path / "jobs")
@@ -313,11 +312,7 @@ async def test_dispatcher_reserves_one_worker_per_job_and_learns_when_the_consum
             )
 
         try:
-            client = Serverless(
-                api_key=config.api_key, instance="local", autoscaler_url=standin.url, webserver_url=standin.url
-            )
-            # Plain HTTP on loopback: the console's CA certificate is not needed.
-            client._ssl_context = ssl.create_default_context()
+            client = sdk.make_client(config.api_key, "local", standin.url)
             stack.push_async_callback(client.close)
             endpoint = await client.get_endpoint(config.endpoint_name)
             try:
