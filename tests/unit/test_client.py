@@ -10,8 +10,7 @@ from aiohttp import web
 from lib.standin.autoscaler import serve
 from tests.fakes import serving
 from tests.standin import fast_config
-from workers.null import client
-from workers.null import sessionclient
+from workers.null import client, sessionclient
 from workers.null.cli import StartupError
 from workers.null.sessionclient import SessionRecord, exit_code, format_table
 
