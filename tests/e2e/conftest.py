@@ -34,7 +34,7 @@ async def redis_url() -> AsyncIterator[str]:
         await server.__aexit__(None, None, None)
 
 
-@pytest.fixture(params=["nats"])
+@pytest.fixture(params=["nats", "redis"])
 def queue_server(request: pytest.FixtureRequest) -> str:
     """The server URL of each queue kind in turn."""
     return request.getfixturevalue(f"{request.param}_url")

@@ -175,7 +175,10 @@ class Claim(abc.ABC):
     @property
     @abc.abstractmethod
     def owned(self) -> bool:
-        """True while the claim is held: not yet settled and renewed within ``ack_wait``."""
+        """True while the claim is surely held: not settled, and renewed within ``ack_wait``.
+
+        False does not always mean taken: on Redis the next verb asks the server.
+        """
 
 
 class Queue(abc.ABC):
