@@ -280,7 +280,7 @@ async def test_ctrl_c_on_the_standalone_stand_in_stops_every_worker():
     """SIGINT to python -m lib.standin stops its workers and exits 0."""
     run = CommandRun(
         "-m",
-        "lib.standin.autoscaler",
+        "lib.standin",
         "--port",
         "0",
         "--min-load",
