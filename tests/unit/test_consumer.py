@@ -589,9 +589,9 @@ async def test_worker_stopping_is_waited_out(control, start):
     assert not run.task.done()
 
 
-async def test_health_endpoint_answers_while_the_loop_runs(control, start):
-    """GET /health on the consumer's port is 200 with its state while it runs, and gone after it stopped."""
-    queue = MemoryQueue()
+async def test_health_endpoint_is_503_until_the_queue_answers_then_200(control, start):
+    """GET /health is 503 while the queue is unreachable, 200 once the loop runs, and gone after it stopped."""
+    queue = MemoryQueue(unreachable_for=10**6)
     run = await start(queue, command_runs([sys.executable, "-c", "pass"]), health_port=0)
     deadline = time.monotonic() + 5
     while run.consumer.health_port is None:
@@ -600,8 +600,17 @@ async def test_health_endpoint_answers_while_the_loop_runs(control, start):
     url = f"http://127.0.0.1:{run.consumer.health_port}/health"
     async with aiohttp.ClientSession() as http:
         async with http.get(url) as resp:
-            assert resp.status == 200
-            assert (await resp.json())["state"] in ("waiting for a session", "connecting to the queue")
+            assert resp.status == 503
+            assert (await resp.json())["state"] == "connecting to the queue"
+        queue.unreachable_for = 0
+        deadline = time.monotonic() + 5
+        while True:
+            async with http.get(url) as resp:
+                if resp.status == 200:
+                    assert (await resp.json())["state"] == "waiting for a session"
+                    break
+            assert time.monotonic() < deadline, "health never turned 200"
+            await asyncio.sleep(0.05)
         await run.stop()
         with pytest.raises(aiohttp.ClientConnectionError):
             async with http.get(url):

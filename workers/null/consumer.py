@@ -402,6 +402,7 @@ class Consumer:
         self._events: asyncio.Queue[JobEvent | None] = asyncio.Queue()
         self._publisher: asyncio.Task | None = None
         self._quiet: set[str] = set()  # repeated warnings already logged once
+        self._connected = False
 
     # -- control --------------------------------------------------------------
 
@@ -488,6 +489,7 @@ class Consumer:
                 continue
             if outcome is _STOPPED:
                 return False
+            self._connected = True
             log.info(
                 "queue %s reachable%s: renewal window %.1fs, at most %d attempt(s) per job",
                 self.label,
@@ -735,8 +737,12 @@ class Consumer:
 
     # -- health -------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        return {"ok": True, "state": self.state, "session_id": self.session_id, "job_id": self.job_id}
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """200 once the queue answered and while the loop runs; 503 before, so the worker is not
+        marked ready while its consumer cannot take a job."""
+        ok = self._connected and self.state != "stopped"
+        body = {"ok": ok, "state": self.state, "session_id": self.session_id, "job_id": self.job_id}
+        return (200 if ok else 503), body
 
     @asynccontextmanager
     async def _health(self) -> AsyncIterator[None]:
@@ -746,7 +752,8 @@ class Consumer:
             return
 
         async def handle(request: web.Request) -> web.Response:
-            return web.json_response(self.health())
+            status, body = self.health()
+            return web.json_response(body, status=status)
 
         app = web.Application()
         app.router.add_get("/health", handle)
