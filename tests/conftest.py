@@ -49,6 +49,7 @@ async def desk(monkeypatch, signer):
     """The session desk installed on a real framework Backend, in this process, ready."""
     from vastai.serverless.server.worker import Worker
 
+    from workers.null import framework
     from workers.null.settings import Settings
     from workers.null.worker import build_worker_config, install
 
@@ -61,11 +62,10 @@ async def desk(monkeypatch, signer):
     worker = Worker(build_worker_config(Settings.from_env(DESK_ENV)))
     root.setLevel(level)  # the framework forces DEBUG on the root logger
     desk = install(worker, Settings.from_env(DESK_ENV))
-    worker.backend._pubkey = signer.key.publickey()
+    framework.set_public_key(worker.backend, signer.key.publickey())
     desk.ready = True
     yield desk
-    for task in list(desk._callbacks):
-        task.cancel()
+    await desk.cancel_callbacks()
     client = worker.backend.__dict__.get("session")  # the callback client, created on first use
     if client is not None:
         await client.close()

@@ -24,7 +24,7 @@ async def public(desk):
     app = web.Application()
     app.router.add_post("/session/create", desk.backend.session_create_handler)
     app.router.add_post("/session/end", desk.backend.session_end_handler)
-    app.router.add_post("/ping", desk.handle_ping)
+    app.router.add_post("/ping", desk.backend.lifecycle.routes.ping)
     async with TestClient(TestServer(app)) as client:
         yield client
 

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from lib.standin.process import free_port
 from tests.conftest import DESK_URL
 from workers.null.control import make_control_app
-from workers.null.requests import MAX_BODY_BYTES
+from workers.null.bodies import MAX_BODY_BYTES
 from workers.null.settings import http_url
 
 # Reproducible in CI: the same examples every run, nothing read from or
@@ -250,7 +250,7 @@ def public_app(desk) -> web.Application:
     """The framework's public app as ``start_server_async`` builds it, with the null worker's handlers."""
     backend = desk.backend
     app = web.Application(client_max_size=0)
-    app.router.add_post("/ping", desk.handle_ping)  # what install() puts in place of the framework's /ping
+    app.router.add_post("/ping", desk.backend.lifecycle.routes.ping)  # what install() puts in place of the framework's /ping
     app.router.add_post("/session/create", backend.session_create_handler)
     app.router.add_post("/session/end", backend.session_end_handler)
     app.router.add_post("/session/get", backend.session_get_handler)

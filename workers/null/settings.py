@@ -33,6 +33,8 @@ class Settings:
     control_port: int = DEFAULT_CONTROL_PORT
     backend_health_url: str | None = None
     max_lifetime: float = DEFAULT_MAX_LIFETIME
+    # A session no consumer claims within this many seconds is released; None: never.
+    claim_deadline: float | None = None
     log_level: str = "INFO"
 
     @property
@@ -85,6 +87,7 @@ class Settings:
             ),
             backend_health_url=_health_url(env),
             max_lifetime=_positive_seconds(env, "NULL_MAX_LIFETIME", default=DEFAULT_MAX_LIFETIME),
+            claim_deadline=_positive_seconds(env, "NULL_CLAIM_DEADLINE", default=None, example=30),
             log_level=_log_level(env),
         )
 
@@ -152,7 +155,7 @@ def http_url(value: object) -> bool:
         return False
     try:
         parts = urlsplit(value)
-        parts.port  # raises ValueError on a malformed port
+        _ = parts.port  # raises ValueError on a malformed port
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and bool(parts.hostname)
@@ -184,7 +187,9 @@ def _health_url(env: Mapping[str, str]) -> str | None:
     return value
 
 
-def _positive_seconds(env: Mapping[str, str], name: str, *, default: float) -> float:
+def _positive_seconds(
+    env: Mapping[str, str], name: str, *, default: float | None, example: float | None = None
+) -> float | None:
     value = _value(env, name)
     if value is None:
         return default
@@ -194,7 +199,8 @@ def _positive_seconds(env: Mapping[str, str], name: str, *, default: float) -> f
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
         raise SettingsError(
-            f"{name}={value!r} is not a positive number of seconds: set it to e.g. {int(default)}, or unset it"
+            f"{name}={value!r} is not a positive number of seconds: set it to e.g. {int(example or default or 1)}, "
+            "or unset it"
         )
     return seconds
 
