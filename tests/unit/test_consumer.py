@@ -68,6 +68,7 @@ class FakeControl:
         self.stopping = False
         self.url = ""
         self.released_at: dict[str, float] = {}
+        self.refuse_releases = 0  # answer this many /release calls with 500
 
     def open(self, session_id: str) -> None:
         self.held = session_id
@@ -96,9 +97,7 @@ class FakeControl:
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._opened.wait(), body["timeout"])
         self._opened.clear()
-        if self.held is None or self.held in self.claimed:
-            # A real worker answers a held, already-claimed session too; the
-            # consumer only asks again after releasing it.
+        if self.held is None:
             return web.json_response({"session": None})
         self.claimed.add(self.held)
         session = {"session_id": self.held, "expires_in": 60.0, "lifetime": 60.0, "claimed": True}
@@ -114,6 +113,9 @@ class FakeControl:
     async def _release(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.calls.append(("/release", body))
+        if self.refuse_releases:
+            self.refuse_releases -= 1
+            return web.json_response({"error": "internal"}, status=500)
         self.released_at[body["session_id"]] = time.monotonic()
         if body["session_id"] != self.held:
             return web.json_response({"released": False, "reason": "not held"})
@@ -452,6 +454,25 @@ async def test_claim_lost_at_ack_time_is_not_acked(control, start, tmp_path):
     assert event.outcome == ABANDONED and "not owned" in event.detail
     assert ("ack refused", "j1", 1) in queue.steps and ("ack", "j1", 1) not in queue.steps
     await released(queue, "j1")
+
+
+async def test_session_whose_release_failed_gets_no_second_job(control, start, tmp_path):
+    """A release that did not land leaves the session held; the consumer releases it again, not taking a job."""
+    queue = MemoryQueue()
+    await queue.publish("j1", b"")
+    await queue.publish("j2", b"")
+    control.refuse_releases = 1
+    await start(queue, command_runs([sys.executable, "-c", "pass"]))
+    control.open("s1")
+    await finished(queue, "j1")
+    deadline = time.monotonic() + 5
+    while control.held is not None:
+        assert time.monotonic() < deadline, control.calls
+        await asyncio.sleep(0.02)
+    assert control.routes("s1").count("/release") == 2
+    assert [s[1] for s in queue.steps if s[0] == "claim"] == ["j1"]
+    control.open("s2")
+    await finished(queue, "j2")
 
 
 # -- stopping ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import ctypes
 import functools
 import importlib
@@ -403,6 +404,7 @@ class Consumer:
         self._publisher: asyncio.Task | None = None
         self._quiet: set[str] = set()  # repeated warnings already logged once
         self._connected = False
+        self._served: collections.deque[str] = collections.deque(maxlen=32)  # sessions already given a job
 
     # -- control --------------------------------------------------------------
 
@@ -520,11 +522,20 @@ class Consumer:
                 continue
             if held is _STOPPED:
                 return
+            if held is None:
+                backoff.reset()
+                continue
+            assert isinstance(held, HeldSession)
+            if held.session_id in self._served:
+                # /claim answers a held session at once: this one's release did not land. One job per session.
+                self._warn_once("served", "session %s already had its job; releasing it again", held.session_id)
+                await self._release(held.session_id, None)
+                await self._sleep(backoff.next())
+                continue
             backoff.reset()
             self._quiet.clear()
-            if held is not None:
-                assert isinstance(held, HeldSession)
-                await self._serve(held)
+            self._served.append(held.session_id)
+            await self._serve(held)
 
     # -- one session --------------------------------------------------------
 
