@@ -10,11 +10,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from lib.bench.recorder import is_ready
 from lib.standin.grants import GrantSigner
 from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
 from tests.fakes import FakeAutoscaler, serving
+from tests.helpers import public_app
 
 _container_ids = itertools.count(1001)
 
@@ -69,6 +71,13 @@ async def desk(monkeypatch, signer):
     client = worker.backend.__dict__.get("session")  # the callback client, created on first use
     if client is not None:
         await client.close()
+
+
+@pytest.fixture
+async def public(desk) -> AsyncIterator[TestClient]:
+    """A test client of the worker's public routes, as the framework serves them, on the in-process desk."""
+    async with TestClient(TestServer(public_app(desk))) as client:
+        yield client
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import aiohttp
 from lib.bench.recorder import RecordingAutoscaler, is_ready, serving
 from lib.standin.grants import GrantSigner
 from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
+from workers.null import sdk
 
 FLOOR_COMMAND = "from vastai.serverless.server.worker import Worker"
 
@@ -288,9 +289,7 @@ def rss_mib(pid: int) -> float:
 
 async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     """Sessions through the real SDK and the local stand-in, with the recommended parameters."""
-    import ssl
 
-    from vastai import Serverless
 
     from lib.standin.autoscaler import LocalConfig, serve
     from lib.standin.fleet import FleetSettings
@@ -311,10 +310,7 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any
     for sessions in (1, 3, 10):
         progress(f"scaling: {sessions} sessions through the SDK and the local stand-in")
         async with serve(LocalConfig(fleet=settings, port=0)) as standin:
-            client = Serverless(
-                api_key=standin.config.api_key, instance="local", autoscaler_url=standin.url, webserver_url=standin.url
-            )
-            client._ssl_context = ssl.create_default_context()  # loopback HTTP: no CA download
+            client = sdk.make_client(standin.config.api_key, "local", standin.url)
             async with client:
                 endpoint = await client.get_endpoint(standin.config.endpoint_name)
 

@@ -14,20 +14,21 @@ import argparse
 import asyncio
 import errno
 import logging
-import math
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from aiohttp import web
 
 from lib.standin.fleet import Fleet, FleetSettings
 from lib.standin.grants import GrantSigner
 from lib.standin.scaling import EndpointParams, LocalPolicy
+from workers.null.bodies import finite
+from workers.null.cli import OneLineParser
 
 log = logging.getLogger("lib.standin.autoscaler")  # also when run as __main__
 
@@ -99,13 +100,6 @@ async def _json_object(request: web.Request) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 async def list_endpoints(request: web.Request) -> web.Response:
     standin = request.app[STANDIN]
     return web.json_response({"success": True, "results": [standin.endpoint_record()]})
@@ -130,7 +124,7 @@ async def route(request: web.Request) -> web.Response:
         return _error(404, f"no endpoint named {name!r}: this stand-in serves {standin.config.endpoint_name!r}")
     if body.get("api_key") != standin.config.api_key:
         return _error(401, "api_key is not this endpoint's key")
-    cost = _number(body.get("cost", 100))
+    cost = finite(body.get("cost", 100))
     if cost is None or cost < 0:
         return _error(422, "cost must be a finite number >= 0")
     request_idx = body.get("request_idx") or 0
@@ -154,7 +148,7 @@ async def worker_status(request: web.Request) -> web.Response:
     if body is None or not isinstance(body.get("id"), int):
         return _error(422, "a report is a JSON object with an integer id")
     for name in ("cur_load", "max_perf"):
-        if body.get(name) is not None and _number(body[name]) is None:
+        if body.get(name) is not None and finite(body[name]) is None:
             return _error(422, f"{name} must be a finite number")
     idxs = body.get("working_request_idxs") or []
     if not isinstance(idxs, list) or not all(isinstance(i, int) for i in idxs):
@@ -251,13 +245,6 @@ def describe_params(settings: FleetSettings) -> str:
 
 
 # -- command line ---------------------------------------------------------------------
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line naming the problem, not the whole usage text."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def seconds_or_off(text: str) -> float | None:
