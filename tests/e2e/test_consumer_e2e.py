@@ -45,15 +45,11 @@ async def queue_url(request, tmp_path) -> AsyncIterator[str]:
     from lib.standin.queueservers import nats_server, valkey_server
 
     if request.param == "nats":
-        async with nats_server(tmp_path / "nats") as server:
-            yield f"{_url(server)}/jobs"
+        async with nats_server() as url:
+            yield f"{url}/jobs"
     else:
-        async with valkey_server(tmp_path / "valkey") as server:
-            yield f"{_url(server)}/0?stream=jobs&group=null"
-
-
-def _url(server: Any) -> str:
-    return server if isinstance(server, str) else server.url
+        async with valkey_server() as url:  # redis://127.0.0.1:PORT/0
+            yield f"{url}?stream=jobs&group=null"
 
 
 @dataclass
@@ -100,20 +96,22 @@ async def dispatch(queue_url: str) -> AsyncIterator[Dispatch]:
     await queue.connect()
     await queue.setup()
     found = Dispatch(queue)
+    feed = queue.events()
+    await feed.start()  # subscribed before any job event is published
 
     async def listen() -> None:
-        async for event in queue.events():
+        async for event in feed:
             found.events.append(event)
             found.arrived.set()
 
     listener = asyncio.ensure_future(listen())
-    await asyncio.sleep(0.1)  # the subscription is in place before any job event is published
     try:
         yield found
     finally:
         listener.cancel()
         with suppress(asyncio.CancelledError, Exception):
             await listener
+        await feed.aclose()
         await queue.close()
 
 
@@ -263,6 +261,7 @@ async def test_poison_job_is_dead_lettered_after_max_attempts(start_worker, http
     session_id, _ = await open_session(http, worker)
     await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
     assert [r[:2] for r in consumers.runs()] == [("poison", 1), ("poison", 2)]
+    assert [(j.id, j.attempt) for j in await dispatch.queue.dead_letters()] == [("poison", 2)]
     depth = await dispatch.queue.depth()
     assert (depth.pending, depth.in_flight) == (0, 0)
 

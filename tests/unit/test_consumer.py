@@ -127,10 +127,18 @@ class MemoryClaim(Claim):
     def __init__(self, queue: MemoryQueue, job: Job):
         self.queue = queue
         self.job = job
-        self.owned = True
+        self._owned = True
+
+    @property
+    def owned(self) -> bool:
+        return self._owned
+
+    def lose(self) -> None:
+        """The job went to another consumer, as when its AckWait ran out unrenewed."""
+        self._owned = False
 
     def _check(self, verb: str) -> None:
-        if not self.owned:
+        if not self._owned:
             self.queue.steps.append((f"{verb} refused", self.job.id, self.job.attempt))
             raise NotOwned(f"job {self.job.id} was handed to another consumer")
 
@@ -183,8 +191,9 @@ class MemoryQueue(Queue):
     async def check(self) -> None:
         pass
 
-    async def publish(self, job_id: str, body: bytes) -> None:
+    async def publish(self, job_id: str, body: bytes) -> bool:
         self.ready.put_nowait(Job(job_id, body, 1))
+        return True
 
     async def claim(self, consumer: str, timeout: float) -> Claim | None:
         try:
@@ -420,7 +429,7 @@ async def test_claim_not_owned_stops_the_job_and_never_acks(control, start, tmp_
     await start(queue, command_runs(script(tmp_path, "import time; time.sleep(60)")))
     control.open("s1")
     await queue.wait_event(lambda e: e.kind == STARTED)
-    queue.claims[0].owned = False
+    queue.claims[0].lose()
     event = await finished(queue, "j1")
     assert event.outcome == ABANDONED and "not owned" in event.detail
     await released(queue, "j1")
@@ -448,7 +457,7 @@ async def test_claim_lost_at_ack_time_is_not_acked(control, start, tmp_path):
     )
     control.open("s1")
     await queue.wait_event(lambda e: e.kind == STARTED)
-    queue.claims[0].owned = False
+    queue.claims[0].lose()
     gate.write_text("")
     event = await finished(queue, "j1")
     assert event.outcome == ABANDONED and "not owned" in event.detail

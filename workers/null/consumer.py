@@ -672,8 +672,8 @@ class Consumer:
                     reason = lease.lost.result()
                     if isinstance(reason, str) and reason.startswith("claim"):
                         raise NotOwned(reason)
-                if time.monotonic() > lease.claim_until:
-                    raise NotOwned(f"the claim was last renewed more than {self.window:g}s ago")
+                if time.monotonic() > lease.claim_until or not claim.owned:
+                    raise NotOwned(f"the claim was not renewed within {self.window:g}s")
                 await claim.ack()
                 self.jobs_done += 1
                 log.info("job %s attempt %d acked", job.id, job.attempt)
