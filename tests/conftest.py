@@ -10,11 +10,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from lib.bench.recorder import is_ready
 from lib.standin.grants import GrantSigner
 from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
 from tests.fakes import FakeAutoscaler, serving
+from tests.helpers import public_app
 
 _container_ids = itertools.count(1001)
 
@@ -49,6 +51,7 @@ async def desk(monkeypatch, signer):
     """The session desk installed on a real framework Backend, in this process, ready."""
     from vastai.serverless.server.worker import Worker
 
+    from workers.null import framework
     from workers.null.settings import Settings
     from workers.null.worker import build_worker_config, install
 
@@ -61,14 +64,20 @@ async def desk(monkeypatch, signer):
     worker = Worker(build_worker_config(Settings.from_env(DESK_ENV)))
     root.setLevel(level)  # the framework forces DEBUG on the root logger
     desk = install(worker, Settings.from_env(DESK_ENV))
-    worker.backend._pubkey = signer.key.publickey()
+    framework.set_public_key(worker.backend, signer.key.publickey())
     desk.ready = True
     yield desk
-    for task in list(desk._callbacks):
-        task.cancel()
+    await desk.cancel_callbacks()
     client = worker.backend.__dict__.get("session")  # the callback client, created on first use
     if client is not None:
         await client.close()
+
+
+@pytest.fixture
+async def public(desk) -> AsyncIterator[TestClient]:
+    """A test client of the worker's public routes, as the framework serves them, on the in-process desk."""
+    async with TestClient(TestServer(public_app(desk))) as client:
+        yield client
 
 
 @pytest.fixture

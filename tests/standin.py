@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -18,9 +17,10 @@ from lib.standin.autoscaler import LocalConfig, LocalServerless
 from lib.standin.fleet import Fleet, FleetSettings
 from lib.standin.process import REPO_ROOT, with_repo_on_path
 from lib.standin.scaling import EndpointParams, LocalPolicy
+from workers.null import sdk
 
 # Short enough for a test, long enough that every phase is visible.
-FAST = dict(provisioning_delay=0.2, tick=0.05, stop_grace=6.0, load_timeout=45.0)
+FAST = dict(provisioning_delay=0.2, stop_grace=6.0, load_timeout=45.0)
 FAST_PARAMS = dict(target_util=1.0, target_queue_time=0.2, max_queue_time=1.0, inactivity_timeout=2.0)
 FAST_POLICY = dict(scale_down_delay=0.5)
 
@@ -37,18 +37,7 @@ def fast_config(**overrides: Any) -> LocalConfig:
 
 
 def sdk_client(standin: LocalServerless):
-    from vastai import Serverless
-
-    client = Serverless(
-        api_key=standin.config.api_key,
-        instance="local",
-        autoscaler_url=standin.url,
-        webserver_url=standin.url,
-        max_poll_interval=1.0,
-    )
-    # Loopback HTTP only: skip the SDK's CA certificate download.
-    client._ssl_context = ssl.create_default_context()
-    return client
+    return sdk.make_client(standin.config.api_key, "local", standin.url, max_poll_interval=1.0)
 
 
 def explain(fleet: Fleet) -> str:

@@ -26,6 +26,7 @@ import aiohttp
 from lib.bench.recorder import RecordingAutoscaler, is_ready, serving
 from lib.standin.grants import GrantSigner
 from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
+from workers.null import sdk
 
 FLOOR_COMMAND = "from vastai.serverless.server.worker import Worker"
 
@@ -286,11 +287,20 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+async def _reserve_all(endpoint: Any, sessions: int) -> list[tuple[Any, float]]:
+    """``sessions`` sessions at once; each with the seconds it took."""
+
+    async def one() -> tuple[Any, float]:
+        started = time.monotonic()
+        session = await endpoint.session(cost=100, lifetime=300, timeout=120)
+        return session, time.monotonic() - started
+
+    return list(await asyncio.gather(*(one() for _ in range(sessions))))
+
+
 async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     """Sessions through the real SDK and the local stand-in, with the recommended parameters."""
-    import ssl
 
-    from vastai import Serverless
 
     from lib.standin.autoscaler import LocalConfig, serve
     from lib.standin.fleet import FleetSettings
@@ -311,28 +321,17 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any
     for sessions in (1, 3, 10):
         progress(f"scaling: {sessions} sessions through the SDK and the local stand-in")
         async with serve(LocalConfig(fleet=settings, port=0)) as standin:
-            client = Serverless(
-                api_key=standin.config.api_key, instance="local", autoscaler_url=standin.url, webserver_url=standin.url
-            )
-            client._ssl_context = ssl.create_default_context()  # loopback HTTP: no CA download
+            client = sdk.make_client(standin.config.api_key, "local", standin.url)
             async with client:
                 endpoint = await client.get_endpoint(standin.config.endpoint_name)
 
-                async def reserve_all() -> list[Any]:
-                    async def one() -> Any:
-                        started = time.monotonic()
-                        session = await endpoint.session(cost=100, lifetime=300, timeout=120)
-                        return session, time.monotonic() - started
-
-                    return list(await asyncio.gather(*(one() for _ in range(sessions))))
-
-                cold = await reserve_all()
+                cold = await _reserve_all(endpoint, sessions)
                 provisioned = len(standin.fleet.created)
                 distinct = len({session.url for session, _ in cold})
                 for session, _ in cold:
                     await session.close()
                 # Again at once, while the workers are still up: the warm path.
-                warm = await reserve_all()
+                warm = await _reserve_all(endpoint, sessions)
                 provisioned_warm = len(standin.fleet.created) - provisioned
                 for session, _ in warm:
                     await session.close()
@@ -467,7 +466,9 @@ async def run(quick: bool, progress: Callable[[str], None], only: Sequence[str] 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lib.bench",
-        description="Measure the null worker's readiness, occupancy signal, contention, control path, scaling and footprint.",
+        description=(
+            "Measure the null worker's readiness, occupancy signal, contention, control path, scaling and footprint."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter windows (for CI)")

@@ -8,7 +8,6 @@ worker fetches the matching public key (PEM) from ``$REPORT_ADDR/pubkey/``.
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -17,9 +16,7 @@ from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
 
-
-def signed_message(url: str) -> bytes:
-    return json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+from workers.null.grants import signed_message
 
 
 @dataclass

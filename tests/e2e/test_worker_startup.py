@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lib.standin.process import REPO_ROOT, WorkerPorts, free_port, worker_env
+from workers.null import framework
 
 SUBPROCESS_DEADLINE = 30.0
 
@@ -201,24 +202,24 @@ async def test_taken_control_port_is_reported_as_an_error_naming_the_setting(sta
 
 # -- 8. framework compatibility ------------------------------------------------------
 
-BREAK_CLASS = """
+BREAK_CLASS = f"""
 import vastai.serverless.server.lib.backend as backend
-del backend.Backend._Backend__close_session
+del backend.Backend.{framework.CLOSE_SESSION}
 """
 
-BREAK_INSTANCE = """
+BREAK_INSTANCE = f"""
 import vastai.serverless.server.lib.backend as backend
 _post_init = backend.Backend.__post_init__
 def __post_init__(self):
     _post_init(self)
-    del self._pubkey
+    del self.{framework.PUBKEY}
 backend.Backend.__post_init__ = __post_init__
 """
 
 
 @pytest.mark.parametrize(
     "sitecustomize, missing",
-    [(BREAK_CLASS, "_Backend__close_session"), (BREAK_INSTANCE, "_pubkey")],
+    [(BREAK_CLASS, framework.CLOSE_SESSION), (BREAK_INSTANCE, framework.PUBKEY)],
     ids=["class-internal-removed", "instance-attribute-removed"],
 )
 async def test_incompatible_framework_is_reported_with_its_version_and_the_worker_exits(

@@ -10,8 +10,9 @@ from aiohttp import web
 from lib.standin.autoscaler import serve
 from tests.fakes import serving
 from tests.standin import fast_config
-from workers.null import client
-from workers.null.client import SessionRecord, StartupError, exit_code, format_table
+from workers.null import client, sessionclient
+from workers.null.cli import StartupError
+from workers.null.sessionclient import SessionRecord, exit_code, format_table
 
 
 def parse(*argv: str):
@@ -91,7 +92,7 @@ async def test_something_else_on_the_local_port_is_refused_with_the_fix():
     async with serving(app) as url:
         port = int(url.rsplit(":", 1)[1])
         with pytest.raises(StartupError) as refused:
-            await client.run(parse("--local-port", str(port)), client.LOCAL_API_KEY)
+            await sessionclient.run(parse("--local-port", str(port)), client.LOCAL_API_KEY)
     assert refused.value.code == 2
     assert "not as a Vast stand-in" in str(refused.value) and "--local-port 0" in str(refused.value)
 
@@ -101,6 +102,6 @@ async def test_unknown_endpoint_names_the_ones_served():
     async with serve(fast_config(provisioning_delay=120.0)) as standin:
         port = standin.url.rsplit(":", 1)[1]
         with pytest.raises(StartupError) as refused:
-            await client.run(parse("--local-port", port, "--endpoint", "nope"), client.LOCAL_API_KEY)
+            await sessionclient.run(parse("--local-port", port, "--endpoint", "nope"), client.LOCAL_API_KEY)
     message = str(refused.value)
     assert "'nope'" in message and "'null-pyworker'" in message and "--endpoint" in message

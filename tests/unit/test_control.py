@@ -1,10 +1,10 @@
 """The control app and the session desk in-process, on a real framework Backend."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import DESK_URL
@@ -16,16 +16,6 @@ WORKER_URL = DESK_URL
 @pytest.fixture
 async def control(desk):
     async with TestClient(TestServer(make_control_app(desk, health_stub=True))) as client:
-        yield client
-
-
-@pytest.fixture
-async def public(desk):
-    app = web.Application()
-    app.router.add_post("/session/create", desk.backend.session_create_handler)
-    app.router.add_post("/session/end", desk.backend.session_end_handler)
-    app.router.add_post("/ping", desk.handle_ping)
-    async with TestClient(TestServer(app)) as client:
         yield client
 
 
@@ -193,3 +183,108 @@ async def test_release_refuses_a_malformed_body(control, public, signer, desk, b
     response = await control.post("/release", data=body, headers={"Content-Type": "application/json"})
     assert response.status == 422
     assert desk.backend.sessions
+
+
+async def test_claim_returns_the_held_session_at_once_and_marks_it_claimed(control, public, signer):
+    """/claim with a session held answers at once with that session, now counted as claimed."""
+    session_id, _ = await open_session(public, signer, on_close_payload={"job": 7})
+    started = time.monotonic()
+    answer = await (await control.post("/claim", json={"timeout": 5})).json()
+    assert time.monotonic() - started < 1
+    assert answer["session"]["session_id"] == session_id
+    assert answer["session"]["claimed"] is True
+    assert answer["session"]["on_close_payload"] == {"job": 7}
+    status = await (await control.get("/status")).json()
+    assert status["session"]["claimed"] is True
+
+
+async def test_claim_waits_for_the_next_session_to_open(control, public, signer):
+    """/claim on a free worker answers the moment a session opens, not at its timeout."""
+    waiting = asyncio.ensure_future(control.post("/claim", json={"timeout": 10}))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    started = time.monotonic()
+    session_id, _ = await open_session(public, signer)
+    answer = await (await waiting).json()
+    assert time.monotonic() - started < 1
+    assert answer["session"]["session_id"] == session_id
+
+
+async def test_claim_with_no_session_within_its_timeout_answers_none(control):
+    """/claim on a free worker answers {"session": null} once its timeout passes."""
+    started = time.monotonic()
+    response = await control.post("/claim", json={"timeout": 0.2})
+    assert response.status == 200
+    assert await response.json() == {"session": None}
+    assert 0.15 <= time.monotonic() - started < 2
+
+
+async def test_claim_while_stopping_is_503(control, desk):
+    """A stopping worker answers /claim with 503, waking a claim that was waiting."""
+    waiting = asyncio.ensure_future(control.post("/claim", json={"timeout": 10}))
+    await asyncio.sleep(0.1)
+    await desk.shutdown(time.monotonic() + 1)
+    response = await waiting
+    assert response.status == 503
+    assert (await control.post("/claim")).status == 503
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"timeout": 0}', b'{"timeout": -1}', b'{"timeout": 301}', b'{"timeout": "5"}', b"[]"]
+)
+async def test_claim_refuses_a_bad_timeout(control, body):
+    """A /claim timeout that is not a number of seconds in (0, 300] is a 422."""
+    response = await control.post("/claim", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 422
+    assert (await response.json())["error"]
+
+
+async def test_claim_deadline_releases_an_unclaimed_session(control, public, signer, desk):
+    """With a claim deadline, a session no consumer claims is released at the deadline and shown in /status."""
+    desk.settings = dataclasses.replace(desk.settings, claim_deadline=0.3)
+    expiry = asyncio.ensure_future(desk.expiry_loop())
+    try:
+        session_id, _ = await open_session(public, signer, lifetime=60)
+        status = await (await control.get("/status")).json()
+        assert status["session"]["claimed"] is False
+        assert 0 < status["session"]["claim_deadline_in"] <= 0.3
+        deadline = time.monotonic() + 3
+        while desk.backend.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert not desk.backend.sessions, "the unclaimed session was not released"
+        status = await (await control.get("/status")).json()
+        assert status["released_unclaimed"] == 1 and status["claim_deadline"] == 0.3
+        assert desk.unclaimed_releases == [session_id]
+    finally:
+        expiry.cancel()
+
+
+@pytest.mark.parametrize("how", ["claim", "extend"])
+async def test_claimed_session_outlives_the_claim_deadline(control, public, signer, desk, how):
+    """A session claimed by /claim, or by an /extend naming it, is not released by the claim deadline."""
+    desk.settings = dataclasses.replace(desk.settings, claim_deadline=0.2)
+    expiry = asyncio.ensure_future(desk.expiry_loop())
+    try:
+        session_id, _ = await open_session(public, signer, lifetime=60)
+        if how == "claim":
+            await control.post("/claim", json={"timeout": 1})
+        else:
+            await control.post("/extend", json={"session_id": session_id, "seconds": 60})
+        await asyncio.sleep(0.5)
+        assert session_id in desk.backend.sessions
+    finally:
+        expiry.cancel()
+
+
+async def test_without_a_claim_deadline_an_unclaimed_session_is_kept(control, public, signer, desk):
+    """Unset, the claim deadline changes nothing: an unclaimed session is held until its lease lapses."""
+    assert desk.settings.claim_deadline is None
+    expiry = asyncio.ensure_future(desk.expiry_loop())
+    try:
+        session_id, _ = await open_session(public, signer, lifetime=60)
+        await asyncio.sleep(0.3)
+        assert session_id in desk.backend.sessions
+        status = await (await control.get("/status")).json()
+        assert status["session"]["claim_deadline_in"] is None
+    finally:
+        expiry.cancel()

@@ -20,15 +20,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lib.standin.process import free_port
 from tests.conftest import DESK_URL
+from tests.helpers import public_app
+from workers.null.bodies import MAX_BODY_BYTES
 from workers.null.control import make_control_app
-from workers.null.requests import MAX_BODY_BYTES
 from workers.null.settings import http_url
 
 # Reproducible in CI: the same examples every run, nothing read from or
@@ -244,19 +244,6 @@ async def fuzz(config: settings, strategy: st.SearchStrategy, check: Callable[[A
 
 
 # -- in-process -------------------------------------------------------------------
-
-
-def public_app(desk) -> web.Application:
-    """The framework's public app as ``start_server_async`` builds it, with the null worker's handlers."""
-    backend = desk.backend
-    app = web.Application(client_max_size=0)
-    app.router.add_post("/ping", desk.handle_ping)  # what install() puts in place of the framework's /ping
-    app.router.add_post("/session/create", backend.session_create_handler)
-    app.router.add_post("/session/end", backend.session_end_handler)
-    app.router.add_post("/session/get", backend.session_get_handler)
-    app.router.add_post("/session/health", backend.session_health_handler)
-    app.router.add_post("/pyworker/update", backend.pyworker_update_handler)
-    return app
 
 
 @pytest.fixture

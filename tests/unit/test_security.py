@@ -16,8 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from lib.standin.grants import GrantSigner
 from tests.conftest import DESK_URL
@@ -29,14 +27,6 @@ OTHER_URL = "http://127.0.0.1:4999"
 def forger() -> GrantSigner:
     """Signs with a key the worker was never given."""
     return GrantSigner()
-
-
-@pytest.fixture
-async def public(desk):
-    app = web.Application()
-    app.router.add_post("/session/create", desk.backend.session_create_handler)
-    async with TestClient(TestServer(app)) as client:
-        yield client
 
 
 def flip_a_bit(signature: str) -> str:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from aiohttp import web
 
-from .requests import Refusal, finite, read_json, require_object
-from .sessions import SessionDesk, refusals
+from .bodies import Refusal, parse_claim, parse_extend, parse_release, read_json, refusals
+from .desk import SessionDesk
 
 log = logging.getLogger(__name__)
 
@@ -22,23 +21,14 @@ CONTROL_HOST = "127.0.0.1"
 DESK = web.AppKey("desk", SessionDesk)
 
 
-def _session_id(body: Any) -> str | None:
-    """The optional ``session_id`` a consumer names to act on that session only."""
-    session_id = body.get("session_id")
-    if session_id is not None and (not isinstance(session_id, str) or not session_id):
-        raise Refusal(422, "session_id must be a non-empty string or null")
-    return session_id
-
-
 @refusals("/release")
 async def release(request: web.Request) -> web.Response:
-    body = await read_json(request, allow_empty=True)
-    session_id = None if body is None else _session_id(require_object(body, "body"))
+    asked = parse_release(await read_json(request, allow_empty=True))
     desk = request.app[DESK]
-    if session_id is not None and session_id not in desk.backend.sessions:
+    if asked.session_id is not None and not desk.holds(asked.session_id):
         # A consumer that outlived its lease must not release the next job's session.
-        return web.json_response({"released": False, "reason": f"session {session_id} is not held"})
-    released = await desk.release("consumer (/release)", only=session_id)
+        return web.json_response({"released": False, "reason": f"session {asked.session_id} is not held"})
+    released = await desk.release("consumer (/release)", only=asked.session_id)
     if not released:
         return web.json_response({"released": False, "reason": "no active session"})
     return web.json_response({"released": True, "session_ids": released})
@@ -51,24 +41,26 @@ async def status(request: web.Request) -> web.Response:
 
 @refusals("/extend")
 async def extend(request: web.Request) -> web.Response:
-    body = await read_json(request, allow_empty=True)
-    seconds = session_id = None
-    if body is not None:
-        body = require_object(body, "body")
-        session_id = _session_id(body)
-        if body.get("seconds") is not None:
-            seconds = finite(body["seconds"])
-            if seconds is None or seconds <= 0:
-                raise Refusal(422, "seconds must be a finite number > 0")
+    asked = parse_extend(await read_json(request, allow_empty=True))
     desk = request.app[DESK]
-    if session_id is not None and session_id not in desk.backend.sessions:
-        raise Refusal(409, f"session {session_id} is not held")
-    extended = await desk.extend(seconds)
+    if asked.session_id is not None and not desk.holds(asked.session_id):
+        raise Refusal(409, f"session {asked.session_id} is not held")
+    extended = desk.extend(asked.session_id, asked.seconds)
     if extended is None:
         raise Refusal(409, "no active session to extend")
     return web.json_response(extended)
 
 
+@refusals("/claim")
+async def claim(request: web.Request) -> web.Response:
+    """Answers as soon as the worker holds a session (at once if it holds one), or with none at the timeout."""
+    asked = parse_claim(await read_json(request, allow_empty=True))
+    desk = request.app[DESK]
+    session = await desk.claim(asked.seconds)
+    return web.json_response({"session": None if session is None else desk.describe(session)})
+
+
+@refusals("/health")
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "stub": True})
 
@@ -79,6 +71,7 @@ def make_control_app(desk: SessionDesk, *, health_stub: bool) -> web.Application
     app.router.add_post("/release", release)
     app.router.add_get("/status", status)
     app.router.add_post("/extend", extend)
+    app.router.add_post("/claim", claim)
     if health_stub:
         app.router.add_get("/health", health)
     return app

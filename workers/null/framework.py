@@ -1,10 +1,12 @@
-"""The parts of the `vastai` worker framework the null worker relies on.
+"""The one door to the ``vastai`` worker framework's internals.
 
 The framework has no public way to end a session without its grant, to report
 at once, or to fix ``max_perf``; the null worker reaches for a handful of
-internals instead. They are listed here and checked at start, so a framework
-that moved them is reported to the autoscaler as an errored worker naming the
-installed version, rather than running with a ``/release`` that cannot work.
+internals instead. Each private name is written once, below, and used only
+through the functions of this module. The start-up self-check is built from
+the same names, so a framework that moved one is reported to the autoscaler
+as an errored worker naming the installed version, rather than running with a
+``/release`` that cannot work.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import asyncio
 import dataclasses
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import metadata
+from typing import Any
 
 import aiohttp
 
@@ -24,13 +27,35 @@ log = logging.getLogger(__name__)
 
 TESTED_VERSION = "1.9.1"
 
-# (module, class or None for the module itself, attributes it must have)
+WORKER_MODULE = "vastai.serverless.server.worker"
+BACKEND_MODULE = "vastai.serverless.server.lib.backend"
+METRICS_MODULE = "vastai.serverless.server.lib.metrics"
+TYPES_MODULE = "vastai.serverless.server.lib.data_types"
+
+# Private names, each written here only.
+CLOSE_SESSION = "_Backend__close_session"  # Backend: ends a session without its grant
+RUN_ON_CLOSE = "_Backend__run_session_on_close"  # Backend: posts a session's on-close callback
+SESSIONS_LOCK = "_sessions_lock"  # Backend: guards sessions and session_metrics
+PUBKEY = "_pubkey"  # Backend instance: the autoscaler's key, None until fetched
+PUBKEY_FETCHED = "_Backend__pubkey_fetch_complete"  # Backend instance: set when the fetch ended
+PUBKEY_FAILED = "_Backend__pubkey_failed"  # Backend instance
+SEND_REPORT = "_Metrics__send_metrics_and_reset"  # Metrics: one /worker_status/ report
+SEND_DELETED = "_Metrics__send_delete_requests_and_reset"  # Metrics: one /delete_requests/
+REPORT_LOOP = "_send_metrics_loop"  # Metrics: the one-second report loop
+MODEL_LOADED = "_model_loaded"  # Metrics: sets max_perf and readiness
+MODEL_ERRORED = "_model_errored"  # Metrics: sets the sticky error_msg
+REQUEST_START = "_request_start"  # Metrics: a request's load starts counting
+REQUEST_SUCCESS = "_request_success"
+REQUEST_END = "_request_end"  # Metrics: load stops counting; queued for /delete_requests/
+REQUEST_REJECT = "_request_reject"  # Metrics: reported as "Rejected" (busy: the autoscaler routes again)
+
+# What the worker needs of each class or module: (module, class or "", names).
 _REQUIRED: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("vastai.serverless.server.worker", "", ("Worker", "WorkerConfig", "HandlerConfig", "BenchmarkConfig")),
-    ("vastai.serverless.server.worker", "Worker", ("run_async",)),
-    ("vastai.serverless.server.lib.backend", "", ("Backend", "BENCHMARK_INDICATOR_FILE")),
+    (WORKER_MODULE, "", ("Worker", "WorkerConfig", "HandlerConfig", "BenchmarkConfig")),
+    (WORKER_MODULE, "Worker", ("run_async",)),
+    (BACKEND_MODULE, "", ("Backend", "BENCHMARK_INDICATOR_FILE")),
     (
-        "vastai.serverless.server.lib.backend",
+        BACKEND_MODULE,
         "Backend",
         (
             "session_create_handler",
@@ -38,39 +63,38 @@ _REQUIRED: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "session_get_handler",
             "session_health_handler",
             "pyworker_update_handler",
-            "_Backend__close_session",
-            "_Backend__run_session_on_close",
-            "_fetch_pubkey",
             "session",
+            CLOSE_SESSION,
+            RUN_ON_CLOSE,
         ),
     ),
     (
-        "vastai.serverless.server.lib.metrics",
+        METRICS_MODULE,
         "Metrics",
         (
-            "_send_metrics_loop",
-            "_Metrics__send_metrics_and_reset",
-            "_Metrics__send_delete_requests_and_reset",
-            "_model_loaded",
-            "_model_errored",
-            "_request_start",
-            "_request_success",
-            "_request_end",
-            "_request_reject",
             "aclose",
+            REPORT_LOOP,
+            SEND_REPORT,
+            SEND_DELETED,
+            MODEL_LOADED,
+            MODEL_ERRORED,
+            REQUEST_START,
+            REQUEST_SUCCESS,
+            REQUEST_END,
+            REQUEST_REJECT,
         ),
     ),
-    ("vastai.serverless.server.lib.data_types", "", ("Session", "RequestMetrics")),
+    (TYPES_MODULE, "", ("Session", "RequestMetrics")),
 )
 
 _DATACLASS_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
-        "vastai.serverless.server.lib.backend",
+        BACKEND_MODULE,
         "Backend",
-        ("sessions", "session_metrics", "_sessions_lock", "max_sessions", "unsecured", "mtoken", "lifecycle"),
+        ("sessions", "session_metrics", SESSIONS_LOCK, "max_sessions", "unsecured", "mtoken", "lifecycle"),
     ),
     (
-        "vastai.serverless.server.lib.data_types",
+        TYPES_MODULE,
         "Session",
         (
             "session_id",
@@ -85,15 +109,15 @@ _DATACLASS_FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ),
     ),
     (
-        "vastai.serverless.server.lib.data_types",
+        TYPES_MODULE,
         "RequestMetrics",
-        ("request_idx", "reqnum", "workload", "status", "is_session", "entered_queue_at", "work_started_at"),
+        ("request_idx", "reqnum", "workload", "status", "success", "is_session", "entered_queue_at", "work_started_at"),
     ),
-    ("vastai.serverless.server.lib.data_types", "ModelMetrics", ("error_msg", "requests_working")),
+    (TYPES_MODULE, "ModelMetrics", ("error_msg", "requests_working", "requests_deleting")),
 )
 
 # Set on the Backend instance by its __post_init__, so checked once it exists.
-BACKEND_INSTANCE_ATTRIBUTES = ("metrics", "_pubkey", "_Backend__pubkey_fetch_complete", "_Backend__pubkey_failed")
+_INSTANCE_ATTRIBUTES = ("metrics", PUBKEY, PUBKEY_FETCHED, PUBKEY_FAILED)
 
 
 class FrameworkMismatch(Exception):
@@ -140,7 +164,129 @@ def missing_internals() -> list[str]:
 
 
 def missing_instance_attributes(backend: object) -> list[str]:
-    return [f"Backend().{name}" for name in BACKEND_INSTANCE_ATTRIBUTES if not hasattr(backend, name)]
+    return [f"Backend().{name}" for name in _INSTANCE_ATTRIBUTES if not hasattr(backend, name)]
+
+
+# -- taking over ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Originals:
+    """The framework's own hooks that the worker wraps rather than replaces."""
+
+    model_loaded: Callable[..., None]
+    model_errored: Callable[[str], None]
+    update_handler: Callable[..., Awaitable[Any]]
+
+
+def take_over(
+    backend: Any,
+    *,
+    create: Callable[..., Awaitable[Any]],
+    end: Callable[..., Awaitable[Any]],
+    get: Callable[..., Awaitable[Any]],
+    health: Callable[..., Awaitable[Any]],
+    update: Callable[..., Awaitable[Any]],
+    close_session: Callable[[str], Awaitable[bool]],
+    report_loop: Callable[[], Awaitable[None]],
+    model_loaded: Callable[[float], None],
+    model_errored: Callable[[str], None],
+) -> Originals:
+    """Points the framework's session routes, close path, report loop and model hooks at the worker's own."""
+    metrics = backend.metrics
+    originals = Originals(
+        model_loaded=getattr(metrics, MODEL_LOADED),
+        model_errored=getattr(metrics, MODEL_ERRORED),
+        update_handler=backend.pyworker_update_handler,
+    )
+    backend.max_sessions = 1
+    backend.session_create_handler = create
+    backend.session_end_handler = end
+    backend.session_get_handler = get
+    backend.session_health_handler = health
+    backend.pyworker_update_handler = update
+    # The framework's /session/end and its 5-second garbage collector call
+    # this; owning it keeps one close path with prompt reports.
+    setattr(backend, CLOSE_SESSION, close_session)
+    setattr(metrics, REPORT_LOOP, report_loop)
+    setattr(metrics, MODEL_LOADED, model_loaded)
+    setattr(metrics, MODEL_ERRORED, model_errored)
+    return originals
+
+
+# -- reports ----------------------------------------------------------------------------
+
+
+async def send_report(metrics: Any) -> None:
+    """One ``/worker_status/`` report now."""
+    await getattr(metrics, SEND_REPORT)()
+
+
+async def send_finished(metrics: Any) -> None:
+    """One ``/delete_requests/`` report now, when requests have finished."""
+    if metrics.model_metrics.requests_deleting:
+        await getattr(metrics, SEND_DELETED)()
+
+
+def open_request(metrics: Any, request: Any) -> None:
+    """Its load counts from now."""
+    getattr(metrics, REQUEST_START)(request)
+
+
+def finish_request(metrics: Any, request: Any) -> None:
+    """Served: load drops, and it is reported finished as a success."""
+    getattr(metrics, REQUEST_SUCCESS)(request)
+    getattr(metrics, REQUEST_END)(request)
+
+
+def reject_request(metrics: Any, request: Any) -> None:
+    """Busy: reported as "Rejected", which the autoscaler answers by routing it again."""
+    getattr(metrics, REQUEST_REJECT)(request)
+
+
+def refuse_request(metrics: Any, request: Any, status: str) -> None:
+    """Refused for what it asked: reported finished, not successful, and not "Rejected" (not routed again)."""
+    request.success = False
+    request.status = status
+    metrics.model_metrics.requests_deleting.append(request)
+    metrics.update_pending = True
+
+
+# -- sessions ---------------------------------------------------------------------------
+
+
+def sessions_lock(backend: Any) -> asyncio.Lock:
+    return getattr(backend, SESSIONS_LOCK)
+
+
+def run_on_close(backend: Any, session: Any) -> Awaitable[None]:
+    """The framework's on-close callback for ``session`` (best effort, 10 s timeout)."""
+    return getattr(backend, RUN_ON_CLOSE)(session)
+
+
+def public_key(backend: Any) -> Any:
+    """The autoscaler's public key, or None until it has been fetched."""
+    return getattr(backend, PUBKEY)
+
+
+def set_public_key(backend: Any, key: Any) -> None:
+    setattr(backend, PUBKEY, key)
+
+
+async def wait_for_public_key(backend: Any, timeout: float) -> Any:
+    """Waits until the framework's key fetch ended (or ``timeout``); the key, or None."""
+    try:
+        await asyncio.wait_for(getattr(backend, PUBKEY_FETCHED).wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
+    return public_key(backend)
+
+
+def benchmark_file() -> str:
+    """The framework's benchmark cache: a number in it is taken as max_perf and skips the benchmark."""
+    from vastai.serverless.server.lib import backend as framework_backend
+
+    return framework_backend.BENCHMARK_INDICATOR_FILE
 
 
 async def report_error(settings: Settings, message: str) -> bool:

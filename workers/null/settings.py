@@ -33,6 +33,8 @@ class Settings:
     control_port: int = DEFAULT_CONTROL_PORT
     backend_health_url: str | None = None
     max_lifetime: float = DEFAULT_MAX_LIFETIME
+    # A session no consumer claims within this many seconds is released; None: never.
+    claim_deadline: float | None = None
     log_level: str = "INFO"
 
     @property
@@ -71,7 +73,8 @@ class Settings:
                 env,
                 public_port_name,
                 required=True,
-                hint=f"the public port mapped to WORKER_PORT {worker_port} (Vast sets it; locally the same number, {public_port_name}={worker_port})",
+                hint=f"the public port mapped to WORKER_PORT {worker_port} "
+                f"(Vast sets it; locally the same number, {public_port_name}={worker_port})",
             ),
             # The framework serves TLS only for exactly "true": any other spelling would
             # leave it on plain HTTP while grants name an https URL.
@@ -85,6 +88,7 @@ class Settings:
             ),
             backend_health_url=_health_url(env),
             max_lifetime=_positive_seconds(env, "NULL_MAX_LIFETIME", default=DEFAULT_MAX_LIFETIME),
+            claim_deadline=_positive_seconds(env, "NULL_CLAIM_DEADLINE", default=None, example=30),
             log_level=_log_level(env),
         )
 
@@ -152,7 +156,7 @@ def http_url(value: object) -> bool:
         return False
     try:
         parts = urlsplit(value)
-        parts.port  # raises ValueError on a malformed port
+        _ = parts.port  # raises ValueError on a malformed port
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and bool(parts.hostname)
@@ -168,7 +172,8 @@ def _report_addrs(env: Mapping[str, str]) -> tuple[str, ...]:
     for addr in addrs:
         if not http_url(addr):
             raise SettingsError(
-                f"REPORT_ADDR={value!r} holds {addr!r}, not an absolute http(s) URL: set it to the autoscaler's base URL, e.g. https://run.vast.ai"
+                f"REPORT_ADDR={value!r} holds {addr!r}, not an absolute http(s) URL: "
+                "set it to the autoscaler's base URL, e.g. https://run.vast.ai"
             )
     return addrs
 
@@ -179,12 +184,15 @@ def _health_url(env: Mapping[str, str]) -> str | None:
         return None
     if not http_url(value):
         raise SettingsError(
-            f"BACKEND_HEALTH_URL={value!r} is not an absolute http(s) URL: set it to your consumer's health endpoint, e.g. http://127.0.0.1:8000/health, or unset it"
+            f"BACKEND_HEALTH_URL={value!r} is not an absolute http(s) URL: set it to your consumer's health "
+            "endpoint, e.g. http://127.0.0.1:8000/health, or unset it"
         )
     return value
 
 
-def _positive_seconds(env: Mapping[str, str], name: str, *, default: float) -> float:
+def _positive_seconds(
+    env: Mapping[str, str], name: str, *, default: float | None, example: float | None = None
+) -> float | None:
     value = _value(env, name)
     if value is None:
         return default
@@ -194,7 +202,8 @@ def _positive_seconds(env: Mapping[str, str], name: str, *, default: float) -> f
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
         raise SettingsError(
-            f"{name}={value!r} is not a positive number of seconds: set it to e.g. {int(default)}, or unset it"
+            f"{name}={value!r} is not a positive number of seconds: set it to e.g. {int(example or default or 1)}, "
+            "or unset it"
         )
     return seconds
 

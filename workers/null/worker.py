@@ -40,19 +40,18 @@ class NullLifecycle:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.desk = None
+        self.routes = None
         self._stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> NullLifecycle:
-        from vastai.serverless.server.lib import backend as framework_backend
-
         from .control import make_control_app, serve_control
-        from .sessions import SESSION_COST
+        from .desk import SESSION_COST
 
         desk = self.desk
         assert desk is not None, "install() attaches the desk before the worker runs"
         # A number in the framework's benchmark cache is taken as max_perf and
         # skips the benchmark: capacity is one session whatever the hardware.
-        Path(framework_backend.BENCHMARK_INDICATOR_FILE).write_text(f"{SESSION_COST}\n")
+        Path(framework.benchmark_file()).write_text(f"{SESSION_COST}\n")
         stack = AsyncExitStack()
         try:
             app = make_control_app(desk, health_stub=self.settings.backend_health_url is None)
@@ -74,12 +73,7 @@ class NullLifecycle:
         return self
 
     async def _wait_for_public_key(self, backend: Any) -> None:
-        fetched = backend._Backend__pubkey_fetch_complete
-        try:
-            await asyncio.wait_for(fetched.wait(), PUBKEY_WAIT)
-        except asyncio.TimeoutError:
-            pass
-        if backend._pubkey is None:
+        if await framework.wait_for_public_key(backend, PUBKEY_WAIT) is None:
             addrs = ", ".join(f"{addr.rstrip('/')}/pubkey/" for addr in self.settings.report_addrs)
             raise RuntimeError(
                 f"could not fetch the autoscaler's public key from {addrs}, so no grant can be verified: "
@@ -133,17 +127,19 @@ def install(worker: Any, settings: Settings):
     """Puts the session desk in charge of the framework's session state and routes."""
     from aiohttp import web
 
-    from .sessions import SessionDesk
+    from . import routes
+    from .desk import SessionDesk
 
     missing = framework.missing_instance_attributes(worker.backend)
     if missing:
         raise framework.FrameworkMismatch(missing)
     desk = SessionDesk(settings, worker.backend, started_at=STARTED_AT)
-    desk.install()
+    session_routes = routes.install(desk)
     worker.routes = [
-        web.post(route.path, desk.handle_ping) if route.path == PING_ROUTE else route for route in worker.routes
+        web.post(route.path, session_routes.ping) if route.path == PING_ROUTE else route for route in worker.routes
     ]
     worker.backend.lifecycle.desk = desk
+    worker.backend.lifecycle.routes = session_routes
     return desk
 
 

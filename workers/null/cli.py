@@ -1,0 +1,111 @@
+"""What the project's commands share: one-line usage errors, start-up errors, Ctrl-C, log lines."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Iterable
+from contextlib import suppress
+from typing import NoReturn, TypeVar
+
+from .aio import wait_any
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the problem, not the whole usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+class StartupError(Exception):
+    """Cannot start: one line naming the problem and the fix; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+class Interrupt:
+    """The first SIGINT or SIGTERM: which one, and an event to wait on; ``again`` is set by a second one."""
+
+    def __init__(
+        self,
+        first: str = "interrupted: closing every open session",
+        again: str = "still closing sessions; each close gives up after 10s",
+    ) -> None:
+        self.event = asyncio.Event()
+        self.again = asyncio.Event()
+        self.signum: int | None = None
+        self._messages = (first, again)
+
+    def __call__(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+            log.info("%s", self._messages[0])
+            self.event.set()
+        else:
+            log.info("%s", self._messages[1])
+            self.again.set()
+
+    @property
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    async def race(self, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
+        """Awaits ``awaitable`` unless interrupted first (then cancels it): (finished, result)."""
+        task = asyncio.ensure_future(awaitable)
+        stopper = asyncio.ensure_future(self.event.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if task.done():
+            return True, task.result()
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        return False, None
+
+    async def sleep(self, seconds: float) -> bool:
+        """Sleeps; True when interrupted before the time was up."""
+        return await wait_any([self.event], seconds)
+
+
+class Elapsed(logging.Formatter):
+    """``[  12.3s] message``: seconds since the command started; ``local`` marks the stand-in's lines."""
+
+    def __init__(self, started: float):
+        super().__init__()
+        self.started = started
+
+    def format(self, record: logging.LogRecord) -> str:
+        source = "local " if record.name.startswith("lib.") else ""
+        return f"[{record.created - self.started:6.1f}s] {source}{record.getMessage()}"
+
+
+def configure_logging(names: Iterable[str], *, verbose: bool = False) -> None:
+    """INFO for ``names`` and the stand-in, on stdout with elapsed seconds; the SDK quiet unless ``verbose``."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(Elapsed(time.time()))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in (*names, "lib"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    # The SDK logs every failed route or create at ERROR; the commands report
+    # each outcome themselves.
+    sdk_level = logging.INFO if verbose else logging.CRITICAL
+    for name in ("vastai", "Serverless", "SessionClient"):
+        logging.getLogger(name).setLevel(sdk_level)
