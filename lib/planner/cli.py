@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import math
 import random
 import sys
@@ -217,6 +218,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="seconds a surplus worker stays idle before it is stopped (the stand-in's rule)",
     )
     group.add_argument(
+        "--route-hold",
+        type=numbers,
+        default=[_DEFAULT_PLAN.route_hold],
+        help="seconds the autoscaler holds a /route/ call for a worker to free up (the stand-in's; 0: answer at once)",
+    )
+    group.add_argument(
         "--max-sessions",
         type=_listed(_whole_or_none, "whole numbers or 'none'"),
         default=[None],
@@ -245,60 +252,51 @@ def build_arg_parser() -> argparse.ArgumentParser:
 # -- from flags to plans ----------------------------------------------------------------
 
 
+_SWEPT = (
+    "target_util",
+    "min_load",
+    "max_workers",
+    "cold_workers",
+    "max_queue_time",
+    "target_queue_time",
+    "inactivity_timeout",
+    "cold_start",
+    "resume",
+    "stop_seconds",
+    "scale_down_delay",
+    "route_hold",
+    "max_sessions",
+    "price_running",
+    "price_stopped",
+)
+
+
 def plans_from(args: argparse.Namespace) -> list[Plan]:
-    product = itertools.product(
-        args.target_util,
-        args.min_load,
-        args.max_workers,
-        args.cold_workers,
-        args.max_queue_time,
-        args.target_queue_time,
-        args.inactivity_timeout,
-        args.cold_start,
-        args.resume,
-        args.stop_seconds,
-        args.scale_down_delay,
-        args.max_sessions,
-        args.price_running,
-        args.price_stopped,
-    )
+    """One plan per combination of the flags' comma lists, the first flag varying slowest."""
     plans = []
-    for (
-        util,
-        min_load,
-        max_w,
-        cold_w,
-        mqt,
-        tqt,
-        inactivity,
-        cold,
-        resume,
-        stop,
-        sdd,
-        sessions,
-        run_p,
-        stop_p,
-    ) in product:
+    for values in itertools.product(*(getattr(args, name) for name in _SWEPT)):
+        v = dict(zip(_SWEPT, values, strict=True))
         params = EndpointParams(
-            min_load=min_load,
-            target_util=util,
-            max_workers=max_w,
-            cold_workers=cold_w,
-            max_queue_time=mqt,
-            target_queue_time=tqt,
-            inactivity_timeout=inactivity,
+            min_load=v["min_load"],
+            target_util=v["target_util"],
+            max_workers=v["max_workers"],
+            cold_workers=v["cold_workers"],
+            max_queue_time=v["max_queue_time"],
+            target_queue_time=v["target_queue_time"],
+            inactivity_timeout=v["inactivity_timeout"],
         )
-        policy = LocalPolicy(scale_down_delay=sdd, assumed_perf=_DEFAULT_POLICY.assumed_perf)
+        policy = LocalPolicy(scale_down_delay=v["scale_down_delay"], assumed_perf=_DEFAULT_POLICY.assumed_perf)
         plans.append(
             Plan(
                 params=params,
                 policy=policy,
-                cold_start=cold,
-                resume=resume,
-                stop_seconds=stop,
-                max_sessions=sessions,
-                price_running=run_p,
-                price_stopped=stop_p,
+                cold_start=v["cold_start"],
+                resume=v["resume"],
+                stop_seconds=v["stop_seconds"],
+                route_hold=v["route_hold"],
+                max_sessions=v["max_sessions"],
+                price_running=v["price_running"],
+                price_stopped=v["price_stopped"],
             )
         )
     return plans
@@ -348,6 +346,7 @@ _PARAM_COLUMNS = (
     ("resume", "resume", "--resume"),
     ("stop_seconds", "stop_s", "--stop-seconds"),
     ("scale_down_delay", "sdd", "--scale-down-delay"),
+    ("route_hold", "hold", "--route-hold"),
     ("max_sessions", "max_sess", "--max-sessions"),
     ("price_running", "$/h run", "--price-running"),
     ("price_stopped", "$/h cold", "--price-stopped"),
@@ -441,6 +440,9 @@ def results_json(results: Sequence[Result], front: Sequence[int], chosen: int | 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
+    # The book's warnings (a worker errored, say) would mean the model went
+    # somewhere the planner did not mean it to: shown, one line each.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if args.max_p95_wait is not None and not (args.max_p95_wait >= 0 and math.isfinite(args.max_p95_wait)):
         parser.error(f"--max-p95-wait {args.max_p95_wait:g} must be seconds >= 0")
     if args.plot is not None and args.plot.suffix.lower() not in (".png", ".svg"):

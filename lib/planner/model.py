@@ -219,7 +219,10 @@ class _Sim:
         self.plan = plan
         self.rng = random.Random(seed)  # cold starts
         self.polls = random.Random(seed + 7919)  # the SDK's pauses between /route/ calls
-        settings = BookSettings(params=plan.params, policy=plan.policy, route_hold=plan.route_hold)
+        # A modelled worker always gets ready, however long its cold start or resume takes.
+        settings = BookSettings(
+            params=plan.params, policy=plan.policy, route_hold=plan.route_hold, load_timeout=math.inf
+        )
         self.book = Book(settings, 0.0)
         self.ledger = _Ledger()
         self.heap: list[tuple[float, int, int, int, int]] = []

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from lib.planner.model import TIMELINE_PHASES, Result  # noqa: E402
 
 # The most points a timeline is drawn with; longer ones are resampled on a grid.
-MAX_POINTS = 3000
+MAX_POINTS = 1200
 
 _PHASE_COLOURS = {
     "provisioning": "#f2a541",
@@ -66,6 +66,8 @@ def plot_results(
         top = [b + c for b, c in zip(bottom, counts, strict=False)]
         ax_workers.fill_between(hours, bottom, top, step="post", color=_PHASE_COLOURS[phase.value], label=phase.value)
         bottom = top
+    # Head room above the busiest moment for the legend.
+    ax_workers.set_ylim(0, max(max(bottom, default=0), 1) * 1.3)
     ax_workers.set_ylabel("workers")
     ax_workers.set_title(f"set {shown + 1}: workers by phase")
     ax_workers.legend(loc="upper left", fontsize=8, ncol=5)
@@ -81,21 +83,25 @@ def plot_results(
 
 
 def _resampled(rows: Sequence[tuple]) -> tuple[list[float], list[int], list[list[int]]]:
-    """Times, queue depths and per-phase counts; on a grid of MAX_POINTS when longer, keeping each cell's peak."""
+    """Times, queue depths and per-phase counts, on a grid of MAX_POINTS cells when longer.
+
+    Each cell shows its deepest queue, and the workers of its busiest moment
+    (a real moment, so the phases still add up to a fleet that existed).
+    """
     if not rows:
         return [0.0], [0], [[0] for _ in TIMELINE_PHASES]
     if len(rows) > MAX_POINTS:
         start, end = rows[0][0], rows[-1][0]
         step = (end - start) / MAX_POINTS or 1.0
-        cells: dict[int, list] = {}
+        queue_peak: dict[int, int] = {}
+        busiest: dict[int, tuple] = {}
         for row in rows:
             cell = min(int((row[0] - start) / step), MAX_POINTS - 1)
-            kept = cells.get(cell)
-            # The peak of each column, so a short burst still shows.
-            cells[cell] = (
-                list(row) if kept is None else [kept[0], *(max(a, b) for a, b in zip(kept[1:], row[1:], strict=False))]
-            )
-        rows = [(start + cell * step, *values[1:]) for cell, values in sorted(cells.items())]
+            queue_peak[cell] = max(queue_peak.get(cell, 0), row[1])
+            kept = busiest.get(cell)
+            if kept is None or sum(row[2:]) > sum(kept[2:]):
+                busiest[cell] = row
+        rows = [(start + cell * step, queue_peak[cell], *busiest[cell][2:]) for cell in sorted(busiest)]
     times = [row[0] for row in rows]
     queue = [row[1] for row in rows]
     phases = [[row[2 + k] for row in rows] for k in range(len(TIMELINE_PHASES))]

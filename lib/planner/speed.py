@@ -1,0 +1,88 @@
+"""How fast the planner replays a day: one parameter set over a generated 24-hour trace.
+
+    python -m lib.planner.speed [--jobs 100000] [--hours 24] [--job-seconds 10]
+
+``bench_planner()`` returns the figure as a dict (``python -m lib.bench``
+prints it); the line names the trace, the parameter set and the interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import random
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from lib.planner.model import Plan, simulate
+from lib.planner.trace import DAY, JobSeconds, diurnal
+from lib.standin.scaling import EndpointParams
+
+
+def bench_planner(
+    jobs: int = 100_000,
+    hours: float = 24.0,
+    job_seconds: float = 10.0,
+    cold_start: float = 60.0,
+    max_workers: int = 40,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """Seconds of one core to replay about ``jobs`` diurnal jobs over ``hours`` under one parameter set."""
+    # The diurnal rate peak * (1 - cos(2 pi t / day)) / 2, summed over the hours.
+    seconds = hours * 3600.0
+    peak = jobs / (seconds / 2.0 - DAY / (4.0 * math.pi) * math.sin(2.0 * math.pi * seconds / DAY))
+    trace = diurnal(peak, hours, JobSeconds(mean=job_seconds), random.Random(seed))
+    plan = Plan(params=EndpointParams(max_workers=max_workers), cold_start=(cold_start, cold_start))
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = simulate(trace, plan, seed=seed)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    interpreter = f"{platform.python_implementation()} {platform.python_version()}"
+    trace_name = (
+        f"diurnal {hours:g} h, {len(trace)} jobs (peak {peak:.3g}/s), exponential jobs of mean {job_seconds:g} s, "
+        f"seed {seed}"
+    )
+    params = f"stand-in defaults with max_workers {max_workers}, cold start {cold_start:g} s"
+    waits = result.wait_stats()
+    return {
+        "trace": trace_name,
+        "params": params,
+        "interpreter": interpreter,
+        "jobs": len(trace),
+        "cpu_s": round(cpu, 2),
+        "wall_s": round(wall, 2),
+        "jobs_per_cpu_s": round(len(trace) / cpu) if cpu > 0 else None,
+        "peak_workers": result.peak_workers,
+        "cold_starts": result.cold_starts,
+        "wait_p95_s": round(waits["p95"], 1),
+        "line": (
+            f"planner: one parameter set over {trace_name}: {cpu:.1f} s of CPU ({wall:.1f} s wall) on {interpreter}; "
+            f"{params}; peak {result.peak_workers} workers, {result.cold_starts} cold starts"
+        ),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lib.planner.speed",
+        description="Time one parameter set over a generated day of jobs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--jobs", type=int, default=100_000, help="jobs in the trace, about")
+    parser.add_argument("--hours", type=float, default=24.0, help="trace length")
+    parser.add_argument("--job-seconds", type=float, default=10.0, help="mean job length")
+    parser.add_argument("--cold-start", type=float, default=60.0, help="seconds to a ready worker")
+    parser.add_argument("--max-workers", type=int, default=40, help="cap on workers")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.hours <= 0 or args.job_seconds < 0 or args.cold_start < 0 or args.max_workers < 1:
+        parser.error("--jobs and --max-workers must be >= 1, --hours > 0, and the seconds >= 0")
+    print("timing one parameter set...", file=sys.stderr, flush=True)
+    figure = bench_planner(args.jobs, args.hours, args.job_seconds, args.cold_start, args.max_workers)
+    print(figure["line"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
