@@ -459,8 +459,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs, source = jobs_from(args)
     except TraceError as exc:
         parser.error(str(exc))
-    print(f"trace: {source}")
+    print(f"trace: {source}", flush=True)
     processes = args.processes or default_processes()
+    if len(jobs) * len(plans) >= 20_000:
+        # A set of many jobs takes a while before the first progress line.
+        sets = f"{len(plans)} parameter set{'s' if len(plans) > 1 else ''}"
+        print(f"replaying {sets} over {len(jobs)} jobs on {min(processes, len(plans))} process(es)...", file=sys.stderr)
     try:
         results = run_sweep(jobs, plans, seed=args.seed, processes=processes, progress=Progress())
     except KeyboardInterrupt:
