@@ -40,6 +40,11 @@ waiting request's expiry, a hold's end and a loading worker's load timeout.
 A driver that sleeps until then or until an event misses nothing and never
 spins. ``close(now)`` stops every worker for shutdown.
 
+Set ``book.events`` and ``book.issued`` to lists to record every event and
+every command; ``replay(settings, events, until)`` runs recorded events
+through a fresh book on a virtual clock and returns the commands it issues,
+so a real-time run can be checked against the virtual one.
+
 Rules kept here
 ---------------
 - A grant counts as its worker's load until the worker reports the request
@@ -65,6 +70,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,13 +245,18 @@ class Book:
         self.last_activity = now
         self.last_decision: Decision | None = None
         self.closing = False
+        # Set both to lists to record every event (now, method, args) and
+        # every command issued (now, command): what ``replay`` takes.
+        self.events: list[tuple[float, str, tuple[Any, ...]]] | None = None
+        self.issued: list[tuple[float, Command]] | None = None
         self._ids = itertools.count(1)
         self._next_request_idx = 1
 
     # -- events ---------------------------------------------------------------------
 
-    def route(self, now: float, cost: float, request_idx: int, *, hold: bool = False) -> Routed:
+    def route(self, now: float, cost: float, request_idx: int, hold: bool = False) -> Routed:
         """A grant on a worker with room, or a request index to poll with; ``hold``: the call stays open."""
+        self._record(now, "route", (cost, request_idx, hold))
         self._touch(now)
         self.last_activity = now
         if request_idx <= 0:
@@ -271,6 +282,7 @@ class Book:
         Drops the request whether it was waiting or had just been granted a
         worker (the grant never reached the client). True if there was one.
         """
+        self._record(now, "route_gone", (request_idx,))
         self._touch(now)
         entry = self.waiting.pop(request_idx, None)
         grant = self.grants.pop(request_idx, None)
@@ -282,6 +294,7 @@ class Book:
 
     def report(self, now: float, report: Report) -> bool:
         """A worker's report; False when it names no worker that can report."""
+        self._record(now, "report", (report,))
         self._touch(now)
         worker = self.workers.get(report.worker_id)
         if worker is None or worker.phase not in (Phase.LOADING, Phase.READY, Phase.STOPPING):
@@ -309,6 +322,8 @@ class Book:
 
     def deleted(self, now: float, worker_id: int, entries: Iterable[Deleted]) -> None:
         """A worker's list of requests and sessions that ended: each ends its grant."""
+        entries = tuple(entries)
+        self._record(now, "deleted", (worker_id, entries))
         self._touch(now)
         for item in entries:
             grant = self.grants.get(item.request_idx)
@@ -329,6 +344,7 @@ class Book:
 
     def started(self, now: float, worker_id: int) -> None:
         """Its process runs: the worker loads until it reports ready."""
+        self._record(now, "started", (worker_id,))
         worker = self.workers.get(worker_id)
         if worker is None or worker.phase not in (Phase.PROVISIONING, Phase.LOADING):
             return
@@ -340,6 +356,7 @@ class Book:
 
     def failed(self, now: float, worker_id: int, error: str) -> None:
         """Its process exited or never started: it is errored, and replaced where still needed."""
+        self._record(now, "failed", (worker_id, error))
         worker = self.workers.get(worker_id)
         if worker is None or worker.phase not in (Phase.PROVISIONING, Phase.LOADING, Phase.READY):
             return
@@ -349,6 +366,7 @@ class Book:
 
     def stopped(self, now: float, worker_id: int) -> None:
         """Its process is gone after a Stop: cold (files kept) or removed."""
+        self._record(now, "stopped", (worker_id,))
         self._touch(now)
         worker = self.workers.get(worker_id)
         if worker is None:
@@ -381,6 +399,8 @@ class Book:
         self.last_decision = decision
         if not self.closing:
             self._apply(decision, now, commands)
+        if self.issued is not None:
+            self.issued.extend((now, command) for command in commands)
         return commands
 
     def next_wakeup(self, now: float) -> float | None:
@@ -445,6 +465,10 @@ class Book:
         return [idx for idx, s in self.sessions.items() if s.worker_id == worker_id]
 
     # -- inside ---------------------------------------------------------------------
+
+    def _record(self, now: float, method: str, args: tuple[Any, ...]) -> None:
+        if self.events is not None:
+            self.events.append((now, method, args))
 
     def _busy(self) -> bool:
         return bool(self.waiting or self.grants) or any(
@@ -558,3 +582,33 @@ class Book:
             if seen.worker_id == worker.id and idx not in worker.working:
                 del self.sessions[idx]
                 log.info("session %d on worker %d ended after %.1fs", idx, worker.id, now - seen.since)
+
+
+def replay(
+    settings: BookSettings, events: Iterable[tuple[float, str, tuple[Any, ...]]], until: float
+) -> list[tuple[float, Command]]:
+    """Runs recorded events through a fresh book on a virtual clock; every command issued, with its time.
+
+    The book steps after each event and at each ``next_wakeup`` up to
+    ``until``, as a driver that sleeps until the next deadline or event
+    does; a real-time run recorded with ``events``/``issued`` should issue
+    the same commands at nearly the same times.
+    """
+    queue = sorted(events, key=lambda e: e[0])
+    start = queue[0][0] if queue else 0.0
+    book = Book(settings, start)
+    out: list[tuple[float, Command]] = []
+    now = start
+    i = 0
+    while True:
+        wake = book.next_wakeup(now)
+        upcoming = queue[i][0] if i < len(queue) else None
+        if upcoming is not None and (wake is None or upcoming <= wake):
+            now, method, args = queue[i]
+            i += 1
+            getattr(book, method)(now, *args)
+        elif wake is not None and wake <= until:
+            now = max(wake, math.nextafter(now, math.inf))
+        else:
+            return out
+        out.extend((now, command) for command in book.step(now))
