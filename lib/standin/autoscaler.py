@@ -398,6 +398,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="seconds a started worker may take to report ready before it is replaced",
     )
     group.add_argument(
+        "--route-hold",
+        type=float,
+        default=defaults.fleet.route_hold,
+        help="seconds a /route/ with no free worker is held open for one to free up before the waiting answer",
+    )
+    group.add_argument(
+        "--waiting-timeout",
+        type=float,
+        default=defaults.fleet.waiting_timeout,
+        help="seconds a waiting request that is no longer polled still counts as demand",
+    )
+    group.add_argument(
+        "--grant-timeout",
+        type=float,
+        default=defaults.fleet.grant_timeout,
+        help="seconds a grant counts as its worker's load until the worker's reports show or end it",
+    )
+    group.add_argument(
         "--worker-env",
         type=key_value,
         action="append",
@@ -444,6 +462,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         policy=LocalPolicy(scale_down_delay=args.scale_down_delay, assumed_perf=args.assumed_perf),
         provisioning_delay=args.provisioning_delay,
         load_timeout=args.load_timeout,
+        route_hold=args.route_hold,
+        waiting_timeout=args.waiting_timeout,
+        grant_timeout=args.grant_timeout,
         python=args.python,
         worker_env=tuple(args.worker_env),
         consumer=args.consumer,

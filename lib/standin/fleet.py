@@ -281,7 +281,7 @@ class Fleet:
         for proc in (inst.process, inst.consumer):
             if proc is not None and proc.running and proc.pid:
                 with suppress(ProcessLookupError, PermissionError):
-                    # start_new_session made the worker its group's leader;
+                    # The worker leads its own process group;
                     # the consumer joined that group.
                     os.killpg(inst.pid or proc.pid, signal.SIGKILL)
 
