@@ -20,7 +20,7 @@ from lib.standin.scaling import EndpointParams, LocalPolicy
 from workers.null import sdk
 
 # Short enough for a test, long enough that every phase is visible.
-FAST = dict(provisioning_delay=0.2, tick=0.05, stop_grace=6.0, load_timeout=45.0)
+FAST = dict(provisioning_delay=0.2, stop_grace=6.0, load_timeout=45.0)
 FAST_PARAMS = dict(target_util=1.0, target_queue_time=0.2, max_queue_time=1.0, inactivity_timeout=2.0)
 FAST_POLICY = dict(scale_down_delay=0.5)
 

@@ -287,6 +287,17 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+async def _reserve_all(endpoint: Any, sessions: int) -> list[tuple[Any, float]]:
+    """``sessions`` sessions at once; each with the seconds it took."""
+
+    async def one() -> tuple[Any, float]:
+        started = time.monotonic()
+        session = await endpoint.session(cost=100, lifetime=300, timeout=120)
+        return session, time.monotonic() - started
+
+    return list(await asyncio.gather(*(one() for _ in range(sessions))))
+
+
 async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     """Sessions through the real SDK and the local stand-in, with the recommended parameters."""
 
@@ -314,21 +325,13 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any
             async with client:
                 endpoint = await client.get_endpoint(standin.config.endpoint_name)
 
-                async def reserve_all() -> list[Any]:
-                    async def one() -> Any:
-                        started = time.monotonic()
-                        session = await endpoint.session(cost=100, lifetime=300, timeout=120)
-                        return session, time.monotonic() - started
-
-                    return list(await asyncio.gather(*(one() for _ in range(sessions))))
-
-                cold = await reserve_all()
+                cold = await _reserve_all(endpoint, sessions)
                 provisioned = len(standin.fleet.created)
                 distinct = len({session.url for session, _ in cold})
                 for session, _ in cold:
                     await session.close()
                 # Again at once, while the workers are still up: the warm path.
-                warm = await reserve_all()
+                warm = await _reserve_all(endpoint, sessions)
                 provisioned_warm = len(standin.fleet.created) - provisioned
                 for session, _ in warm:
                     await session.close()
@@ -463,7 +466,9 @@ async def run(quick: bool, progress: Callable[[str], None], only: Sequence[str] 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lib.bench",
-        description="Measure the null worker's readiness, occupancy signal, contention, control path, scaling and footprint.",
+        description=(
+            "Measure the null worker's readiness, occupancy signal, contention, control path, scaling and footprint."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter windows (for CI)")

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -44,8 +45,17 @@ USER_ID = 1
 class LocalConfig:
     fleet: FleetSettings = field(default_factory=FleetSettings)
     endpoint_name: str = DEFAULT_ENDPOINT
+    # The account key: the console's endpoint list asks for it, and the
+    # endpoint it lists carries it as its own key, which /route/ checks.
     api_key: str = DEFAULT_API_KEY
     port: int = DEFAULT_PORT
+
+
+# The fleet's cost rule, as the 422 for a cost outside it says.
+COST_RULE = (
+    "cost must be a finite number > 0: a held session fills its worker whatever its cost, "
+    "and a cost of 0 or less is no demand, so it would never start a worker"
+)
 
 
 class PortInUse(OSError):
@@ -100,13 +110,38 @@ async def _json_object(request: web.Request) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+def _account_key(request: web.Request) -> str | None:
+    """The key a console call carries: the SDK sends it as a bearer token and as ``api_key``."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.query.get("api_key")
+
+
+def _refuse_wrong_key(request: web.Request) -> web.Response | None:
+    if _account_key(request) != request.app[STANDIN].config.api_key:
+        return _error(401, "no account with that API key: pass the stand-in's --api-key")
+    return None
+
+
 async def list_endpoints(request: web.Request) -> web.Response:
     standin = request.app[STANDIN]
+    if _account_key(request) is None:
+        # No key at all: an empty list rather than Vast's 401, so a probe
+        # for a running stand-in still finds one; it learns of no endpoint.
+        return web.json_response({"success": True, "results": []})
+    refused = _refuse_wrong_key(request)
+    if refused is not None:
+        return refused
     return web.json_response({"success": True, "results": [standin.endpoint_record()]})
 
 
 async def get_endpoint(request: web.Request) -> web.Response:
     standin = request.app[STANDIN]
+    refused = _refuse_wrong_key(request)
+    if refused is not None:
+        return refused
     if request.match_info["endpoint_id"] != str(ENDPOINT_ID):
         return _error(
             404, f"no endpoint {request.match_info['endpoint_id']}: this stand-in serves endpoint {ENDPOINT_ID}"
@@ -125,14 +160,17 @@ async def route(request: web.Request) -> web.Response:
     if body.get("api_key") != standin.config.api_key:
         return _error(401, "api_key is not this endpoint's key")
     cost = finite(body.get("cost", 100))
-    if cost is None or cost < 0:
-        return _error(422, "cost must be a finite number >= 0")
+    if cost is None or cost <= 0:
+        return _error(422, COST_RULE)
     request_idx = body.get("request_idx") or 0
     if not isinstance(request_idx, int) or isinstance(request_idx, bool):
         return _error(422, "request_idx must be an integer")
     answer = await standin.fleet.route_held(cost, request_idx)
     if answer.url is None:
-        return web.json_response({"request_idx": answer.request_idx})
+        # Vast's waiting answer: the endpoint and its workers by status.
+        return web.json_response(
+            {"request_idx": answer.request_idx, "endpoint": name, "status": standin.fleet.phase_counts()}
+        )
     grant = standin.signer.grant(
         answer.url, endpoint=standin.config.endpoint_name, cost=cost, request_idx=answer.request_idx
     )
@@ -201,7 +239,9 @@ async def serve(config: LocalConfig, *, signer: GrantSigner | None = None) -> As
     if problems:
         raise ValueError("; ".join(problems))
     standin = LocalServerless(config=config, fleet=Fleet(config.fleet), signer=signer or GrantSigner())
-    runner = web.AppRunner(make_app(standin), access_log=None)
+    # handler_cancellation: a client that goes away from a held /route/
+    # cancels its handler, so its request stops counting at once.
+    runner = web.AppRunner(make_app(standin), access_log=None, handler_cancellation=True)
     await runner.setup()
     try:
         site = web.TCPSite(runner, HOST, config.port)
@@ -257,6 +297,16 @@ def seconds_or_off(text: str) -> float | None:
     return value
 
 
+def command_line(text: str) -> tuple[str, ...]:
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a command line ({exc})") from None
+    if not argv:
+        raise argparse.ArgumentTypeError("the command is empty: give a program and its arguments")
+    return argv
+
+
 def key_value(text: str) -> tuple:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -283,7 +333,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="port on 127.0.0.1 (0: any free port); the SDK's instance='local' uses 8080",
     )
     parser.add_argument("--endpoint", default=defaults.endpoint_name, help="name of the one endpoint served")
-    parser.add_argument("--api-key", default=defaults.api_key, help="the endpoint's API key, which /route/ checks")
+    parser.add_argument(
+        "--api-key",
+        default=defaults.api_key,
+        help="the account's API key: the console's endpoint list refuses others (401), and the endpoint "
+        "it lists carries this key, which /route/ checks",
+    )
     group = parser.add_argument_group("endpoint parameters (Vast's names)")
     group.add_argument("--min-load", type=float, default=params.min_load, help="load floor kept as capacity")
     group.add_argument(
@@ -343,6 +398,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="seconds a started worker may take to report ready before it is replaced",
     )
     group.add_argument(
+        "--route-hold",
+        type=float,
+        default=defaults.fleet.route_hold,
+        help="seconds a /route/ with no free worker is held open for one to free up before the waiting answer",
+    )
+    group.add_argument(
+        "--waiting-timeout",
+        type=float,
+        default=defaults.fleet.waiting_timeout,
+        help="seconds a waiting request that is no longer polled still counts as demand",
+    )
+    group.add_argument(
+        "--grant-timeout",
+        type=float,
+        default=defaults.fleet.grant_timeout,
+        help="seconds a grant counts as its worker's load until the worker's reports show or end it",
+    )
+    group.add_argument(
         "--worker-env",
         type=key_value,
         action="append",
@@ -351,6 +424,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="extra environment for every worker, e.g. NULL_MAX_LIFETIME=600 (repeatable)",
     )
     group.add_argument("--python", default=sys.executable, help="interpreter that runs the workers")
+    group.add_argument(
+        "--consumer",
+        type=command_line,
+        default=None,
+        metavar="CMD",
+        help="a command run beside every worker, in its environment (NULL_CONTROL_PORT...) and process group, "
+        "as an on-start script runs a queue consumer on Vast; split like a shell line",
+    )
+    group.add_argument(
+        "--claim-deadline",
+        type=float,
+        default=defaults.fleet.claim_deadline,
+        help="NULL_CLAIM_DEADLINE given to workers with a --consumer: seconds a session may go unclaimed",
+    )
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -375,8 +462,13 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         policy=LocalPolicy(scale_down_delay=args.scale_down_delay, assumed_perf=args.assumed_perf),
         provisioning_delay=args.provisioning_delay,
         load_timeout=args.load_timeout,
+        route_hold=args.route_hold,
+        waiting_timeout=args.waiting_timeout,
+        grant_timeout=args.grant_timeout,
         python=args.python,
         worker_env=tuple(args.worker_env),
+        consumer=args.consumer,
+        claim_deadline=args.claim_deadline,
     )
     problems = settings.problems()
     if problems:

@@ -1,18 +1,19 @@
-"""The stand-in's instances: real worker processes, started and stopped by the scaling model.
+"""The stand-in's instances: real worker processes, started and stopped as the book says.
 
-A ``Fleet`` keeps what workers reported, the grants it handed out and the
-requests waiting for a worker; every tick it turns that into a
-``lib.standin.scaling.Snapshot``, asks ``lib.standin.scaling.decide`` what to do and does it.
-Each instance is a ``python -m workers.null.worker`` in its own process
-group, working directory and ports; ``aclose`` stops them all, and an
-``atexit`` hook kills any still running should the event loop die first.
+``Fleet`` is the I/O driver of ``lib.standin.book.Book``: it feeds the book
+what the SDK and the workers send, on the wall clock, carries out the book's
+commands (start a worker after the cold start, stop one, answer a held
+/route/), and sleeps until the book's next deadline or the next event; it
+never polls. Each instance is a ``python -m workers.null.worker`` in its own
+process group, working directory and ports, with the optional consumer
+command in the same group; ``aclose`` stops them all, and an ``atexit`` hook
+kills any still running should the event loop die first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import itertools
 import logging
 import os
 import shutil
@@ -26,22 +27,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
-from lib.standin.scaling import (
-    EPSILON,
-    LIVE,
-    Decision,
-    EndpointParams,
-    LocalPolicy,
-    Phase,
-    Snapshot,
-    WaitingRequest,
-    WorkerView,
-    choose_worker,
-    decide,
+from lib.standin.book import (
+    Answer,
+    Book,
+    BookSettings,
+    Command,
+    Deleted,
+    Grant,
+    Provision,
+    Report,
+    Resume,
+    SeenSession,
+    Stop,
+    Waiting,
+    Worker,
 )
+from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
+from lib.standin.scaling import LIVE, Decision, EndpointParams, LocalPolicy, Phase
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Fleet", "FleetSettings", "Instance", "RouteAnswer", "Grant", "Waiting", "SeenSession"]
 
 
 @dataclass(frozen=True)
@@ -63,11 +69,27 @@ class FleetSettings:
     route_hold: float = 6.0
     # SIGTERM, then SIGKILL after this long; the worker exits within 5 s.
     stop_grace: float = 8.0
-    tick: float = 0.2
     # While instances exist, the fleet line is repeated this often so ages stay current.
     summary_every: float = 10.0
     python: str = sys.executable
     worker_env: tuple[tuple[str, str], ...] = ()
+    # A command run beside every worker, in its environment and process
+    # group, as a template's on-start script runs a queue consumer on Vast.
+    consumer: tuple[str, ...] | None = None
+    # NULL_CLAIM_DEADLINE for workers with a consumer: a session no consumer
+    # claims within this many seconds is released by the worker itself.
+    claim_deadline: float = 30.0
+
+    @property
+    def book(self) -> BookSettings:
+        return BookSettings(
+            params=self.params,
+            policy=self.policy,
+            load_timeout=self.load_timeout,
+            grant_timeout=self.grant_timeout,
+            waiting_timeout=self.waiting_timeout,
+            route_hold=self.route_hold,
+        )
 
     def problems(self) -> list[str]:
         found = list(self.params.problems())
@@ -78,6 +100,7 @@ class FleetSettings:
             "waiting_timeout",
             "route_hold",
             "stop_grace",
+            "claim_deadline",
         ):
             value = getattr(self, name)
             if not value >= 0:
@@ -86,26 +109,56 @@ class FleetSettings:
             found.append(f"scale_down_delay {self.policy.scale_down_delay} must be a number of seconds >= 0")
         if not self.policy.assumed_perf > 0:
             found.append(f"assumed_perf {self.policy.assumed_perf} must be > 0")
+        if self.consumer is not None and not self.consumer:
+            found.append("consumer must be a command, not empty")
         return found
+
+    def env_for_worker(self) -> dict[str, str]:
+        """The extra environment every worker gets on top of what Vast sets."""
+        extra = dict(self.worker_env)
+        if self.consumer:
+            extra.setdefault("NULL_CLAIM_DEADLINE", f"{self.claim_deadline:g}")
+        return extra
 
 
 @dataclass
 class Instance:
-    id: int
+    """One instance's I/O side; what the autoscaler knows of it is ``state``, the book's record."""
+
+    state: Worker
     cwd: Path
-    created_at: float
-    phase: Phase = Phase.PROVISIONING
-    phase_since: float = 0.0
     ports: WorkerPorts | None = None
     process: WorkerProcess | None = None
+    consumer: WorkerProcess | None = None
     task: asyncio.Future[Any] | None = None
-    cur_load: float = 0.0
-    max_perf: float = 0.0
-    error: str = ""
-    working: tuple[int, ...] = ()
-    idle_since: float | None = None
-    last_report: float | None = None
-    booted_at: float = 0.0  # created, or restarted from cold
+
+    @property
+    def id(self) -> int:
+        return self.state.id
+
+    @property
+    def phase(self) -> Phase:
+        return self.state.phase
+
+    @property
+    def created_at(self) -> float:
+        return self.state.created_at
+
+    @property
+    def cur_load(self) -> float:
+        return self.state.cur_load
+
+    @property
+    def max_perf(self) -> float:
+        return self.state.max_perf
+
+    @property
+    def working(self) -> tuple[int, ...]:
+        return self.state.working
+
+    @property
+    def error(self) -> str:
+        return self.state.error
 
     @property
     def url(self) -> str:
@@ -114,28 +167,6 @@ class Instance:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
-
-
-@dataclass
-class Grant:
-    request_idx: int
-    worker_id: int
-    cost: float
-    at: float
-    queued_since: float
-
-
-@dataclass
-class Waiting:
-    request: WaitingRequest
-    last_poll: float
-
-
-@dataclass
-class SeenSession:
-    request_idx: int
-    worker_id: int
-    since: float
 
 
 @dataclass(frozen=True)
@@ -155,26 +186,52 @@ class Fleet:
     ):
         self.settings = settings
         self.clock = clock
+        self.book = Book(settings.book, clock())
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="null-local-")) if workdir is None else workdir
         self.report_addr = ""
         self.instances: dict[int, Instance] = {}
-        self.waiting: dict[int, Waiting] = {}
-        self.grants: dict[int, Grant] = {}
-        self.sessions: dict[int, SeenSession] = {}
-        self.created: list[int] = []  # every instance id ever created, in order
-        self.started_at = clock()
-        self.last_activity = self.started_at
-        self.last_decision: Decision | None = None
-        self._ids = itertools.count(1)
-        self._next_request_idx = 1
+        self.started_at = self.book.last_activity
         self._loop_task: asyncio.Future[None] | None = None
         self._poke = asyncio.Event()
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()
         self._parked: dict[int, asyncio.Future[RouteAnswer]] = {}
         self._closing = False
         self._last_summary: tuple[Any, ...] = ()
         self._last_summary_at = 0.0
+
+    # -- what the book holds, under the names tests and callers use ------------------
+
+    @property
+    def waiting(self) -> dict[int, Waiting]:
+        return self.book.waiting
+
+    @property
+    def grants(self) -> dict[int, Grant]:
+        return self.book.grants
+
+    @property
+    def sessions(self) -> dict[int, SeenSession]:
+        return self.book.sessions
+
+    @property
+    def created(self) -> list[int]:
+        return self.book.created
+
+    @property
+    def last_decision(self) -> Decision | None:
+        return self.book.last_decision
+
+    @property
+    def last_activity(self) -> float:
+        return self.book.last_activity
+
+    def holding_sessions(self) -> dict[int, list[int]]:
+        """Instance id -> the sessions (request indexes) it reports holding now; only those holding one."""
+        held: dict[int, list[int]] = {}
+        for idx, seen in self.book.sessions.items():
+            held.setdefault(seen.worker_id, []).append(idx)
+        return held
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -192,9 +249,7 @@ class Fleet:
             self._loop_task.cancel()
             with suppress(asyncio.CancelledError):
                 await self._loop_task
-        for inst in list(self.instances.values()):
-            if inst.phase is not Phase.STOPPING:
-                self._retire(inst, keep=False, reason="shutdown")
+        self._carry_out(self.book.close(self.clock()))
         pending = [inst.task for inst in self.instances.values() if inst.task is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
@@ -204,317 +259,241 @@ class Fleet:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def kill_now(self) -> None:
-        """SIGKILL to every worker's process group; safe from atexit with no event loop."""
+        """SIGKILL to every worker's process group (its consumer too); safe from atexit with no event loop."""
         for inst in list(self.instances.values()):
-            if inst.process is not None and inst.process.running and inst.pid:
+            self._kill_group(inst)
+
+    def kill(self, instance_id: int) -> bool:
+        """SIGKILL to one instance's process group, worker and consumer alike: the instance lost.
+
+        The fleet learns of it as Vast would, from the process going away.
+        False when that instance has no running process.
+        """
+        inst = self.instances.get(instance_id)
+        if inst is None or inst.process is None or not inst.process.running:
+            return False
+        self._kill_group(inst)
+        log.info("worker %d killed (SIGKILL to its process group)", instance_id)
+        return True
+
+    @staticmethod
+    def _kill_group(inst: Instance) -> None:
+        for proc in (inst.process, inst.consumer):
+            if proc is not None and proc.running and proc.pid:
                 with suppress(ProcessLookupError, PermissionError):
-                    # start_new_session made the worker its group's leader.
-                    os.killpg(inst.pid, signal.SIGKILL)
+                    # The worker leads its own process group;
+                    # the consumer joined that group.
+                    os.killpg(inst.pid or proc.pid, signal.SIGKILL)
 
     async def wait_for(self, predicate: Callable[[Fleet], Any], timeout: float) -> Any:
         """Waits until ``predicate(self)`` is truthy and returns it; TimeoutError after ``timeout``."""
 
         async def until() -> Any:
-            async with self._changed:
-                while True:
-                    value = predicate(self)
-                    if value:
-                        return value
-                    await self._changed.wait()
+            while True:
+                value = predicate(self)
+                if value:
+                    return value
+                changed = self._changed
+                await changed.wait()
 
         return await asyncio.wait_for(until(), timeout)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     # -- what the SDK and the workers send --------------------------------------
 
     async def route_held(self, cost: float, request_idx: int) -> RouteAnswer:
-        """``route``, but a request that must wait is held up to ``route_hold`` for a worker to free up."""
-        answer = self.route(cost, request_idx)
-        if answer.url is not None or self.settings.route_hold <= 0:
-            return answer
-        parked: asyncio.Future[RouteAnswer] = asyncio.get_running_loop().create_future()
-        self._parked[answer.request_idx] = parked
-        try:
-            return await asyncio.wait_for(asyncio.shield(parked), self.settings.route_hold)
-        except asyncio.TimeoutError:
-            return answer
-        finally:
-            if self._parked.get(answer.request_idx) is parked:
-                del self._parked[answer.request_idx]
-            parked.cancel()
+        """``route``, but a request that must wait is held up to ``route_hold`` for a worker to free up.
 
-    def _serve_parked(self) -> None:
-        """Hands workers with room to held requests, the longest-waiting first."""
-        if not self._parked:
-            return
-        ordered = sorted((entry.request.since, idx) for idx, entry in self.waiting.items() if idx in self._parked)
-        for _, idx in ordered:
-            parked = self._parked[idx]
-            if parked.done():
-                continue
-            answer = self.route(self.waiting[idx].request.cost, idx)
-            if answer.url is None:
-                break  # served in arrival order, like a queue: no overtaking
-            parked.set_result(answer)
+        Cancelled (its client went away), the request stops counting at once.
+        """
+        routed = self.book.route(self.clock(), cost, request_idx, hold=True)
+        if routed.worker_id is not None or routed.held_until is None:
+            self._drive()
+            return self._answer(routed.request_idx, routed.worker_id)
+        idx = routed.request_idx
+        earlier = self._parked.pop(idx, None)
+        if earlier is not None and not earlier.done():
+            earlier.set_result(RouteAnswer(idx))  # the same index held twice: the newer call waits on
+        parked: asyncio.Future[RouteAnswer] = asyncio.get_running_loop().create_future()
+        self._parked[idx] = parked
+        self._drive()
+        try:
+            # The book answers at the end of the hold; the margin only guards
+            # against a loop that stopped.
+            return await asyncio.wait_for(asyncio.shield(parked), self.settings.route_hold + 5.0)
+        except asyncio.TimeoutError:
+            return RouteAnswer(idx)
+        except asyncio.CancelledError:
+            if self.book.route_gone(self.clock(), idx):
+                self._drive()
+            raise
+        finally:
+            if self._parked.get(idx) is parked:
+                del self._parked[idx]
+            parked.cancel()
 
     def route(self, cost: float, request_idx: int) -> RouteAnswer:
         """A grant on a worker with room, or a request index to poll again with."""
-        now = self.clock()
-        self.last_activity = now
-        if request_idx <= 0:
-            request_idx = self._next_request_idx
-        self._next_request_idx = max(self._next_request_idx, request_idx + 1)
-        # The same index again after a grant: its worker turned it down (429), route anew.
-        earlier = self.grants.pop(request_idx, None)
-        entry = self.waiting.get(request_idx)
-        queued_since = entry.request.since if entry else earlier.queued_since if earlier else now
-        worker_id = choose_worker(self._views(now), cost, self.settings.params)
+        routed = self.book.route(self.clock(), cost, request_idx)
+        self._drive()
+        return self._answer(routed.request_idx, routed.worker_id)
+
+    def _answer(self, request_idx: int, worker_id: int | None) -> RouteAnswer:
         if worker_id is None:
-            if entry is None:
-                log.info("request %d waits for a worker (cost %g)", request_idx, cost)
-            self.waiting[request_idx] = Waiting(WaitingRequest(request_idx, cost, queued_since), last_poll=now)
-            self._poke.set()
             return RouteAnswer(request_idx)
-        self.waiting.pop(request_idx, None)
-        self.grants[request_idx] = Grant(request_idx, worker_id, cost, now, queued_since)
-        inst = self.instances[worker_id]
-        inst.idle_since = None
-        log.info("request %d routed to worker %d after %.1fs", request_idx, worker_id, now - queued_since)
-        self._poke.set()
-        return RouteAnswer(request_idx, worker_id, inst.url)
+        return RouteAnswer(request_idx, worker_id, self.instances[worker_id].url)
 
     def on_report(self, report: Mapping[str, Any]) -> bool:
         """Takes a worker's /worker_status/ body; False when it is from no current instance."""
-        now = self.clock()
-        inst = self.instances.get(report["id"])
-        if inst is None or inst.phase not in (Phase.LOADING, Phase.READY, Phase.STOPPING):
-            return False
-        inst.last_report = now
-        inst.cur_load = float(report.get("cur_load") or 0.0)
-        inst.max_perf = float(report.get("max_perf") or 0.0)
-        inst.working = tuple(int(i) for i in report.get("working_request_idxs") or ())
-        error = str(report.get("error_msg") or "")
-        self._track_sessions(inst, now)
-        if inst.phase is Phase.STOPPING:
-            return True
-        if error:
-            inst.error = error
-            self._set_phase(inst, Phase.ERRORED, now)
-            log.warning("worker %d reported an error: %s", inst.id, error)
-        elif inst.phase is Phase.LOADING and inst.max_perf > 0:
-            self._set_phase(inst, Phase.READY, now)
-            # Its scale-down clock starts now: a waiting client may take a
-            # few seconds to poll again and find it.
-            if inst.idle_since is not None:
-                inst.idle_since = now
-            log.info("worker %d ready after %.1fs (max_perf %g)", inst.id, now - inst.booted_at, inst.max_perf)
-        self._serve_parked()
-        self._poke.set()
-        return True
+        known = self.book.report(self.clock(), Report.from_body(report))
+        if known:
+            self._drive()
+        return known
 
     def on_deleted(self, worker_id: int, requests: list[Mapping[str, Any]]) -> None:
         """Takes a worker's /delete_requests/ list: finished or refused requests and sessions."""
-        now = self.clock()
-        for item in requests:
-            idx = item.get("request_idx")
-            grant = self.grants.get(idx) if isinstance(idx, int) else None
-            if grant is not None and grant.worker_id == worker_id:
-                del self.grants[idx]
-            if item.get("success") is False:
-                log.info("request %s refused by worker %d (%s)", idx, worker_id, item.get("status"))
-                if grant is not None and idx not in self.waiting:
-                    # The SDK routes a refused create again with the same
-                    # index: it is still demand, as old as it was.
-                    request = WaitingRequest(grant.request_idx, grant.cost, grant.queued_since)
-                    self.waiting[grant.request_idx] = Waiting(request, last_poll=now)
-        self._serve_parked()
-        self._poke.set()
+        entries = [
+            Deleted(item["request_idx"], success=item.get("success") is not False, status=str(item.get("status") or ""))
+            for item in requests
+            if isinstance(item.get("request_idx"), int) and not isinstance(item.get("request_idx"), bool)
+        ]
+        self.book.deleted(self.clock(), worker_id, entries)
+        self._drive()
 
-    def _track_sessions(self, inst: Instance, now: float) -> None:
-        for idx in inst.working:
-            grant = self.grants.get(idx)
-            if grant is not None and grant.worker_id == inst.id:
-                del self.grants[idx]
-            if idx not in self.sessions:
-                self.sessions[idx] = SeenSession(idx, inst.id, now)
-                log.info("session %d open on worker %d", idx, inst.id)
-        for idx, seen in list(self.sessions.items()):
-            if seen.worker_id == inst.id and idx not in inst.working:
-                del self.sessions[idx]
-                log.info("session %d on worker %d ended after %.1fs", idx, inst.id, now - seen.since)
-
-    # -- the scaling loop ---------------------------------------------------------
+    # -- the loop -------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # Every event steps the book as it comes in; this loop steps it at
+        # the deadlines in between and sleeps otherwise. A poke (an event
+        # came) only makes it work out its sleep anew.
         while not self._closing:
-            await self._nap()
             self._poke.clear()
             try:
-                self.step()
+                self._drive(poke=False)
             except Exception:
-                log.exception("scaling step failed; retrying on the next tick")
-            async with self._changed:
-                self._changed.notify_all()
+                log.exception("scaling step failed; retrying shortly")
+                await asyncio.sleep(1.0)
+                continue
+            await self._nap(self._sleep_for(self.clock()))
 
-    async def _nap(self) -> None:
-        """Until poked or a tick passes."""
+    def _sleep_for(self, now: float) -> float | None:
+        """Seconds until the book's next deadline (or the next fleet line); None: until an event."""
+        moments = []
+        wake = self.book.next_wakeup(now)
+        if wake is not None:
+            moments.append(wake)
+        if self.instances:
+            moments.append(self._last_summary_at + self.settings.summary_every)
+        return max(min(moments) - now, 0.0) if moments else None
+
+    async def _nap(self, timeout: float | None) -> None:
+        """Until poked or ``timeout`` passes."""
         # Not asyncio.wait_for: before Python 3.12 it can swallow a cancel
         # that lands as the event is set, and this loop would never stop.
         waiter = asyncio.ensure_future(self._poke.wait())
         try:
-            await asyncio.wait({waiter}, timeout=self.settings.tick)
+            await asyncio.wait({waiter}, timeout=timeout)
         finally:
             waiter.cancel()
 
     def step(self) -> Decision:
-        """One pass: expire stale state, decide, act, show what changed."""
+        """One pass now: expire what is due, decide, act, show what changed."""
+        self._drive()
+        assert self.book.last_decision is not None
+        return self.book.last_decision
+
+    def _drive(self, *, poke: bool = True) -> None:
+        """Steps the book now and carries out what it says; ``poke``: the loop then works out its sleep anew."""
         now = self.clock()
-        self._expire(now)
-        views = self._views(now)
-        if any(w.load > EPSILON for w in views) or self.waiting:
-            self.last_activity = now
-        snapshot = Snapshot(
-            now=now,
-            workers=tuple(views),
-            waiting=tuple(w.request for w in self.waiting.values()),
-            last_activity=self.last_activity,
-        )
-        decision = decide(snapshot, self.settings.params, self.settings.policy)
-        self.last_decision = decision
-        if not self._closing:
-            self._apply(decision, now)
-            self._serve_parked()
+        self._carry_out(self.book.step(now))
         self._show(now)
-        return decision
+        if poke:
+            self._poke.set()
+        self._notify()
 
-    def _expire(self, now: float) -> None:
-        for idx, grant in list(self.grants.items()):
-            if now - grant.at > self.settings.grant_timeout:
-                del self.grants[idx]
-                log.debug("grant %d on worker %d not seen in its reports; no longer counted", idx, grant.worker_id)
-        for idx, entry in list(self.waiting.items()):
-            if now - entry.last_poll > self.settings.waiting_timeout:
-                del self.waiting[idx]
-                log.info("request %d no longer polled; dropped", idx)
-        for inst in self.instances.values():
-            # returncode stays None while the process is still being spawned.
-            if (
-                inst.phase in (Phase.LOADING, Phase.READY)
-                and inst.process is not None
-                and inst.process.returncode is not None
-            ):
-                inst.error = f"process exited with code {inst.process.returncode}"
-                self._set_phase(inst, Phase.ERRORED, now)
-                log.warning("worker %d %s; its last output:\n%s", inst.id, inst.error, inst.process.tail(8))
-            elif inst.phase is Phase.LOADING and now - inst.phase_since > self.settings.load_timeout:
-                inst.error = f"not ready {self.settings.load_timeout:g}s after starting"
-                self._set_phase(inst, Phase.ERRORED, now)
-                log.warning("worker %d %s", inst.id, inst.error)
-        for inst in self.instances.values():
-            reserved = self._reserved(inst.id)
-            if inst.cur_load + reserved > EPSILON:
-                inst.idle_since = None
-            elif inst.idle_since is None:
-                inst.idle_since = now
-
-    def _reserved(self, worker_id: int) -> float:
-        return sum(g.cost for g in self.grants.values() if g.worker_id == worker_id)
-
-    def _views(self, now: float) -> list[WorkerView]:
-        return [
-            WorkerView(
-                id=inst.id,
-                phase=inst.phase,
-                created_at=inst.created_at,
-                cur_load=inst.cur_load,
-                max_perf=inst.max_perf,
-                reserved=self._reserved(inst.id),
-                idle_since=inst.idle_since,
-            )
-            for inst in self.instances.values()
-        ]
-
-    def _apply(self, decision: Decision, now: float) -> None:
-        for worker_id in decision.destroy:
-            inst = self.instances[worker_id]
-            reason = f"errored: {inst.error}" if inst.phase is Phase.ERRORED else self._surplus_reason(inst, now)
-            self._retire(inst, keep=False, reason=reason)
-        for worker_id in decision.stop:
-            inst = self.instances[worker_id]
-            self._retire(inst, keep=True, reason=self._surplus_reason(inst, now))
-        for worker_id in decision.resume:
-            inst = self.instances[worker_id]
-            self._set_phase(inst, Phase.LOADING, now)
-            inst.idle_since = inst.booted_at = now
-            log.info(
-                "worker %d starting again from cold: load %g, workers wanted %d",
-                inst.id,
-                decision.load,
-                decision.target,
-            )
-            inst.task = asyncio.ensure_future(self._launch(inst, delay=0.0))
-        for _ in range(decision.provision):
-            worker_id = next(self._ids)
-            inst = Instance(
-                id=worker_id,
-                cwd=self.workdir / f"worker-{worker_id}",
-                created_at=now,
-                phase_since=now,
-                idle_since=now,
-                booted_at=now,
-            )
-            self.instances[inst.id] = inst
-            self.created.append(inst.id)
-            log.info(
-                "worker %d provisioning: load %g, workers wanted %d (cold start %.1fs)",
-                inst.id,
-                decision.load,
-                decision.target,
-                self.settings.provisioning_delay,
-            )
-            inst.task = asyncio.ensure_future(self._launch(inst, delay=self.settings.provisioning_delay))
-
-    def _surplus_reason(self, inst: Instance, now: float) -> str:
-        idle = now - inst.idle_since if inst.idle_since is not None else 0.0
-        return f"surplus, idle {idle:.1f}s"
+    def _carry_out(self, commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, Answer):
+                parked = self._parked.get(command.request_idx)
+                if parked is not None and not parked.done():
+                    parked.set_result(self._answer(command.request_idx, command.worker_id))
+            elif isinstance(command, Stop):
+                inst = self.instances.get(command.worker_id)
+                if inst is not None:
+                    self._retire(inst, keep=command.keep)
+            elif isinstance(command, Resume):
+                inst = self.instances[command.worker_id]
+                inst.task = asyncio.ensure_future(self._launch(inst, delay=0.0))
+            elif isinstance(command, Provision):
+                state = self.book.workers[command.worker_id]
+                inst = Instance(state=state, cwd=self.workdir / f"worker-{state.id}")
+                self.instances[inst.id] = inst
+                inst.task = asyncio.ensure_future(self._launch(inst, delay=self.settings.provisioning_delay))
 
     # -- one instance ---------------------------------------------------------------
-
-    def _set_phase(self, inst: Instance, phase: Phase, now: float) -> None:
-        inst.phase = phase
-        inst.phase_since = now
 
     async def _launch(self, inst: Instance, delay: float) -> None:
         if delay > 0:
             await asyncio.sleep(delay)
-        now = self.clock()
         inst.ports = WorkerPorts.allocate()
         env = worker_env(
             ports=inst.ports,
             container_id=inst.id,
             report_addr=self.report_addr,
-            extra=dict(self.settings.worker_env),
+            extra=self.settings.env_for_worker(),
         )
+        if self.settings.consumer and "BACKEND_HEALTH_URL" not in dict(self.settings.worker_env):
+            env.pop("BACKEND_HEALTH_URL", None)
         inst.process = WorkerProcess(env=env, cwd=inst.cwd, python=self.settings.python)
-        inst.cur_load = inst.max_perf = 0.0
-        inst.working = ()
-        inst.error = ""
-        self._set_phase(inst, Phase.LOADING, now)
         try:
             await inst.process.start()
-        except Exception as exc:  # a missing interpreter, no file descriptors left...
-            inst.process = None
-            if inst.phase is Phase.LOADING:
-                inst.error = f"could not start: {exc}"
-                self._set_phase(inst, Phase.ERRORED, self.clock())
-                log.warning("worker %d %s", inst.id, inst.error)
+            if self.settings.consumer:
+                inst.consumer = WorkerProcess(
+                    env=env,
+                    cwd=inst.cwd,
+                    argv=self.settings.consumer,
+                    process_group=inst.process.pid,
+                    output=inst.process.output,
+                    prefix="consumer: ",
+                )
+                await inst.consumer.start()
+        except Exception as exc:  # a missing interpreter or command, no file descriptors left...
+            if inst.process.running:
+                self._kill_group(inst)
+            else:
+                inst.process = None
+            self.book.failed(self.clock(), inst.id, f"could not start: {exc}")
+            self._drive()
             return
-        log.info("worker %d loading: pid %d, %s", inst.id, inst.process.pid, inst.url)
-        self._poke.set()
+        self.book.started(self.clock(), inst.id)
+        consumer = f", consumer pid {inst.consumer.pid}" if inst.consumer is not None else ""
+        log.info("worker %d loading: pid %d, %s%s", inst.id, inst.process.pid, inst.url, consumer)
+        asyncio.ensure_future(self._watch(inst, inst.process))
+        if inst.consumer is not None:
+            asyncio.ensure_future(self._watch_consumer(inst, inst.consumer))
+        self._drive()
 
-    def _retire(self, inst: Instance, *, keep: bool, reason: str) -> None:
+    async def _watch(self, inst: Instance, process: WorkerProcess) -> None:
+        """Tells the book when a worker's process ends by itself (a crash, a kill: the instance lost)."""
+        with suppress(Exception):
+            code = await process.wait()
+            if inst.process is process and inst.phase in (Phase.LOADING, Phase.READY):
+                self.book.failed(self.clock(), inst.id, f"process exited with code {code}")
+                log.warning("worker %d: its last output:\n%s", inst.id, process.tail(8))
+                self._drive()
+
+    async def _watch_consumer(self, inst: Instance, consumer: WorkerProcess) -> None:
+        with suppress(Exception):
+            code = await consumer.wait()
+            if inst.consumer is consumer and inst.phase in (Phase.LOADING, Phase.READY):
+                log.warning("worker %d: its consumer exited with code %d", inst.id, code)
+            self._notify()
+
+    def _retire(self, inst: Instance, *, keep: bool) -> None:
         launching = inst.task if inst.task is not None and not inst.task.done() else None
-        self._set_phase(inst, Phase.STOPPING, self.clock())
-        log.info("worker %d stopping (%s)", inst.id, reason)
         inst.task = asyncio.ensure_future(self._stop(inst, keep, launching))
 
     async def _stop(self, inst: Instance, keep: bool, launching: asyncio.Future[Any] | None) -> None:
@@ -527,29 +506,26 @@ class Fleet:
             with suppress(asyncio.CancelledError, Exception):
                 await launching
         code = None
-        if inst.process is not None:
-            code = await inst.process.stop(self.settings.stop_grace)
-        for idx, grant in list(self.grants.items()):
-            if grant.worker_id == inst.id:
-                del self.grants[idx]
-        for idx, seen in list(self.sessions.items()):
-            if seen.worker_id == inst.id:
-                del self.sessions[idx]
-                log.info("session %d on worker %d ended with the worker", idx, inst.id)
-        now = self.clock()
+        grace = self.settings.stop_grace
+        procs = [p for p in (inst.consumer, inst.process) if p is not None]
+        if procs:
+            codes = await asyncio.gather(*(p.stop(grace) for p in procs), return_exceptions=True)
+            code = codes[-1] if not isinstance(codes[-1], BaseException) else None
+            self._kill_group(inst)  # anything the consumer left in the group
+        self.book.stopped(self.clock(), inst.id)
         exit_note = "" if code is None else f", exit code {code}"
-        if keep and not self._closing:
-            inst.process = None
+        if inst.id in self.book.workers:
+            inst.process = inst.consumer = None
             inst.ports = None
-            inst.cur_load = inst.max_perf = 0.0
-            inst.working = ()
-            self._set_phase(inst, Phase.COLD, now)
             log.info("worker %d cold: stopped, files kept for a fast restart%s", inst.id, exit_note)
         else:
             self.instances.pop(inst.id, None)
             shutil.rmtree(inst.cwd, ignore_errors=True)
             log.info("worker %d stopped%s", inst.id, exit_note)
-        self._poke.set()
+        if not self._closing:
+            self._drive()
+        else:
+            self._notify()
 
     # -- what the terminal shows ---------------------------------------------------------
 
@@ -558,28 +534,30 @@ class Fleet:
         now = self.clock()
         rows = []
         for inst in sorted(self.instances.values(), key=lambda i: i.id):
+            state = inst.state
             rows.append(
                 {
                     "id": inst.id,
                     "status": inst.phase.value,
-                    "cur_load": inst.cur_load,
+                    "cur_load": state.cur_load,
                     "new_load": 0.0,
-                    "cur_load_rolling_avg": inst.cur_load,
+                    "cur_load_rolling_avg": state.cur_load,
                     "cur_perf": 0.0,
-                    "perf": inst.max_perf,
-                    "measured_perf": inst.max_perf,
+                    "perf": state.max_perf,
+                    "measured_perf": state.max_perf,
                     "dlperf": 0.0,
                     "reliability": 1.0,
-                    "reqs_working": len(inst.working),
+                    "reqs_working": len(state.working),
                     "disk_usage": 0.0,
-                    "loaded_at": inst.phase_since if inst.phase is Phase.READY else 0.0,
-                    "started_at": inst.created_at,
+                    "loaded_at": state.phase_since if inst.phase is Phase.READY else 0.0,
+                    "started_at": state.created_at,
                     "url": inst.url,
                     "pid": inst.pid,
-                    "reserved": self._reserved(inst.id),
-                    "age": round(now - inst.created_at, 3),
-                    "error_msg": inst.error,
-                    "sessions": [idx for idx, s in self.sessions.items() if s.worker_id == inst.id],
+                    "consumer_pid": inst.consumer.pid if inst.consumer is not None else None,
+                    "reserved": self.book.reserved(inst.id),
+                    "age": round(now - state.created_at, 3),
+                    "error_msg": state.error,
+                    "sessions": self.book.sessions_on(inst.id),
                 }
             )
         return rows
@@ -590,18 +568,25 @@ class Fleet:
         for inst in sorted(self.instances.values(), key=lambda i: i.id):
             text = f"#{inst.id} {inst.phase.value}"
             if inst.phase in (Phase.READY, Phase.STOPPING) or inst.cur_load:
-                load = inst.cur_load + self._reserved(inst.id)
+                load = inst.cur_load + self.book.reserved(inst.id)
                 text += f" {load:g}/{inst.max_perf or self.settings.policy.assumed_perf:g}"
             text += f" {now - inst.created_at:.0f}s"
-            held = [idx for idx, s in self.sessions.items() if s.worker_id == inst.id]
+            held = self.book.sessions_on(inst.id)
             if held:
                 text += " session " + ",".join(str(i) for i in held)
             parts.append(text)
-        waiting = len(self.waiting)
+        waiting = len(self.book.waiting)
         head = f"fleet: {len(self.live())} live"
         if waiting:
             head += f", {waiting} waiting"
         return head + (" | " + " | ".join(parts) if parts else "")
+
+    def phase_counts(self) -> dict[str, int]:
+        """How many instances are in each phase, every phase named."""
+        counts = {phase.value: 0 for phase in Phase}
+        for inst in self.instances.values():
+            counts[inst.phase.value] += 1
+        return counts
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.phase in LIVE]
@@ -611,9 +596,9 @@ class Fleet:
 
     def _show(self, now: float) -> None:
         shape = tuple(
-            (i.id, i.phase, i.cur_load + self._reserved(i.id), tuple(sorted(i.working)))
+            (i.id, i.phase, i.cur_load + self.book.reserved(i.id), tuple(sorted(i.working)))
             for i in sorted(self.instances.values(), key=lambda i: i.id)
-        ) + (len(self.waiting),)
+        ) + (len(self.book.waiting),)
         due = bool(self.instances) and now - self._last_summary_at >= self.settings.summary_every
         if shape != self._last_summary or due:
             self._last_summary = shape

@@ -15,7 +15,7 @@ import socket
 import sys
 from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -100,40 +100,57 @@ def with_repo_on_path(env: dict[str, str]) -> dict[str, str]:
 
 @dataclass
 class WorkerProcess:
-    """One ``python -m workers.null.worker`` child (or ``module``), its output kept for diagnosis."""
+    """One ``python -m workers.null.worker`` child (or ``module``, or any ``argv``), its output kept for diagnosis.
+
+    It leads a process group of its own, or joins ``process_group`` (a
+    consumer beside its worker, so one killpg ends both). ``output`` may be
+    shared with another process's, each line then starting with ``prefix``.
+    """
 
     env: dict[str, str]
     cwd: Path
     python: str = sys.executable
     module: str = "workers.null.worker"
+    argv: tuple[str, ...] | None = None
+    process_group: int | None = None
     tail_lines: int = 200
+    output: collections.deque[str] | None = None
+    prefix: str = ""
     proc: asyncio.subprocess.Process | None = None
-    output: collections.deque[str] = field(default_factory=collections.deque)
     _reader: asyncio.Task | None = None
+
+    def __post_init__(self) -> None:
+        if self.output is None:
+            self.output = collections.deque(maxlen=self.tail_lines)
 
     async def start(self) -> None:
         self.cwd.mkdir(parents=True, exist_ok=True)
-        self.output = collections.deque(maxlen=self.tail_lines)
+        argv = self.argv if self.argv is not None else (self.python, "-m", self.module)
+        group = self.process_group
+
+        def in_child() -> None:
+            # A group of its own (0) or its worker's: a Ctrl-C at the
+            # terminal reaches the parent only, which then stops its
+            # workers in order. Not a new session, or a consumer could not
+            # join its worker's group.
+            os.setpgid(0, 0 if group is None else group)
+            _stop_with_parent()
+
         self.proc = await asyncio.create_subprocess_exec(
-            self.python,
-            "-m",
-            self.module,
+            *argv,
             cwd=str(self.cwd),
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            # Its own process group: a Ctrl-C at the terminal reaches the
-            # parent only, which then stops its workers in order.
-            start_new_session=True,
-            preexec_fn=_stop_with_parent,
+            preexec_fn=in_child,
         )
         self._reader = asyncio.ensure_future(self._read_output())
 
     async def _read_output(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None and self.proc.stdout is not None and self.output is not None
         async for raw in self.proc.stdout:
-            self.output.append(raw.decode(errors="replace").rstrip("\n"))
+            self.output.append(self.prefix + raw.decode(errors="replace").rstrip("\n"))
 
     @property
     def pid(self) -> int | None:
@@ -148,7 +165,7 @@ class WorkerProcess:
         return self.proc is not None and self.proc.returncode is None
 
     def tail(self, n: int = 40) -> str:
-        return "\n".join(list(self.output)[-n:])
+        return "\n".join(list(self.output or ())[-n:])
 
     def send_signal(self, sig: int) -> None:
         if self.running:

@@ -98,6 +98,9 @@ class WorkerView:
     reserved: float = 0.0
     # Since when it has held no load and no reservation; None while it holds some.
     idle_since: float | None = None
+    # Sessions (or requests) it reports working on. A worker holding one is
+    # never idle, whatever load it reports: a session of any cost fills it.
+    sessions: int = 0
 
     @property
     def load(self) -> float:
@@ -165,8 +168,12 @@ def total_load(snapshot: Snapshot, params: EndpointParams) -> float:
     held = sum(w.load for w in snapshot.workers if w.phase in LIVE or w.phase is Phase.ERRORED)
     # A request that has waited less than target_queue_time may still be taken
     # by a worker that frees up; past it, it counts as demand for a new worker.
-    overdue = sum(r.cost for r in snapshot.waiting if snapshot.now - r.since >= params.target_queue_time - EPSILON)
+    overdue = sum(r.cost for r in snapshot.waiting if _overdue(r, snapshot.now, params))
     return held + overdue
+
+
+def _overdue(request: WaitingRequest, now: float, params: EndpointParams) -> bool:
+    return now - request.since >= params.target_queue_time - EPSILON
 
 
 def inactive_long_enough(snapshot: Snapshot, params: EndpointParams) -> bool:
@@ -228,11 +235,57 @@ def decide(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> D
     )
 
 
+def _idle(worker: WorkerView) -> bool:
+    return worker.load <= EPSILON and worker.sessions == 0 and worker.idle_since is not None
+
+
+def _idle_long_enough(worker: WorkerView, now: float, policy: LocalPolicy) -> bool:
+    return worker.idle_since is not None and now - worker.idle_since >= policy.scale_down_delay - EPSILON
+
+
 def _stoppable(live: Sequence[WorkerView], now: float, policy: LocalPolicy) -> list[WorkerView]:
-    """Live workers a scale-down may take, least useful first; never one holding load."""
-    idle = [
-        w
-        for w in live
-        if w.load <= EPSILON and w.idle_since is not None and now - w.idle_since >= policy.scale_down_delay - EPSILON
-    ]
+    """Live workers a scale-down may take, least useful first; never one holding load or a session."""
+    idle = [w for w in live if _idle(w) and _idle_long_enough(w, now, policy)]
     return sorted(idle, key=lambda w: (_STOP_ORDER[w.phase], -w.created_at, -w.id))
+
+
+def next_change(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> float | None:
+    """The earliest moment after ``snapshot.now`` at which ``decide`` may answer differently, or None.
+
+    Only the clock moves: the workers, waiting requests and last activity stay
+    as in ``snapshot``. Three things in ``decide`` depend on the time alone:
+
+    - a waiting request starts to count as load once it has waited
+      ``target_queue_time``;
+    - an idle live worker becomes stoppable once it has been idle
+      ``policy.scale_down_delay``;
+    - the last worker may go once ``inactivity_timeout`` has passed since the
+      last activity (only while ``min_load`` is 0).
+
+    The answer may be early (``decide`` is then the same again) but never
+    late: for every ``t`` in ``[snapshot.now, next_change)``, ``decide`` at
+    ``t`` equals ``decide`` at ``snapshot.now``. It is always greater than
+    ``snapshot.now``, so a caller that moves its clock there and asks again
+    makes progress. None: nothing changes until an event.
+    """
+    now = snapshot.now
+    moments: list[float] = []
+    for request in snapshot.waiting:
+        if not _overdue(request, now, params):
+            moments.append(request.since + params.target_queue_time - EPSILON)
+    for worker in snapshot.workers:
+        if worker.phase in LIVE and _idle(worker) and not _idle_long_enough(worker, now, policy):
+            moments.append(worker.idle_since + policy.scale_down_delay - EPSILON)  # type: ignore[operator]
+    timeout = params.inactivity_timeout
+    if (
+        timeout is not None
+        and params.min_load <= EPSILON
+        and not inactive_long_enough(snapshot, params)
+        and any(w.phase in LIVE or w.phase is Phase.ERRORED for w in snapshot.workers)
+    ):
+        moments.append(snapshot.last_activity + timeout - EPSILON)
+    if not moments:
+        return None
+    # On large clock values (epoch seconds) the sum above can round to now or
+    # before it: then the next representable instant, so a caller moves on.
+    return max(min(moments), math.nextafter(now, math.inf))

@@ -14,6 +14,7 @@ import pytest
 
 from lib.standin.autoscaler import DEFAULT_ENDPOINT, serve
 from tests.standin import CommandRun, explain, fast_config, process_gone, sdk_client, wait_fleet
+from workers.null import sdk
 from workers.null.cli import Interrupt
 from workers.null.sessionclient import SessionRunner
 
@@ -162,3 +163,33 @@ async def test_ctrl_c_with_its_own_stand_in_leaves_no_worker_process():
         for match in run.matches(r"worker \d+ loading: pid (\d+)"):
             with suppress(ProcessLookupError):
                 os.killpg(int(match.group(1)), signal.SIGKILL)
+
+
+async def test_a_session_deadline_is_kept_within_a_second_whatever_the_sdk_sleeps():
+    """With no worker to be had, a session asked for with a 2 s deadline fails within 3 s (the SDK alone takes up to 5 s more)."""
+    async with serve(fast_config(provisioning_delay=120.0)) as standin:
+        client = sdk_client(standin)
+        try:
+            endpoint = await sdk.find_endpoint(client, DEFAULT_ENDPOINT)
+            started = time.monotonic()
+            with pytest.raises(sdk.SessionTimeout):
+                await sdk.open_session(endpoint, cost=100, lifetime=30, timeout=2.0)
+            took = time.monotonic() - started
+        finally:
+            await client.close()
+    assert 2.0 <= took < 3.0, f"the deadline of 2s was kept only after {took:.2f}s"
+
+
+async def test_the_client_reports_a_missed_deadline_as_not_reserved():
+    """The session client's --timeout ends a session that got no worker, and says so in its outcome."""
+    async with serve(fast_config(provisioning_delay=120.0)) as standin:
+        client = sdk_client(standin)
+        try:
+            endpoint = await sdk.find_endpoint(client, DEFAULT_ENDPOINT)
+            started = time.monotonic()
+            (record,) = await SessionRunner(endpoint, session_args(timeout=1.5), Interrupt()).run()
+            took = time.monotonic() - started
+        finally:
+            await client.close()
+    assert record.outcome == "not reserved: no worker took the session within 1.5s"
+    assert took < 2.5

@@ -321,21 +321,47 @@ async def test_dispatcher_reserves_one_worker_per_job_and_learns_when_the_consum
                 )
             except asyncio.TimeoutError:
                 raise AssertionError(f"not every job got a worker within 90s\n{explain()}") from None
-            assert sorted(sessions) == names and len(set(sessions.values())) == 3
-            notes = []
-            for _ in names:
-                try:
-                    notes.append(await asyncio.wait_for(ended.get(), 30))
-                except asyncio.TimeoutError:
-                    raise AssertionError(f"sessions ended so far: {notes}\n{explain()}") from None
+            assert sorted(sessions) == names and len({s.session_id for s in sessions.values()}) == 3
+            try:
+                outcomes = await asyncio.wait_for(dispatcher.wait_for_ends(endpoint, sessions, ended), 30)
+            except asyncio.TimeoutError:
+                raise AssertionError(f"not every session ended within 30s\n{explain()}") from None
         finally:
             attacher.cancel()
             with suppress(asyncio.CancelledError):
                 await attacher
-    assert sorted((n["job"], n["session_id"]) for n in notes) == sorted(sessions.items())
+    assert outcomes == {name: "ended" for name in names}
     assert sorted(jobs.listed("started")) == names, "a job ran twice or not at all"
     assert jobs.listed("requeued") == []
     assert 1 <= len(attached) <= 3
+
+
+@pytest.mark.slow
+async def test_dispatcher_learns_of_a_lost_worker_from_the_sessions_health() -> None:
+    """A worker killed with SIGKILL sends no callback; the dispatcher example hears of it from the session's health."""
+    dispatcher = load_dispatcher()
+    config = LocalConfig(
+        port=0,
+        fleet=FleetSettings(
+            params=EndpointParams(target_util=1.0, min_load=0, max_workers=1, max_queue_time=1, target_queue_time=0.5),
+            provisioning_delay=0.0,
+        ),
+    )
+    ended: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    async with AsyncExitStack() as stack:
+        standin = await stack.enter_async_context(serve(config))
+        callback_url = await stack.enter_async_context(serving(dispatcher.callback_app(ended, "/session-ended")))
+        client = sdk.make_client(config.api_key, "local", standin.url)
+        stack.push_async_callback(client.close)
+        endpoint = await client.get_endpoint(config.endpoint_name)
+        sessions = await asyncio.wait_for(dispatcher.dispatch(endpoint, ["job-a"], f"{callback_url}/session-ended"), 60)
+        (worker,) = [inst for inst in standin.fleet.live() if inst.url == sessions["job-a"].url]
+        os.killpg(worker.pid, signal.SIGKILL)
+        started = time.monotonic()
+        outcomes = await asyncio.wait_for(dispatcher.wait_for_ends(endpoint, sessions, ended, health_every=0.5), 20)
+    assert outcomes == {"job-a": "worker lost"}
+    assert ended.empty(), "a killed worker sent a callback"
+    assert time.monotonic() - started < 15
 
 
 @pytest.mark.parametrize("name", ["dispatcher.py", "consumer.sh", "consumer.py"])

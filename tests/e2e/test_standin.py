@@ -40,7 +40,7 @@ async def test_sdk_finds_the_endpoint_with_its_key_and_parameters():
 
 
 async def test_route_without_a_free_worker_answers_a_request_index_to_poll_with():
-    """With no worker ready, /route/ answers after route_hold with a request_idx and no url, and the same index when polled again."""
+    """With no worker ready, /route/ answers after route_hold with Vast's waiting fields and no url, then the same index."""
     async with serve(fast_config(route_hold=0.3, **NO_START)) as standin, aiohttp.ClientSession() as http:
         body = {
             "endpoint": DEFAULT_ENDPOINT,
@@ -53,8 +53,11 @@ async def test_route_without_a_free_worker_answers_a_request_index_to_poll_with(
         status, first = await post(http, f"{standin.url}/route/", body)
         assert time.monotonic() - started >= 0.3
         assert status == 200 and "url" not in first and first["request_idx"] > 0
+        assert first["endpoint"] == DEFAULT_ENDPOINT
+        assert first["status"] == {phase.value: int(phase is Phase.PROVISIONING) for phase in Phase}, first
         status, again = await post(http, f"{standin.url}/route/", {**body, "request_idx": first["request_idx"]})
-        assert status == 200 and again == {"request_idx": first["request_idx"]}
+        assert status == 200 and set(again) == {"request_idx", "endpoint", "status"}
+        assert again["request_idx"] == first["request_idx"]
         assert list(standin.fleet.waiting) == [first["request_idx"]]
 
 
@@ -67,6 +70,7 @@ async def test_route_refuses_unknown_endpoints_wrong_keys_and_malformed_bodies()
             ({**good, "api_key": "wrong"}, 401),
             ({**good, "cost": "lots"}, 422),
             ({**good, "cost": -1}, 422),
+            ({**good, "cost": 0}, 422),
             ({**good, "request_idx": "7"}, 422),
             ([good], 422),
         ]

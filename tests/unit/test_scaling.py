@@ -18,6 +18,7 @@ from lib.standin.scaling import (
     choose_worker,
     decide,
     has_room,
+    next_change,
     target_workers,
 )
 
@@ -286,3 +287,96 @@ def test_target_is_sessions_over_target_util_rounded_up(sessions, util):
     target = target_workers(snapshot(sessions_on(sessions)), params, POLICY)
     expected = math.ceil(round(sessions / util, 9))
     assert target == max(expected, 1 if sessions else 0)
+
+
+def test_worker_holding_a_session_is_never_stopped_as_surplus_whatever_load_it_reports():
+    """A ready worker that reports a session but a load of 0 (a session of cost 0) is not idle: scale-down keeps it."""
+    params = EndpointParams(target_util=1.0, inactivity_timeout=0.0)
+    held = WorkerView(id=1, phase=Phase.READY, created_at=NOW - 60, max_perf=100.0, idle_since=NOW - 60, sessions=1)
+    decision = decide(snapshot([held], idle_for=3600), params, POLICY)
+    assert decision.stop == () and decision.destroy == ()
+    assert next_change(snapshot([held], idle_for=3600), params, POLICY) is None
+
+
+def test_next_change_is_when_a_waiting_request_passes_target_queue_time():
+    """A fresh waiting request changes the decision exactly when it has waited target_queue_time."""
+    params = EndpointParams(target_util=1.0, target_queue_time=0.5, inactivity_timeout=None)
+    fresh = WaitingRequest(request_idx=1, cost=100.0, since=NOW - 0.2)
+    moment = next_change(snapshot(waiting=[fresh]), params, POLICY)
+    assert moment is not None and abs(moment - (NOW + 0.3)) < 1e-6
+    later = Snapshot(now=moment, waiting=(fresh,), last_activity=NOW)
+    assert decide(later, params, POLICY).provision == 1
+    overdue = WaitingRequest(request_idx=1, cost=100.0, since=NOW - 0.6)
+    assert next_change(snapshot(waiting=[overdue]), params, POLICY) is None
+
+
+def test_next_change_is_when_an_idle_worker_may_be_stopped_and_when_inactivity_ends():
+    """Idle workers: the surplus one at its scale-down delay, the last one at inactivity_timeout."""
+    params = EndpointParams(target_util=1.0, inactivity_timeout=10.0)
+    two = [worker(1, load=100.0), worker(2, idle_for=2.0)]
+    assert next_change(snapshot(two), params, POLICY) == NOW + 3.0 - 1e-9
+    last = [worker(1, idle_for=60.0)]
+    assert next_change(snapshot(last, idle_for=4.0), params, POLICY) == NOW + 6.0 - 1e-9
+    assert next_change(snapshot(last, idle_for=11.0), params, POLICY) is None
+    assert next_change(snapshot(), params, POLICY) is None
+
+
+def test_next_change_moves_on_even_where_the_clock_cannot_resolve_epsilon():
+    """On epoch-sized clocks the moment returned is still after now, so a caller stepping to it progresses."""
+    params = EndpointParams(target_queue_time=0.5)
+    now = 1.7e9
+    request = WaitingRequest(request_idx=1, cost=100.0, since=now - 0.5 + 1e-12)
+    shot = Snapshot(now=now, waiting=(request,), last_activity=now)
+    moment = next_change(shot, params, POLICY)
+    assert moment is None or moment > now
+
+
+_phases = st.sampled_from(list(Phase))
+
+
+@st.composite
+def snapshots(draw):
+    n = draw(st.integers(min_value=0, max_value=5))
+    workers = []
+    for i in range(n):
+        phase = draw(_phases)
+        load = draw(st.sampled_from([0.0, 0.0, 50.0, 100.0]))
+        idle_for = draw(st.floats(min_value=0.0, max_value=20.0))
+        workers.append(
+            WorkerView(
+                id=i + 1,
+                phase=phase,
+                created_at=NOW - 100 + i,
+                cur_load=load,
+                max_perf=100.0 if phase is Phase.READY else 0.0,
+                idle_since=None if load else NOW - idle_for,
+                sessions=draw(st.integers(min_value=0, max_value=1)),
+            )
+        )
+    waiting = [
+        WaitingRequest(i + 1, draw(st.sampled_from([50.0, 100.0, 250.0])), NOW - draw(st.floats(0.0, 3.0)))
+        for i in range(draw(st.integers(min_value=0, max_value=4)))
+    ]
+    return snapshot(workers, waiting, idle_for=draw(st.floats(min_value=0.0, max_value=20.0)))
+
+
+@given(
+    shot=snapshots(),
+    params=st.builds(
+        EndpointParams,
+        min_load=st.sampled_from([0.0, 100.0]),
+        target_util=st.sampled_from([1.0, 0.9, 0.5]),
+        max_workers=st.integers(min_value=1, max_value=6),
+        cold_workers=st.integers(min_value=0, max_value=1),
+        target_queue_time=st.floats(min_value=0.0, max_value=2.0),
+        inactivity_timeout=st.one_of(st.none(), st.floats(min_value=0.0, max_value=15.0)),
+    ),
+    fraction=st.floats(min_value=0.0, max_value=0.999),
+)
+def test_decision_stays_the_same_until_next_change(shot, params, fraction):
+    """decide() gives the same answer at every moment before next_change() as at the snapshot's own time."""
+    moment = next_change(shot, params, POLICY)
+    assert moment is None or moment > shot.now
+    horizon = (moment if moment is not None else shot.now + 100.0) - shot.now
+    later = Snapshot(shot.now + horizon * fraction, shot.workers, shot.waiting, shot.last_activity)
+    assert decide(later, params, POLICY) == decide(shot, params, POLICY)

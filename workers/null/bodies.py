@@ -171,7 +171,8 @@ def parse_create(body: Any, *, max_lifetime: float) -> CreateRequest:
     if cost is None or cost <= 0:
         raise Refusal(
             422,
-            "auth_data.cost must be a finite number > 0: a session fills its worker whatever its cost (100 is one worker)",
+            "auth_data.cost must be a finite number > 0: a session fills its worker whatever its cost "
+            "(100 is one worker)",
         )
     payload = require_object(body.get("payload"), "payload")
     on_close_route = payload.get("on_close_route")

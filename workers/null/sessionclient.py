@@ -333,7 +333,8 @@ async def run(args: argparse.Namespace, api_key: str) -> int:
     released = sum(1 for r in records if r.ok)
     note = f"{released} of {args.count} sessions reserved and released; took {time.monotonic() - started:.1f}s"
     if standin is not None:
-        note += f"; the local stand-in provisioned {_plural(len(standin.fleet.created), 'worker')} for {_plural(reserved, 'session')}"
+        workers = _plural(len(standin.fleet.created), "worker")
+        note += f"; the local stand-in provisioned {workers} for {_plural(reserved, 'session')}"
     print(note, flush=True)
     return exit_code(records, interrupt.signum)
 

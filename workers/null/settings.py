@@ -73,7 +73,8 @@ class Settings:
                 env,
                 public_port_name,
                 required=True,
-                hint=f"the public port mapped to WORKER_PORT {worker_port} (Vast sets it; locally the same number, {public_port_name}={worker_port})",
+                hint=f"the public port mapped to WORKER_PORT {worker_port} "
+                f"(Vast sets it; locally the same number, {public_port_name}={worker_port})",
             ),
             # The framework serves TLS only for exactly "true": any other spelling would
             # leave it on plain HTTP while grants name an https URL.
@@ -171,7 +172,8 @@ def _report_addrs(env: Mapping[str, str]) -> tuple[str, ...]:
     for addr in addrs:
         if not http_url(addr):
             raise SettingsError(
-                f"REPORT_ADDR={value!r} holds {addr!r}, not an absolute http(s) URL: set it to the autoscaler's base URL, e.g. https://run.vast.ai"
+                f"REPORT_ADDR={value!r} holds {addr!r}, not an absolute http(s) URL: "
+                "set it to the autoscaler's base URL, e.g. https://run.vast.ai"
             )
     return addrs
 
@@ -182,7 +184,8 @@ def _health_url(env: Mapping[str, str]) -> str | None:
         return None
     if not http_url(value):
         raise SettingsError(
-            f"BACKEND_HEALTH_URL={value!r} is not an absolute http(s) URL: set it to your consumer's health endpoint, e.g. http://127.0.0.1:8000/health, or unset it"
+            f"BACKEND_HEALTH_URL={value!r} is not an absolute http(s) URL: set it to your consumer's health "
+            "endpoint, e.g. http://127.0.0.1:8000/health, or unset it"
         )
     return value
 

@@ -1,0 +1,614 @@
+"""The fleet's bookkeeping as a state machine: no clock of its own, no I/O.
+
+``Book`` holds what the autoscaler knows between calls: the workers and their
+phases, the grants it handed out, the requests waiting for a worker, the
+sessions the workers report, the idle clocks and the route hold. Every method
+takes ``now`` (seconds, any origin) from its caller, so the real-time
+stand-in (``lib.standin.fleet``, on the wall clock) and the planner (on a
+virtual clock) drive the very same rules.
+
+Driving it
+----------
+Events go in as method calls; each returns at once::
+
+    route(now, cost, request_idx, hold=False) -> Routed   # a /route/ call
+    route_gone(now, request_idx)        # the client of a held /route/ went away
+    report(now, Report) -> bool         # a /worker_status/ body
+    deleted(now, worker_id, [Deleted])  # a /delete_requests/ body
+    started(now, worker_id)             # its process runs (after Provision or Resume)
+    failed(now, worker_id, error)       # its process exited, or could not start
+    stopped(now, worker_id)             # its process is gone after a Stop
+
+After every event (and at the moment ``next_wakeup`` names) the driver calls
+``step(now) -> list[Command]``: it expires what is due, hands free workers to
+held requests, asks ``scaling.decide`` and applies the decision to the book.
+The driver carries out the commands, in order:
+
+    Provision(worker_id)        create an instance; call started() once its process runs
+                                (after the cold start: the provisioning delay)
+    Resume(worker_id)           start a cold instance again; call started() once it runs
+    Stop(worker_id, keep, why)  stop its process (keep: its files, to resume later);
+                                call stopped() once it is gone
+    Answer(request_idx, wid)    answer a held /route/: a grant on worker ``wid``,
+                                or (``wid`` None) the waiting answer, its hold over
+
+``next_wakeup(now)``, asked right after ``step(now)``, is when ``step`` must
+next run if no event comes first
+(None: only an event can change anything): the earliest of
+``scaling.next_change`` for the current snapshot, a grant's timeout, a
+waiting request's expiry, a hold's end and a loading worker's load timeout.
+A driver that sleeps until then or until an event misses nothing and never
+spins. ``close(now)`` stops every worker for shutdown.
+
+Set ``book.events`` and ``book.issued`` to lists to record every event and
+every command; ``replay(settings, events, until)`` runs recorded events
+through a fresh book on a virtual clock and returns the commands it issues,
+so a real-time run can be checked against the virtual one.
+
+Rules kept here
+---------------
+- A grant counts as its worker's load until the worker reports the request
+  as working, until the worker reports it finished (``deleted``), or
+  ``grant_timeout`` after it was handed out.
+- A request with no worker to take it waits. It counts as demand (after
+  ``target_queue_time``, in ``decide``) until it is routed, until its client
+  gives up a held route (``route_gone``), or ``waiting_timeout`` after its
+  last /route/ call.
+- A held request is answered with the first worker with room, longest
+  waiting first, or with the waiting answer after ``route_hold``.
+- A worker's report that a request was "Rejected" (busy) makes that request
+  wait again, as old as it was: the SDK routes it again with the same index.
+  Any other unsuccessful entry (a refused body) or a success only ends the
+  grant.
+- A worker is idle from the moment it holds no load, no grant and no session;
+  its idle clock restarts when it reports ready.
+- The last activity is the last moment any worker held load, a grant or a
+  session, any request waited, or a /route/ call came.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lib.standin.scaling import (
+    EPSILON,
+    LIVE,
+    Decision,
+    EndpointParams,
+    LocalPolicy,
+    Phase,
+    Snapshot,
+    WaitingRequest,
+    WorkerView,
+    choose_worker,
+    decide,
+    next_change,
+)
+
+log = logging.getLogger(__name__)
+
+# The status the framework gives a request a busy worker turned down (429).
+REJECTED = "Rejected"
+
+
+@dataclass(frozen=True)
+class BookSettings:
+    params: EndpointParams = field(default_factory=EndpointParams)
+    policy: LocalPolicy = field(default_factory=LocalPolicy)
+    # A worker not ready this long after its process started is replaced.
+    load_timeout: float = 60.0
+    # A grant its worker's reports do not show after this long stops counting.
+    grant_timeout: float = 5.0
+    # A waiting request not routed again for this long stops counting as demand.
+    waiting_timeout: float = 20.0
+    # A /route/ with no free worker is answered as soon as one frees up, or
+    # with the waiting answer after this long (0: at once).
+    route_hold: float = 6.0
+
+
+# -- what goes in -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    """A worker's /worker_status/ report, the fields the book uses."""
+
+    worker_id: int
+    cur_load: float = 0.0
+    max_perf: float = 0.0
+    working: tuple[int, ...] = ()  # working_request_idxs: its sessions and requests
+    num_working: int = 0  # num_requests_working
+    error: str = ""
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Report:
+        """From a /worker_status/ body already checked for types."""
+        working = tuple(int(i) for i in body.get("working_request_idxs") or ())
+        return cls(
+            worker_id=int(body["id"]),
+            cur_load=float(body.get("cur_load") or 0.0),
+            max_perf=float(body.get("max_perf") or 0.0),
+            working=working,
+            num_working=int(body.get("num_requests_working") or 0),
+            error=str(body.get("error_msg") or ""),
+        )
+
+    @property
+    def sessions(self) -> int:
+        return max(len(self.working), self.num_working)
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """One entry of a worker's /delete_requests/ list: a request or session that ended."""
+
+    request_idx: int
+    success: bool = True
+    status: str = ""
+
+
+# -- what comes out -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Routed:
+    """The answer to a /route/ call: a grant on ``worker_id``, or (None) wait and poll with ``request_idx``."""
+
+    request_idx: int
+    worker_id: int | None = None
+    # While waiting: the moment a held call gets the waiting answer; None when not held.
+    held_until: float | None = None
+
+
+@dataclass(frozen=True)
+class Provision:
+    worker_id: int
+
+
+@dataclass(frozen=True)
+class Resume:
+    worker_id: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    worker_id: int
+    keep: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    request_idx: int
+    worker_id: int | None
+
+
+Command = Provision | Resume | Stop | Answer
+
+
+# -- what is kept -------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    id: int
+    created_at: float
+    phase: Phase = Phase.PROVISIONING
+    phase_since: float = 0.0
+    booted_at: float = 0.0  # created, or resumed from cold
+    cur_load: float = 0.0
+    max_perf: float = 0.0
+    working: tuple[int, ...] = ()
+    sessions: int = 0
+    error: str = ""
+    idle_since: float | None = None
+    last_report: float | None = None
+    keep_on_stop: bool = False
+
+
+@dataclass
+class Grant:
+    request_idx: int
+    worker_id: int
+    cost: float
+    at: float
+    queued_since: float
+
+
+@dataclass
+class Waiting:
+    request: WaitingRequest
+    last_poll: float
+    held_until: float | None = None  # a /route/ call is held open until then
+
+
+@dataclass
+class SeenSession:
+    request_idx: int
+    worker_id: int
+    since: float
+
+
+class Book:
+    def __init__(self, settings: BookSettings, now: float):
+        self.settings = settings
+        self.workers: dict[int, Worker] = {}
+        self.grants: dict[int, Grant] = {}
+        self.waiting: dict[int, Waiting] = {}
+        self.sessions: dict[int, SeenSession] = {}
+        self.created: list[int] = []  # every worker id ever provisioned, in order
+        self.last_activity = now
+        self.last_decision: Decision | None = None
+        self.closing = False
+        # Set both to lists to record every event (now, method, args) and
+        # every command issued (now, command): what ``replay`` takes.
+        self.events: list[tuple[float, str, tuple[Any, ...]]] | None = None
+        self.issued: list[tuple[float, Command]] | None = None
+        self._ids = itertools.count(1)
+        self._next_request_idx = 1
+
+    # -- events ---------------------------------------------------------------------
+
+    def route(self, now: float, cost: float, request_idx: int, hold: bool = False) -> Routed:
+        """A grant on a worker with room, or a request index to poll with; ``hold``: the call stays open."""
+        self._record(now, "route", (cost, request_idx, hold))
+        self._touch(now)
+        self.last_activity = now
+        if request_idx <= 0:
+            request_idx = self._next_request_idx
+        self._next_request_idx = max(self._next_request_idx, request_idx + 1)
+        # The same index again after a grant: its worker turned it down, route anew.
+        earlier = self.grants.pop(request_idx, None)
+        entry = self.waiting.get(request_idx)
+        queued_since = entry.request.since if entry else earlier.queued_since if earlier else now
+        worker_id = choose_worker(self.views(), cost, self.settings.params)
+        if worker_id is None:
+            if entry is None:
+                log.info("request %d waits for a worker (cost %g)", request_idx, cost)
+            held_until = now + self.settings.route_hold if hold and self.settings.route_hold > 0 else None
+            self.waiting[request_idx] = Waiting(WaitingRequest(request_idx, cost, queued_since), now, held_until)
+            return Routed(request_idx, None, held_until)
+        self._grant(now, request_idx, worker_id, cost, queued_since)
+        return Routed(request_idx, worker_id)
+
+    def route_gone(self, now: float, request_idx: int) -> bool:
+        """The client of a /route/ call went away before its answer reached it: no demand from now on.
+
+        Drops the request whether it was waiting or had just been granted a
+        worker (the grant never reached the client). True if there was one.
+        """
+        self._record(now, "route_gone", (request_idx,))
+        self._touch(now)
+        entry = self.waiting.pop(request_idx, None)
+        grant = self.grants.pop(request_idx, None)
+        if entry is None and grant is None:
+            return False
+        since = entry.request.since if entry else grant.queued_since  # type: ignore[union-attr]
+        log.info("request %d given up by its client after %.1fs; dropped", request_idx, now - since)
+        return True
+
+    def report(self, now: float, report: Report) -> bool:
+        """A worker's report; False when it names no worker that can report."""
+        self._record(now, "report", (report,))
+        self._touch(now)
+        worker = self.workers.get(report.worker_id)
+        if worker is None or worker.phase not in (Phase.LOADING, Phase.READY, Phase.STOPPING):
+            return False
+        worker.last_report = now
+        worker.cur_load = report.cur_load
+        worker.max_perf = report.max_perf
+        worker.working = report.working
+        worker.sessions = report.sessions
+        self._track_sessions(worker, now)
+        if worker.phase is Phase.STOPPING:
+            return True
+        if report.error:
+            worker.error = report.error
+            self._set_phase(worker, Phase.ERRORED, now)
+            log.warning("worker %d reported an error: %s", worker.id, report.error)
+        elif worker.phase is Phase.LOADING and worker.max_perf > 0:
+            self._set_phase(worker, Phase.READY, now)
+            # Its scale-down clock starts now: a waiting client may take a
+            # few seconds to poll again and find it.
+            if worker.idle_since is not None:
+                worker.idle_since = now
+            log.info("worker %d ready after %.1fs (max_perf %g)", worker.id, now - worker.booted_at, worker.max_perf)
+        return True
+
+    def deleted(self, now: float, worker_id: int, entries: Iterable[Deleted]) -> None:
+        """A worker's list of requests and sessions that ended: each ends its grant."""
+        entries = tuple(entries)
+        self._record(now, "deleted", (worker_id, entries))
+        self._touch(now)
+        for item in entries:
+            grant = self.grants.get(item.request_idx)
+            if grant is None or grant.worker_id != worker_id:
+                continue
+            del self.grants[item.request_idx]
+            if item.success:
+                continue
+            if item.status == REJECTED:
+                log.info("request %d turned down by busy worker %d; it waits again", item.request_idx, worker_id)
+                if item.request_idx not in self.waiting:
+                    # The SDK routes a refused create again with the same
+                    # index: it is still demand, as old as it was.
+                    request = WaitingRequest(grant.request_idx, grant.cost, grant.queued_since)
+                    self.waiting[grant.request_idx] = Waiting(request, last_poll=now)
+            else:
+                log.info("request %d refused by worker %d (%s)", item.request_idx, worker_id, item.status or "failed")
+
+    def started(self, now: float, worker_id: int) -> None:
+        """Its process runs: the worker loads until it reports ready."""
+        self._record(now, "started", (worker_id,))
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.phase not in (Phase.PROVISIONING, Phase.LOADING):
+            return
+        worker.cur_load = worker.max_perf = 0.0
+        worker.working = ()
+        worker.sessions = 0
+        worker.error = ""
+        self._set_phase(worker, Phase.LOADING, now)
+
+    def failed(self, now: float, worker_id: int, error: str) -> None:
+        """Its process exited or never started: it is errored, and replaced where still needed."""
+        self._record(now, "failed", (worker_id, error))
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.phase not in (Phase.PROVISIONING, Phase.LOADING, Phase.READY):
+            return
+        worker.error = error
+        self._set_phase(worker, Phase.ERRORED, now)
+        log.warning("worker %d %s", worker.id, error)
+
+    def stopped(self, now: float, worker_id: int) -> None:
+        """Its process is gone after a Stop: cold (files kept) or removed."""
+        self._record(now, "stopped", (worker_id,))
+        self._touch(now)
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return
+        for idx, grant in list(self.grants.items()):
+            if grant.worker_id == worker_id:
+                del self.grants[idx]
+        for idx, seen in list(self.sessions.items()):
+            if seen.worker_id == worker_id:
+                del self.sessions[idx]
+                log.info("session %d on worker %d ended with the worker", idx, worker_id)
+        if worker.keep_on_stop and not self.closing:
+            worker.cur_load = worker.max_perf = 0.0
+            worker.working = ()
+            worker.sessions = 0
+            self._set_phase(worker, Phase.COLD, now)
+        else:
+            del self.workers[worker_id]
+
+    # -- the step -------------------------------------------------------------------
+
+    def step(self, now: float) -> list[Command]:
+        """Expires what is due, serves held requests, decides and applies; the commands to carry out."""
+        commands: list[Command] = []
+        self._touch(now)
+        self._expire(now, commands)
+        self._serve_held(now, commands)
+        self._touch(now)
+        decision = decide(self.snapshot(now), self.settings.params, self.settings.policy)
+        self.last_decision = decision
+        if not self.closing:
+            self._apply(decision, now, commands)
+        if self.issued is not None:
+            self.issued.extend((now, command) for command in commands)
+        return commands
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When ``step`` must next run if no event comes first; None: only an event changes anything."""
+        s = self.settings
+        moments = [grant.at + s.grant_timeout for grant in self.grants.values()]
+        for entry in self.waiting.values():
+            moments.append(entry.held_until if entry.held_until is not None else entry.last_poll + s.waiting_timeout)
+        moments.extend(w.phase_since + s.load_timeout for w in self.workers.values() if w.phase is Phase.LOADING)
+        if not self.closing:
+            change = next_change(self.snapshot(now), s.params, s.policy)
+            if change is not None:
+                moments.append(change)
+        return min(moments) if moments else None
+
+    def close(self, now: float) -> list[Command]:
+        """Shutdown: every worker not already stopping is stopped and removed; no decision applies after."""
+        self.closing = True
+        commands: list[Command] = []
+        for worker in list(self.workers.values()):
+            if worker.phase is not Phase.STOPPING:
+                commands.append(self._stop(worker, now, keep=False, reason="shutdown"))
+        for idx, entry in list(self.waiting.items()):
+            if entry.held_until is not None:
+                entry.held_until = None
+                commands.append(Answer(idx, None))
+        return commands
+
+    # -- views ----------------------------------------------------------------------
+
+    def reserved(self, worker_id: int) -> float:
+        return sum(g.cost for g in self.grants.values() if g.worker_id == worker_id)
+
+    def views(self) -> list[WorkerView]:
+        return [
+            WorkerView(
+                id=w.id,
+                phase=w.phase,
+                created_at=w.created_at,
+                cur_load=w.cur_load,
+                max_perf=w.max_perf,
+                reserved=self.reserved(w.id),
+                idle_since=w.idle_since,
+                sessions=w.sessions,
+            )
+            for w in self.workers.values()
+        ]
+
+    def snapshot(self, now: float) -> Snapshot:
+        return Snapshot(
+            now=now,
+            workers=tuple(self.views()),
+            waiting=tuple(w.request for w in self.waiting.values()),
+            last_activity=self.last_activity,
+        )
+
+    def live(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.phase in LIVE]
+
+    def sessions_on(self, worker_id: int) -> list[int]:
+        """The sessions (request indexes) ``worker_id`` reports holding now."""
+        return [idx for idx, s in self.sessions.items() if s.worker_id == worker_id]
+
+    # -- inside ---------------------------------------------------------------------
+
+    def _record(self, now: float, method: str, args: tuple[Any, ...]) -> None:
+        if self.events is not None:
+            self.events.append((now, method, args))
+
+    def _busy(self) -> bool:
+        return bool(self.waiting or self.grants) or any(
+            w.cur_load > EPSILON or w.sessions for w in self.workers.values() if w.phase is not Phase.COLD
+        )
+
+    def _touch(self, now: float) -> None:
+        # Called before every change, so the last activity is the moment the
+        # last load ended, not the step that noticed it.
+        if self._busy():
+            self.last_activity = max(self.last_activity, now)
+
+    def _grant(self, now: float, request_idx: int, worker_id: int, cost: float, queued_since: float) -> None:
+        self.waiting.pop(request_idx, None)
+        self.grants[request_idx] = Grant(request_idx, worker_id, cost, now, queued_since)
+        self.workers[worker_id].idle_since = None
+        log.info("request %d routed to worker %d after %.1fs", request_idx, worker_id, now - queued_since)
+
+    def _serve_held(self, now: float, commands: list[Command]) -> None:
+        """Hands workers with room to held requests, the longest-waiting first; ends holds that are over."""
+        ordered = sorted((e.request.since, idx) for idx, e in self.waiting.items() if e.held_until is not None)
+        blocked = False
+        for _, idx in ordered:
+            entry = self.waiting[idx]
+            if not blocked:
+                worker_id = choose_worker(self.views(), entry.request.cost, self.settings.params)
+                if worker_id is not None:
+                    self._grant(now, idx, worker_id, entry.request.cost, entry.request.since)
+                    commands.append(Answer(idx, worker_id))
+                    continue
+                blocked = True  # served in arrival order, like a queue: no overtaking
+            if entry.held_until is not None and now >= entry.held_until - EPSILON:
+                entry.held_until = None
+                entry.last_poll = now
+                commands.append(Answer(idx, None))
+
+    def _expire(self, now: float, commands: list[Command]) -> None:
+        s = self.settings
+        for idx, grant in list(self.grants.items()):
+            if now >= grant.at + s.grant_timeout - EPSILON:
+                del self.grants[idx]
+                log.debug("grant %d on worker %d not seen in its reports; no longer counted", idx, grant.worker_id)
+        for idx, entry in list(self.waiting.items()):
+            if entry.held_until is None and now >= entry.last_poll + s.waiting_timeout - EPSILON:
+                del self.waiting[idx]
+                log.info("request %d no longer polled; dropped", idx)
+        for worker in self.workers.values():
+            if worker.phase is Phase.LOADING and now >= worker.phase_since + s.load_timeout - EPSILON:
+                worker.error = f"not ready {s.load_timeout:g}s after starting"
+                self._set_phase(worker, Phase.ERRORED, now)
+                log.warning("worker %d %s", worker.id, worker.error)
+        for worker in self.workers.values():
+            if worker.cur_load + self.reserved(worker.id) > EPSILON or worker.sessions:
+                worker.idle_since = None
+            elif worker.idle_since is None:
+                worker.idle_since = now
+
+    def _apply(self, decision: Decision, now: float, commands: list[Command]) -> None:
+        for worker_id in decision.destroy:
+            worker = self.workers[worker_id]
+            reason = f"errored: {worker.error}" if worker.phase is Phase.ERRORED else self._surplus(worker, now)
+            commands.append(self._stop(worker, now, keep=False, reason=reason))
+        for worker_id in decision.stop:
+            worker = self.workers[worker_id]
+            commands.append(self._stop(worker, now, keep=True, reason=self._surplus(worker, now)))
+        for worker_id in decision.resume:
+            worker = self.workers[worker_id]
+            self._set_phase(worker, Phase.LOADING, now)
+            worker.idle_since = worker.booted_at = now
+            log.info(
+                "worker %d starting again from cold: load %g, workers wanted %d",
+                worker_id,
+                decision.load,
+                decision.target,
+            )
+            commands.append(Resume(worker_id))
+        for _ in range(decision.provision):
+            worker_id = next(self._ids)
+            self.workers[worker_id] = Worker(
+                id=worker_id, created_at=now, phase_since=now, booted_at=now, idle_since=now
+            )
+            self.created.append(worker_id)
+            log.info("worker %d provisioning: load %g, workers wanted %d", worker_id, decision.load, decision.target)
+            commands.append(Provision(worker_id))
+
+    def _stop(self, worker: Worker, now: float, *, keep: bool, reason: str) -> Stop:
+        worker.keep_on_stop = keep
+        self._set_phase(worker, Phase.STOPPING, now)
+        log.info("worker %d stopping (%s)", worker.id, reason)
+        return Stop(worker.id, keep, reason)
+
+    @staticmethod
+    def _surplus(worker: Worker, now: float) -> str:
+        idle = now - worker.idle_since if worker.idle_since is not None else 0.0
+        return f"surplus, idle {idle:.1f}s"
+
+    @staticmethod
+    def _set_phase(worker: Worker, phase: Phase, now: float) -> None:
+        worker.phase = phase
+        worker.phase_since = now
+
+    def _track_sessions(self, worker: Worker, now: float) -> None:
+        for idx in worker.working:
+            grant = self.grants.get(idx)
+            if grant is not None and grant.worker_id == worker.id:
+                del self.grants[idx]
+            if idx not in self.sessions:
+                self.sessions[idx] = SeenSession(idx, worker.id, now)
+                log.info("session %d open on worker %d", idx, worker.id)
+        for idx, seen in list(self.sessions.items()):
+            if seen.worker_id == worker.id and idx not in worker.working:
+                del self.sessions[idx]
+                log.info("session %d on worker %d ended after %.1fs", idx, worker.id, now - seen.since)
+
+
+def replay(
+    settings: BookSettings, events: Iterable[tuple[float, str, tuple[Any, ...]]], until: float
+) -> list[tuple[float, Command]]:
+    """Runs recorded events through a fresh book on a virtual clock; every command issued, with its time.
+
+    The book steps after each event and at each ``next_wakeup`` up to
+    ``until``, as a driver that sleeps until the next deadline or event
+    does; a real-time run recorded with ``events``/``issued`` should issue
+    the same commands at nearly the same times.
+    """
+    queue = sorted(events, key=lambda e: e[0])
+    start = queue[0][0] if queue else 0.0
+    book = Book(settings, start)
+    out: list[tuple[float, Command]] = []
+    now = start
+    i = 0
+    while True:
+        wake = book.next_wakeup(now)
+        upcoming = queue[i][0] if i < len(queue) else None
+        if upcoming is not None and (wake is None or upcoming <= wake):
+            now, method, args = queue[i]
+            i += 1
+            getattr(book, method)(now, *args)
+        elif wake is not None and wake <= until:
+            now = max(wake, math.nextafter(now, math.inf))
+        else:
+            return out
+        out.extend((now, command) for command in book.step(now))

@@ -1,0 +1,259 @@
+"""The fleet's bookkeeping as a state machine on a virtual clock: grants, waiters, holds, idle clocks, phases."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lib.standin.book import Answer, Book, BookSettings, Deleted, Provision, Report, Resume, Stop
+from lib.standin.scaling import EndpointParams, LocalPolicy, Phase
+
+T0 = 1000.0
+
+
+def book_with(**overrides) -> Book:
+    """No inactivity timeout and no waiter ever overdue unless asked: nothing starts or stops by itself."""
+    params = dict(inactivity_timeout=None, target_queue_time=3600.0)
+    params.update({k: overrides.pop(k) for k in list(overrides) if k in EndpointParams.__dataclass_fields__})
+    policy = {k: overrides.pop(k) for k in list(overrides) if k in LocalPolicy.__dataclass_fields__}
+    settings = BookSettings(
+        params=EndpointParams(**params),
+        policy=LocalPolicy(**policy),
+        **{"grant_timeout": 5.0, "waiting_timeout": 20.0, "route_hold": 6.0, **overrides},
+    )
+    return Book(settings, T0)
+
+
+def ready_worker(book: Book, now: float = T0) -> int:
+    """Provisions one more worker through the book's own commands (a min_load for one step) and brings it to ready."""
+    settings = book.settings
+    book.settings = replace(settings, params=replace(settings.params, min_load=100.0 * (len(book.live()) + 1)))
+    try:
+        (command,) = [c for c in book.step(now) if isinstance(c, Provision)]
+    finally:
+        book.settings = settings
+    book.started(now, command.worker_id)
+    assert book.report(now, Report(command.worker_id, max_perf=100.0))
+    return command.worker_id
+
+
+def test_worker_becomes_ready_with_its_first_report_showing_max_perf():
+    """A loading worker is routable once a report shows max_perf, and not before."""
+    book = book_with(min_load=100.0)
+    (provision,) = book.step(T0)
+    assert provision == Provision(1) and book.workers[1].phase is Phase.PROVISIONING
+    book.started(T0 + 1, 1)
+    assert book.report(T0 + 1, Report(1, max_perf=0.0))
+    assert book.workers[1].phase is Phase.LOADING
+    assert book.route(T0 + 1, 100.0, 0).worker_id is None
+    book.report(T0 + 2, Report(1, max_perf=100.0))
+    assert book.workers[1].phase is Phase.READY
+
+
+def test_second_route_right_after_a_grant_waits_instead_of_sharing_the_worker():
+    """Two routes in a row with one idle worker: the first gets it, the second waits for another."""
+    book = book_with()
+    wid = ready_worker(book)
+    first = book.route(T0, 100.0, 0)
+    second = book.route(T0, 100.0, 0)
+    assert first.worker_id == wid
+    assert second.worker_id is None and second.request_idx != first.request_idx
+    assert list(book.waiting) == [second.request_idx]
+
+
+def test_grant_is_replaced_by_the_reported_session_without_counting_twice():
+    """Once the worker reports the granted request as working, its load comes from the report alone."""
+    book = book_with()
+    wid = ready_worker(book)
+    grant = book.route(T0, 100.0, 0)
+    book.report(T0, Report(wid, cur_load=100.0, max_perf=100.0, working=(grant.request_idx,)))
+    assert book.grants == {}
+    assert [(w.cur_load, w.reserved) for w in book.views()] == [(100.0, 0.0)]
+    assert book.sessions_on(wid) == [grant.request_idx]
+    book.report(T0, Report(wid, cur_load=0.0, max_perf=100.0))
+    assert book.sessions == {}
+    assert book.route(T0, 100.0, 0).worker_id == wid
+
+
+def test_rejected_create_is_demand_again_and_keeps_its_queue_age():
+    """A "Rejected" entry (busy worker, 429) frees the grant and the request waits again, as old as it was."""
+    book = book_with()
+    first = ready_worker(book)
+    grant = book.route(T0, 100.0, 0)
+    book.deleted(T0 + 1, first, [Deleted(grant.request_idx, success=False, status="Rejected")])
+    assert book.grants == {}
+    assert list(book.waiting) == [grant.request_idx], "still demand until the SDK routes it again"
+    book.report(T0 + 2, Report(first, cur_load=100.0, max_perf=100.0, working=(777,)))  # someone else took it
+    second = ready_worker(book, T0 + 2)
+    again = book.route(T0 + 2, 100.0, grant.request_idx)
+    assert (again.request_idx, again.worker_id) == (grant.request_idx, second)
+    assert book.grants[grant.request_idx].queued_since == T0
+
+
+def test_refused_body_or_success_ends_the_grant_at_once_and_is_no_demand():
+    """An unsuccessful entry that is not "Rejected" (a refused body) and a success each just end the grant."""
+    book = book_with()
+    wid = ready_worker(book)
+    refused = book.route(T0, 100.0, 0)
+    book.deleted(T0 + 0.1, wid, [Deleted(refused.request_idx, success=False, status="422 Unprocessable")])
+    assert book.grants == {} and book.waiting == {}
+    pinged = book.route(T0 + 0.2, 100.0, 0)
+    assert pinged.worker_id == wid, "the worker is free again at once, not after grant_timeout"
+    book.deleted(T0 + 0.3, wid, [Deleted(pinged.request_idx, success=True, status="Success")])
+    assert book.grants == {} and book.waiting == {}
+    assert book.route(T0 + 0.4, 100.0, 0).worker_id == wid
+
+
+def test_grant_never_reported_stops_counting_after_grant_timeout():
+    """A grant whose session never shows in reports is dropped after grant_timeout, freeing the worker."""
+    book = book_with()
+    wid = ready_worker(book)
+    grant = book.route(T0, 100.0, 0)
+    assert book.next_wakeup(T0) == T0 + 5.0
+    book.step(T0 + 4.9)
+    assert list(book.grants) == [grant.request_idx]
+    book.step(T0 + 5.0)
+    assert book.grants == {}
+    assert book.route(T0 + 5.0, 100.0, 0).worker_id == wid
+
+
+def test_waiting_request_no_longer_polled_is_forgotten():
+    """A client that stops polling stops counting as demand waiting_timeout after its last route call."""
+    book = book_with()
+    answer = book.route(T0, 100.0, 0)
+    book.route(T0 + 19.0, 100.0, answer.request_idx)
+    book.step(T0 + 38.0)
+    assert list(book.waiting) == [answer.request_idx]
+    assert book.next_wakeup(T0 + 38.0) == T0 + 39.0
+    book.step(T0 + 39.0)
+    assert book.waiting == {}
+
+
+def test_reported_error_marks_the_worker_errored_and_it_is_stopped():
+    """A report with error_msg takes the worker out of routing for good, and the next step stops it."""
+    book = book_with()
+    wid = ready_worker(book)
+    book.report(T0, Report(wid, max_perf=100.0, error="model server crashed"))
+    assert book.workers[wid].phase is Phase.ERRORED
+    book.report(T0, Report(wid, max_perf=100.0))
+    assert book.workers[wid].phase is Phase.ERRORED
+    assert book.route(T0, 100.0, 0).worker_id is None
+    commands = book.step(T0)
+    assert Stop(wid, keep=False, reason="errored: model server crashed") in commands
+    book.stopped(T0 + 1, wid)
+    assert wid not in book.workers
+
+
+def test_report_from_a_worker_it_did_not_start_changes_nothing():
+    """Reports naming no current worker are ignored."""
+    book = book_with()
+    assert book.report(T0, Report(42, max_perf=100.0)) is False
+    assert book.workers == {}
+
+
+def test_request_index_from_the_client_is_kept_and_never_reissued():
+    """A request_idx the book did not issue (say, after a restart) is adopted and new ones come after it."""
+    book = book_with()
+    assert book.route(T0, 100.0, 50).request_idx == 50
+    assert book.route(T0, 100.0, 0).request_idx == 51
+
+
+def test_held_route_gets_the_worker_at_the_step_after_it_reports_ready():
+    """A held /route/ is answered with a grant at the step right after a worker reports ready."""
+    book = book_with(min_load=100.0)
+    (provision,) = book.step(T0)
+    held = book.route(T0, 100.0, 0, hold=True)
+    assert held.worker_id is None and held.held_until == T0 + 6.0
+    book.started(T0 + 1, provision.worker_id)
+    book.report(T0 + 2, Report(provision.worker_id, max_perf=100.0))
+    assert book.step(T0 + 2) == [Answer(held.request_idx, provision.worker_id)]
+    assert book.waiting == {} and list(book.grants) == [held.request_idx]
+
+
+def test_hold_ends_with_the_waiting_answer_and_the_request_still_waits():
+    """At route_hold the held call gets the waiting answer; the request stays demand until waiting_timeout."""
+    book = book_with()
+    held = book.route(T0, 100.0, 0, hold=True)
+    assert book.next_wakeup(T0) == T0 + 6.0
+    assert book.step(T0 + 6.0) == [Answer(held.request_idx, None)]
+    assert list(book.waiting) == [held.request_idx]
+    assert book.next_wakeup(T0 + 6.0) == T0 + 26.0
+
+
+def test_held_routes_are_served_in_arrival_order():
+    """Two held requests and one worker freeing up: the one that has waited longer gets it, the other keeps waiting."""
+    book = book_with()
+    first = book.route(T0, 100.0, 0)
+    second = book.route(T0 + 1, 100.0, 0)
+    book.route(T0 + 2, 100.0, second.request_idx, hold=True)
+    book.route(T0 + 2, 100.0, first.request_idx, hold=True)
+    wid = ready_worker(book, T0 + 3)
+    answers = [c for c in book.step(T0 + 3) if isinstance(c, Answer)]
+    assert answers == [Answer(first.request_idx, wid)]
+    assert list(book.waiting) == [second.request_idx]
+
+
+def test_client_gone_from_a_held_route_is_dropped_and_the_worker_goes_to_the_next():
+    """A held route whose client disconnects stops counting at once; the freed worker goes to the next waiter."""
+    book = book_with(target_queue_time=0.0)
+    wid = ready_worker(book)
+    book.report(T0, Report(wid, cur_load=100.0, max_perf=100.0, working=(9,)))
+    gone = book.route(T0 + 1, 100.0, 0, hold=True)
+    stays = book.route(T0 + 2, 100.0, 0, hold=True)
+    assert book.route_gone(T0 + 3, gone.request_idx)
+    assert list(book.waiting) == [stays.request_idx]
+    assert book.snapshot(T0 + 3).waiting[0].request_idx == stays.request_idx
+    book.report(T0 + 4, Report(wid, max_perf=100.0))  # the session ended
+    answers = [c for c in book.step(T0 + 4) if isinstance(c, Answer)]
+    assert answers == [Answer(stays.request_idx, wid)]
+
+
+def test_client_gone_after_its_grant_was_made_frees_the_worker():
+    """A grant made for a held call whose client had gone never reached anyone: it is dropped, not left to time out."""
+    book = book_with()
+    wid = ready_worker(book)
+    granted = book.route(T0, 100.0, 0)
+    assert book.route_gone(T0 + 0.1, granted.request_idx)
+    assert book.grants == {}
+    assert book.route(T0 + 0.2, 100.0, 0).worker_id == wid
+
+
+def test_worker_holding_a_session_at_low_load_is_kept_while_an_idle_one_is_stopped():
+    """Scale-down takes the idle worker and keeps the one reporting a session, whatever load it reports."""
+    book = book_with(inactivity_timeout=0.0, scale_down_delay=1.0)
+    held = ready_worker(book)
+    idle = ready_worker(book)
+    book.report(T0, Report(held, cur_load=0.0, max_perf=100.0, working=(5,)))
+    book.step(T0)
+    wake = book.next_wakeup(T0)
+    assert wake is not None and abs(wake - (T0 + 1.0)) < 1e-6
+    commands = book.step(T0 + 1.0)
+    assert [c.worker_id for c in commands if isinstance(c, Stop)] == [idle]
+    assert book.next_wakeup(T0 + 1.0) is None, "nothing left to wake for while the session is held"
+
+
+def test_surplus_worker_goes_cold_then_resumes_for_new_demand():
+    """With cold_workers 1 a surplus ready worker is stopped and kept, and resumed when demand comes back."""
+    book = book_with(inactivity_timeout=0.0, scale_down_delay=0.5, cold_workers=1, target_queue_time=0.0)
+    wid = ready_worker(book)
+    book.step(T0)
+    wake = book.next_wakeup(T0)
+    assert wake is not None
+    assert book.step(wake) == [Stop(wid, keep=True, reason="surplus, idle 0.5s")]
+    book.stopped(wake + 1, wid)
+    assert book.workers[wid].phase is Phase.COLD
+    book.route(wake + 2, 100.0, 0)
+    assert book.step(wake + 2) == [Resume(wid)]
+    assert book.created == [wid]
+
+
+def test_inactivity_counts_from_the_moment_the_last_load_ended():
+    """Stepping only at events, the last worker stops inactivity_timeout after its session ended, not a step."""
+    book = book_with(inactivity_timeout=4.0, scale_down_delay=0.0)
+    wid = ready_worker(book)
+    book.report(T0, Report(wid, cur_load=100.0, max_perf=100.0, working=(3,)))
+    book.step(T0)
+    book.report(T0 + 100.0, Report(wid, max_perf=100.0))  # the session ends long after the last step
+    assert book.step(T0 + 100.0) == []
+    wake = book.next_wakeup(T0 + 100.0)
+    assert wake is not None and abs(wake - (T0 + 104.0)) < 1e-6
+    assert [type(c) for c in book.step(wake)] == [Stop]
