@@ -1,0 +1,438 @@
+"""The consumer command beside real worker processes, over real NATS JetStream and Valkey servers.
+
+The test plays the dispatcher: it publishes jobs, opens sessions on the
+worker with signed grants, and reads the job events the consumer publishes.
+Every COMMAND appends ``job attempt session`` to a runs file, so a job run
+twice shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import RunningWorker
+from tests.standin import CommandRun, process_gone
+from workers.null.queues.base import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, JobEvent, Queue
+
+pytestmark = pytest.mark.slow
+
+ACK_WAIT = 1.5  # the renewal window: renewals every 0.5 s
+CLAIM_TIMEOUT = 1.0
+
+
+# -- the queue servers --------------------------------------------------------------------
+
+
+@pytest.fixture(params=["nats", "valkey"])
+async def queue_url(request, tmp_path) -> AsyncIterator[str]:
+    """A job queue on a real server started for this test."""
+    from lib.standin.queueservers import nats_server, valkey_server
+
+    if request.param == "nats":
+        async with nats_server() as url:
+            yield f"{url}/jobs"
+    else:
+        async with valkey_server() as url:  # redis://127.0.0.1:PORT/0
+            yield f"{url}?stream=jobs&group=null"
+
+
+@dataclass
+class Dispatch:
+    """The dispatcher's side of the queue: publish, depth, and the consumer's job events."""
+
+    queue: Queue
+    events: list[JobEvent] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def publish(self, job_id: str, **behaviour: Any) -> None:
+        await self.queue.publish(job_id, json.dumps(behaviour).encode())
+
+    def of(self, job_id: str, kind: str | None = None) -> list[JobEvent]:
+        return [e for e in self.events if e.job_id == job_id and (kind is None or e.kind == kind)]
+
+    async def wait(self, predicate: Callable[[JobEvent], bool], timeout: float = 20.0, what: str = "") -> JobEvent:
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if predicate(event):
+                    return event
+            left = deadline - time.monotonic()
+            if left <= 0:
+                seen = [(e.kind, e.job_id, e.attempt, e.outcome) for e in self.events]
+                raise AssertionError(f"no job event {what} within {timeout}s; seen: {seen}")
+            self.arrived.clear()
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), left)
+
+    async def wait_kind(self, kind: str, job_id: str, attempt: int | None = None, timeout: float = 20.0) -> JobEvent:
+        return await self.wait(
+            lambda e: e.kind == kind and e.job_id == job_id and (attempt is None or e.attempt == attempt),
+            timeout,
+            f"{kind} for {job_id} attempt {attempt}",
+        )
+
+
+@pytest.fixture
+async def dispatch(queue_url: str) -> AsyncIterator[Dispatch]:
+    from workers.null.queues import open_queue
+
+    queue = open_queue(queue_url, ack_wait=ACK_WAIT, max_deliver=2)
+    await queue.connect()
+    await queue.setup()
+    found = Dispatch(queue)
+    feed = queue.events()
+    await feed.start()  # subscribed before any job event is published
+
+    async def listen() -> None:
+        async for event in feed:
+            found.events.append(event)
+            found.arrived.set()
+
+    listener = asyncio.ensure_future(listen())
+    try:
+        yield found
+    finally:
+        listener.cancel()
+        with suppress(asyncio.CancelledError, Exception):
+            await listener
+        await feed.aclose()
+        await queue.close()
+
+
+# -- the consumer process -----------------------------------------------------------------
+
+JOB = """
+    import json, os, sys, time
+    body = json.loads(sys.stdin.read() or "{}")
+    attempt = int(os.environ["NULL_JOB_ATTEMPT"])
+    with open(os.environ["RUNS_FILE"], "a") as runs:
+        runs.write(f"{os.environ['NULL_JOB_ID']} {attempt} {os.environ['NULL_SESSION_ID']} {os.getpid()}\\n")
+    time.sleep(body.get("sleep", 0) if attempt == 1 else body.get("sleep_again", 0))
+    sys.exit(body.get("exit", 0))
+"""
+
+
+@dataclass
+class Consumers:
+    queue_url: str
+    tmp_path: Path
+    runs_file: Path
+    started: list[CommandRun] = field(default_factory=list)
+
+    async def start(self, worker_control_port: int, *flags: str) -> CommandRun:
+        script = self.tmp_path / "job.py"
+        script.write_text(textwrap.dedent(JOB))
+        args = [
+            "-m", "workers.null.consumer",
+            "--queue", self.queue_url,
+            "--control-port", str(worker_control_port),
+            "--health-port", "0",
+            "--ack-wait", str(ACK_WAIT),
+            "--claim-timeout", str(CLAIM_TIMEOUT),
+            "--retry-delay", "0.2",
+            "--max-attempts", "2",
+            "--grace", "0.5",
+            *flags,
+            "--", sys.executable, str(script),
+        ]  # fmt: skip
+        env = {**os.environ, "RUNS_FILE": str(self.runs_file)}
+        run = await CommandRun(*args, env=env).start()
+        self.started.append(run)
+        await run.wait_for_line(r"waiting for a session", 20)
+        return run
+
+    def runs(self) -> list[tuple[str, int, str, int]]:
+        if not self.runs_file.exists():
+            return []
+        rows = [line.split() for line in self.runs_file.read_text().splitlines()]
+        return [(job, int(attempt), session, int(pid)) for job, attempt, session, pid in rows]
+
+
+@pytest.fixture
+async def consumers(queue_url: str, tmp_path: Path) -> AsyncIterator[Consumers]:
+    found = Consumers(queue_url, tmp_path, tmp_path / "runs.txt")
+    try:
+        yield found
+    finally:
+        for run in found.started:
+            await run.cleanup()
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+async def open_session(http: aiohttp.ClientSession, worker: RunningWorker, lifetime: float = 30.0) -> tuple[str, dict]:
+    body = worker.create_body(lifetime=lifetime)
+    async with http.post(worker.url + "/session/create", json=body) as resp:
+        answer = await resp.json()
+        assert resp.status == 201, f"create answered {resp.status} {answer}; {worker.explain()}"
+    return answer["session_id"], body["auth_data"]
+
+
+async def worker_session(http: aiohttp.ClientSession, worker: RunningWorker) -> dict | None:
+    async with http.get(worker.control + "/status") as resp:
+        return (await resp.json())["session"]
+
+
+async def wait_line(worker: RunningWorker, pattern: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in worker.process.output:
+            if re.search(pattern, line):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no worker line matching {pattern!r} within {timeout}s; {worker.explain()}")
+        await asyncio.sleep(0.05)
+
+
+def kill_group(run: CommandRun) -> None:
+    assert run.proc is not None
+    os.killpg(run.proc.pid, signal.SIGKILL)
+
+
+# -- the lease mapping --------------------------------------------------------------------
+
+
+async def test_job_is_run_renewed_acked_and_then_the_worker_released(start_worker, http, dispatch, consumers):
+    """Claim, start, renewals past both the lease and AckWait, ack, release: events in order and one run only."""
+    worker = await start_worker()
+    other = await start_worker()
+    await consumers.start(worker.ports.control)
+    await consumers.start(other.ports.control, "--claim-timeout", str(ACK_WAIT * 2))
+    await dispatch.publish("j1", sleep=ACK_WAIT * 2)
+    # A lease shorter than the job: only the consumer's /extend keeps it.
+    session_id, _ = await open_session(http, worker, lifetime=1.0)
+    await dispatch.wait_kind(STARTED, "j1")
+    # Another worker asking while j1 runs past AckWait finds nothing: the claim was kept alive.
+    await open_session(http, other)
+    await wait_line(other, r"released by consumer", timeout=ACK_WAIT * 2 + 5)
+    done = await dispatch.wait_kind(FINISHED, "j1")
+    assert done.outcome == DONE, done
+    await dispatch.wait_kind(RELEASED, "j1")
+    kinds = [(e.kind, e.outcome) for e in dispatch.of("j1")]
+    assert kinds == [(CLAIMED, None), (STARTED, None), (FINISHED, DONE), (RELEASED, None)]
+    assert {e.session_id for e in dispatch.of("j1")} == {session_id}
+    assert [r[:3] for r in consumers.runs()] == [("j1", 1, session_id)]
+    line = await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
+    held_for = float(re.search(r"after ([\d.]+)s", line).group(1))
+    assert held_for >= ACK_WAIT * 2, line  # outlived its 1 s lifetime
+    assert await worker_session(http, worker) is None
+    depth = await dispatch.queue.depth()
+    assert (depth.pending, depth.in_flight) == (0, 0)
+
+
+async def test_no_job_within_claim_timeout_releases_the_worker_at_once(start_worker, http, dispatch, consumers):
+    """An empty queue: the worker is released right after --claim-timeout, long before its lease would end."""
+    worker = await start_worker()
+    await consumers.start(worker.ports.control)
+    opened = time.monotonic()
+    session_id, _ = await open_session(http, worker, lifetime=30.0)
+    await wait_line(worker, rf"session {re.escape(session_id)} released by consumer", timeout=10)
+    assert time.monotonic() - opened < CLAIM_TIMEOUT + 3
+    assert dispatch.events == []
+
+
+async def test_poison_job_is_dead_lettered_after_max_attempts(start_worker, http, dispatch, consumers):
+    """A job that always fails is retried once, dead-lettered on attempt 2, and not delivered again."""
+    worker = await start_worker()
+    await consumers.start(worker.ports.control)
+    await dispatch.publish("poison", exit=1)
+    for attempt in (1, 2):
+        await open_session(http, worker)
+        await dispatch.wait_kind(RELEASED, "poison", attempt)
+    outcomes = [(e.attempt, e.outcome) for e in dispatch.of("poison", FINISHED)]
+    assert outcomes == [(1, RETRY), (2, DEAD)]
+    session_id, _ = await open_session(http, worker)
+    await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
+    assert [r[:2] for r in consumers.runs()] == [("poison", 1), ("poison", 2)]
+    assert [(j.id, j.attempt) for j in await dispatch.queue.dead_letters()] == [("poison", 2)]
+    depth = await dispatch.queue.depth()
+    assert (depth.pending, depth.in_flight) == (0, 0)
+
+
+# -- failures -----------------------------------------------------------------------------
+
+
+async def test_consumer_killed_mid_job_lets_the_lease_lapse_and_the_job_is_redelivered(
+    start_worker, http, dispatch, consumers
+):
+    """SIGKILL of the consumer mid-job: its COMMAND dies too, the worker's lease lapses, the job runs again."""
+    worker = await start_worker()
+    first = await consumers.start(worker.ports.control)
+    await dispatch.publish("j1", sleep=60)
+    session_id, _ = await open_session(http, worker, lifetime=30.0)
+    await dispatch.wait_kind(STARTED, "j1")
+    killed_at = time.monotonic()
+    kill_group(first)
+    await wait_line(worker, rf"session {re.escape(session_id)} expired", timeout=ACK_WAIT + 5)
+    assert time.monotonic() - killed_at < ACK_WAIT + 3  # the lease was the window, not the 30 s lifetime
+    pid = consumers.runs()[0][3]
+    deadline = time.monotonic() + 5
+    while not process_gone(pid):
+        assert time.monotonic() < deadline, "the job's process outlived its consumer"
+        await asyncio.sleep(0.05)
+    await consumers.start(worker.ports.control)
+    await open_session(http, worker)
+    again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=ACK_WAIT + 15)
+    assert again.outcome == DONE
+    assert [r[:2] for r in consumers.runs()] == [("j1", 1), ("j1", 2)]
+
+
+class KillOnRelease:
+    """Sits on the consumer's control port: forwards to the worker, but SIGKILLs the consumer at /release."""
+
+    def __init__(self, worker_control: str):
+        self.worker_control = worker_control
+        self.victim: CommandRun | None = None
+        self.killed = asyncio.Event()
+        self.http: aiohttp.ClientSession | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{route:.*}", self.forward)
+        return app
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/release":
+            assert self.victim is not None
+            kill_group(self.victim)
+            self.killed.set()
+            raise web.HTTPServiceUnavailable()
+        assert self.http is not None
+        async with self.http.request(
+            request.method, self.worker_control + request.path, data=await request.read(),
+            headers={"Content-Type": "application/json"},
+        ) as resp:  # fmt: skip
+            return web.Response(status=resp.status, body=await resp.read(), content_type="application/json")
+
+
+async def test_ack_then_crash_before_release_runs_nothing_twice_and_the_lease_frees_the_worker(
+    start_worker, http, dispatch, consumers
+):
+    """The consumer dies between its ack and its /release: the job is not redelivered, the worker frees itself."""
+    from lib.bench.recorder import serving
+
+    worker = await start_worker()
+    proxy = KillOnRelease(worker.control)
+    async with AsyncExitStack() as stack:
+        proxy.http = await stack.enter_async_context(aiohttp.ClientSession())
+        url = await stack.enter_async_context(serving(proxy.app()))
+        proxy.victim = await consumers.start(int(url.rsplit(":", 1)[1]))
+        await dispatch.publish("j1")
+        session_id, _ = await open_session(http, worker, lifetime=30.0)
+        await asyncio.wait_for(proxy.killed.wait(), 20)
+        await wait_line(worker, rf"session {re.escape(session_id)} expired", timeout=ACK_WAIT + 5)
+    # The lease lapsed a window after the last renewal, so AckWait has passed too: a fresh consumer
+    # would be handed the job now, had the ack not held.
+    await consumers.start(worker.ports.control)
+    second, _ = await open_session(http, worker)
+    await wait_line(worker, rf"session {re.escape(second)} released by consumer")
+    assert [r[:2] for r in consumers.runs()] == [("j1", 1)]
+    assert [e.outcome for e in dispatch.of("j1", FINISHED)] == [DONE]
+    depth = await dispatch.queue.depth()
+    assert (depth.pending, depth.in_flight) == (0, 0)
+
+
+async def test_lease_ended_by_the_dispatcher_stops_the_job_without_ack(start_worker, http, dispatch, consumers):
+    """/session/end mid-job makes /extend answer 409: the job is stopped, not acked, and runs again later."""
+    worker = await start_worker()
+    await consumers.start(worker.ports.control)
+    await dispatch.publish("j1", sleep=60)
+    session_id, grant = await open_session(http, worker)
+    await dispatch.wait_kind(STARTED, "j1")
+    async with http.post(worker.url + "/session/end", json={"session_id": session_id, "session_auth": grant}) as resp:
+        assert resp.status == 200, await resp.text()
+    stopped = await dispatch.wait_kind(FINISHED, "j1", 1, timeout=ACK_WAIT + 5)
+    assert stopped.outcome == ABANDONED and "lease" in stopped.detail, stopped
+    assert process_gone(consumers.runs()[0][3])
+    await open_session(http, worker)
+    again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=ACK_WAIT + 15)
+    assert again.outcome == DONE
+
+
+async def test_sigterm_mid_job_hands_it_back_releases_and_exits_0(start_worker, http, dispatch, consumers):
+    """SIGTERM past --grace: the job is stopped and handed back at once, the worker released, exit 0."""
+    worker = await start_worker()
+    first = await consumers.start(worker.ports.control, "--ack-wait", "20")
+    await dispatch.publish("j1", sleep=60)
+    session_id, _ = await open_session(http, worker)
+    await dispatch.wait_kind(STARTED, "j1")
+    first.send_signal(signal.SIGTERM)
+    assert await first.wait(15) == 0, first.tail()
+    await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
+    stopped = dispatch.of("j1", FINISHED)
+    assert [e.outcome for e in stopped] == [ABANDONED], stopped
+    # Handed back, not left to the 20 s AckWait: the next session gets it at once.
+    await consumers.start(worker.ports.control, "--ack-wait", "20")
+    handed_back = time.monotonic()
+    await open_session(http, worker)
+    again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=15)
+    assert again.outcome == DONE and time.monotonic() - handed_back < 10
+
+
+# -- bad input and start-up ---------------------------------------------------------------
+
+
+async def test_missing_stream_is_retried_until_it_exists(start_worker, http, queue_url, tmp_path):
+    """A queue server without the stream: one line saying so, health 503, and the loop starts once it exists."""
+    from workers.null.queues import open_queue
+
+    worker = await start_worker()
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(JOB))
+    run = await CommandRun(
+        "-m", "workers.null.consumer", "--queue", queue_url, "--control-port", str(worker.ports.control),
+        "--health-port", "0", "--ack-wait", str(ACK_WAIT), "--", sys.executable, str(script),
+    ).start()  # fmt: skip
+    try:
+        [match] = await run.wait_for_line(r"health endpoint on (http://\S+)", 20)
+        await run.wait_for_line(r"queue unreachable", 20)
+        async with http.get(match.group(1)) as resp:
+            assert resp.status == 503
+        queue = open_queue(queue_url, ack_wait=ACK_WAIT, max_deliver=2)
+        await queue.connect()
+        try:
+            await queue.setup()
+        finally:
+            await queue.close()
+        await run.wait_for_line(r"waiting for a session", 20)
+        async with http.get(match.group(1)) as resp:
+            assert resp.status == 200
+        assert len(run.matches(r"queue unreachable")) == 1
+    finally:
+        await run.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("http://127.0.0.1:4222/jobs", "http"),
+        ("nats://127.0.0.1:4222", "stream"),
+        ("redis://127.0.0.1:6379/0", "stream"),
+        ("not a url", "not a url"),
+    ],
+)
+async def test_bad_queue_url_is_one_line_and_exit_2(url, needle):
+    """A --queue URL the consumer cannot use: one line naming it, exit 2, no traceback."""
+    run = await CommandRun("-m", "workers.null.consumer", "--queue", url, "--", sys.executable, "-c", "pass").start()
+    try:
+        assert await run.wait(20) == 2, run.tail()
+        assert len(run.lines) == 1 and needle in run.lines[0].lower(), run.tail()
+    finally:
+        await run.cleanup()
