@@ -543,6 +543,8 @@ def configure_logging(*, live: bool, verbose: bool) -> None:
     from .cli import configure_logging as base
 
     base(["workers.null.dispatcher", "workers.null.demo"], verbose=verbose)
+    # sdk.make_client's subclass logs under its class name: every ended session's health check at ERROR.
+    logging.getLogger("Client").setLevel(logging.INFO if verbose else logging.CRITICAL)
     if live:
         jobs_log.setLevel(logging.WARNING)
         logging.getLogger("lib").setLevel(logging.WARNING)
