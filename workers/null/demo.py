@@ -42,8 +42,8 @@ from .cli import Interrupt, StartupError
 from .dispatcher import (
     DEFAULT_ENDPOINT,
     LOCAL_API_KEY,
-    DispatchOptions,
     Dispatcher,
+    DispatchOptions,
     JobLog,
     _recorder,
     connect_queue,
@@ -134,18 +134,19 @@ def _seconds_or_time(value: Any) -> float | None:
 
 
 def default_deadline(jobs: Sequence[DemoJob], args: argparse.Namespace) -> float:
-    """Generous: every job run one batch after another, plus cold starts, a lost worker's AckWait and slack."""
+    """Generous: every batch of jobs behind a cold start on a loaded machine, a lost worker's AckWait, and slack."""
     batches = math.ceil(len(jobs) / args.max_sessions)
     longest = max((j.seconds for j in jobs), default=0.0)
-    return jobs[-1].arrival + batches * (longest + args.cold_start + 2.0) + 4 * DEMO_ACK_WAIT + 60.0
+    return jobs[-1].arrival + batches * (longest + args.cold_start + 10.0) + 10 * DEMO_ACK_WAIT + 180.0
 
 
-def consumer_command(queue_url: str, args: argparse.Namespace) -> tuple[str, ...]:
+def consumer_command(queue_url: str, *, max_attempts: int = 5, ack_wait: float = DEMO_ACK_WAIT) -> tuple[str, ...]:
+    """The consumer the stand-in runs beside every worker: each job sleeps the seconds its body names."""
     return (
         sys.executable, "-m", "workers.null.consumer",
         "--queue", queue_url,
-        "--ack-wait", f"{DEMO_ACK_WAIT:g}",
-        "--max-attempts", str(args.max_attempts),
+        "--ack-wait", f"{ack_wait:g}",
+        "--max-attempts", str(max_attempts),
         "--claim-timeout", f"{CLAIM_TIMEOUT:g}",
         "--retry-delay", "1",
         "--health-port", "0",
@@ -368,7 +369,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 params=EndpointParams(max_workers=args.max_sessions, inactivity_timeout=args.inactivity_timeout),
                 policy=LocalPolicy(scale_down_delay=0.5),
                 provisioning_delay=args.cold_start,
-                consumer=consumer_command(queue_url, args),
+                consumer=consumer_command(queue_url, max_attempts=args.max_attempts),
                 claim_deadline=10.0,
                 stop_grace=6.0,
             )
@@ -416,12 +417,12 @@ async def run_demo(args: argparse.Namespace) -> int:
                 min_run = min(0.5, max(0.05, min(j.seconds for j in jobs) / 3))
                 killer = asyncio.ensure_future(chaos(fleet, ledger, args.chaos, killed, min_run))
                 stack.push_async_callback(_cancel, killer)
-            log.info(
-                "%d job(s) to run; a job not done within %.0fs counts as lost (--deadline)", len(jobs), deadline
-            )
+            log.info("%d job(s) to run; a job not done within %.0fs counts as lost (--deadline)", len(jobs), deadline)
             finished = await _until(
                 lambda: publisher.done() and all_settled(ledger, jobs), deadline, interrupt, dispatcher
             )
+            if dispatcher.failed:
+                raise StartupError(dispatcher.failed)
             if publisher.done() and publisher.exception() is not None:
                 raise StartupError(f"publishing the demo jobs failed: {publisher.exception()}")
             if interrupt.is_set:

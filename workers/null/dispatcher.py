@@ -212,7 +212,9 @@ class Dispatcher:
                 )
             except sdk.SessionTimeout:
                 self._end(rec, "timed out")
-                log.info("session %d: no worker within %gs; asking again if still needed", rec.key, self.options.timeout)
+                log.info(
+                    "session %d: no worker within %gs; asking again if still needed", rec.key, self.options.timeout
+                )
                 return
             except asyncio.CancelledError:
                 self._end(rec, "not opened (stopping)")
@@ -225,8 +227,10 @@ class Dispatcher:
                     self._end(rec, "not opened (stopping)")
                     return
                 self._end(rec, f"failed: {short(exc)}")
-                self._backoff = min(30.0, self._backoff * 2 or self.options.error_backoff)
-                self._paused_until = time.monotonic() + self._backoff
+                now = time.monotonic()
+                if now >= self._paused_until:  # failures together count once
+                    self._backoff = min(30.0, self._backoff * 2 or self.options.error_backoff)
+                    self._paused_until = now + self._backoff
                 log.warning("session %d: could not be opened (%s); pausing %gs", rec.key, short(exc), self._backoff)
                 return
             self._backoff = 0.0
@@ -443,10 +447,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--lifetime", type=float, default=defaults.lifetime, help="session lease in seconds; the consumer renews it"
     )
     parser.add_argument(
-        "--timeout", type=float, default=defaults.timeout, help="seconds a session waits for a worker before it is asked again"
+        "--timeout",
+        type=float,
+        default=defaults.timeout,
+        help="seconds a session waits for a worker before it is asked again",
     )
     parser.add_argument(
-        "--ack-wait", type=float, default=30.0, help="the queue's claim window in seconds (setup, and lost-worker timing)"
+        "--ack-wait",
+        type=float,
+        default=30.0,
+        help="the queue's claim window in seconds (setup, and lost-worker timing)",
     )
     parser.add_argument(
         "--max-attempts", type=int, default=5, help="deliveries of a job before it is dead-lettered (setup)"
@@ -455,7 +465,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--reconcile", type=float, default=defaults.reconcile_every, help="seconds between reads of the queue's counts"
     )
     parser.add_argument(
-        "--health-every", type=float, default=defaults.health_every, help="seconds between checks that a worker still holds its session"
+        "--health-every",
+        type=float,
+        default=defaults.health_every,
+        help="seconds between checks that a worker still holds its session",
     )
     parser.add_argument("--job-log", type=Path, metavar="FILE", help="append one JSON line per job attempt here")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")
@@ -473,11 +486,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--deadline", type=float, help="seconds until an unfinished job counts as lost (default: generous)"
     )
     demo.add_argument(
-        "--trace", type=Path, metavar="FILE", help="publish jobs at their arrival, each sleeping its duration (CSV or JSON lines)"
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        help="publish jobs at their arrival, each sleeping its duration (CSV or JSON lines)",
     )
-    demo.add_argument(
-        "--cold-start", type=float, default=2.0, help="seconds the stand-in takes to provision a worker"
-    )
+    demo.add_argument("--cold-start", type=float, default=2.0, help="seconds the stand-in takes to provision a worker")
     demo.add_argument(
         "--inactivity-timeout", type=float, default=3.0, help="the stand-in's idle seconds before a worker stops"
     )
@@ -510,10 +524,16 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
             (args.queue is None, "the local demo starts its own queue: drop --queue (or drop --jobs/--trace)"),
             (args.jobs is None or args.jobs >= 1, f"--jobs {args.jobs}: give 1 or more"),
             (args.jobs is None or args.trace is None, "give --jobs or --trace, not both"),
-            (math.isfinite(args.job_seconds) and args.job_seconds >= 0, f"--job-seconds {args.job_seconds:g}: give seconds >= 0"),
+            (
+                math.isfinite(args.job_seconds) and args.job_seconds >= 0,
+                f"--job-seconds {args.job_seconds:g}: give seconds >= 0",
+            ),
             (args.chaos >= 0, f"--chaos {args.chaos}: give 0 or more workers to kill"),
             (args.deadline is None or positive(args.deadline), f"--deadline {args.deadline}: give seconds > 0"),
-            (math.isfinite(args.cold_start) and args.cold_start >= 0, f"--cold-start {args.cold_start:g}: give seconds >= 0"),
+            (
+                math.isfinite(args.cold_start) and args.cold_start >= 0,
+                f"--cold-start {args.cold_start:g}: give seconds >= 0",
+            ),
             (
                 math.isfinite(args.inactivity_timeout) and args.inactivity_timeout >= 0,
                 f"--inactivity-timeout {args.inactivity_timeout:g}: give seconds >= 0",
@@ -521,7 +541,10 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         ]
     else:
         checks += [
-            (args.queue is not None, "no --queue: pass --queue nats://host:4222/jobs (or --instance local --jobs N for the demo)"),
+            (
+                args.queue is not None,
+                "no --queue: pass --queue nats://host:4222/jobs (or --instance local --jobs N for the demo)",
+            ),
             (args.chaos == 0, "--chaos is for the local demo: add --instance local --jobs N"),
         ]
     for ok, message in checks:
@@ -611,10 +634,13 @@ async def run(args: argparse.Namespace, api_key: str) -> int:
     ledger = None
     try:
         async with AsyncExitStack() as stack:
-            queue = await connect_queue(args.queue, ack_wait=args.ack_wait, max_attempts=args.max_attempts, setup=args.action == "setup")
+            queue = await connect_queue(
+                args.queue, ack_wait=args.ack_wait, max_attempts=args.max_attempts, setup=args.action == "setup"
+            )
             stack.push_async_callback(queue.close)
             if args.action == "setup":
-                print(f"{args.queue}: stream and consumer ready (AckWait {args.ack_wait:g}s, {args.max_attempts} attempts)")
+                ready = f"AckWait {args.ack_wait:g}s, {args.max_attempts} attempts"
+                print(f"{args.queue}: stream and consumer ready ({ready})")
                 return 0
             url = None
             if args.instance == "local":
