@@ -372,6 +372,9 @@ async def run_demo(args: argparse.Namespace) -> int:
                 consumer=consumer_command(queue_url, max_attempts=args.max_attempts),
                 claim_deadline=10.0,
                 stop_grace=6.0,
+                # A held /route/ call must end well inside the SDK's 10 s request timeout, also on a
+                # loaded machine; a timed-out route fails the whole session in the SDK.
+                route_hold=4.0,
             )
             config = LocalConfig(fleet=settings, endpoint_name=DEFAULT_ENDPOINT, api_key=LOCAL_API_KEY, port=0)
             standin = await stack.enter_async_context(serve(config))

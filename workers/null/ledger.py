@@ -150,6 +150,7 @@ class Ledger:
         self.due: list[float] = []  # when the queue should hand lapsing jobs back: read its counts then
         self._keys = itertools.count(1)
         self.asked = 0  # sessions ever asked for
+        self.peak_alive = 0  # the most sessions alive at once
 
     # -- counts -------------------------------------------------------------
 
@@ -316,6 +317,7 @@ class Ledger:
         rec = SessionRecord(next(self._keys), self.clock())
         self.sessions[rec.key] = rec
         self.asked += 1
+        self.peak_alive = max(self.peak_alive, self.alive)
         self._changed()
         return rec
 
