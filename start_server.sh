@@ -17,7 +17,16 @@
 #   PYWORKER_REF    unset (default branch); branch, tag or commit checked out after the clone
 #   BACKEND         null; runs python -m workers.$BACKEND.worker
 #   WORKER_PORT     3000
-#   USE_SSL         true; "true" needs /etc/instance.crt and /etc/instance.key
+#   USE_SSL         true; "true" serves HTTPS with INSTANCE_CERT and INSTANCE_KEY:
+#                   kept when valid for another day and matching, otherwise a new
+#                   key is made and the console signs its certificate request
+#   CONSOLE_URL     https://console.vast.ai; the console that signs the request,
+#                   at $CONSOLE_URL/api/v0/sign_cert/?instance_id=$CONTAINER_ID
+#   CERT_ATTEMPTS   5; how many times the console is asked before the boot fails
+#   CERT_RETRY_DELAY 2; seconds before the second request, doubled before each next
+#   INSTANCE_CERT   /etc/instance.crt; INSTANCE_KEY /etc/instance.key; where the
+#                   framework loads them from (it reads only these paths, so only
+#                   a test has a reason to change them)
 #   REPORT_ADDR     https://run.vast.ai; comma-separated, first one that answers wins
 #   SDK_VERSION     unset; when set it must equal the vastai pin in requirements.txt
 #   PYWORKER_LOG    $WORKSPACE_DIR/pyworker.log; everything this script and the worker print
@@ -41,9 +50,12 @@ SDK_VERSION="${SDK_VERSION:-}"
 PYWORKER_LOG="${PYWORKER_LOG:-$WORKSPACE_DIR/pyworker.log}"
 INSTALL_MARKER="${INSTALL_MARKER:-$ENV_PATH/.null-pyworker-requirements.sha256}"
 
+CONSOLE_URL="${CONSOLE_URL:-https://console.vast.ai}"
+CERT_ATTEMPTS="${CERT_ATTEMPTS:-5}"
+CERT_RETRY_DELAY="${CERT_RETRY_DELAY:-2}"
 # The framework loads its certificate from these fixed paths when USE_SSL=true.
-SSL_CERT=/etc/instance.crt
-SSL_KEY=/etc/instance.key
+INSTANCE_CERT="${INSTANCE_CERT:-/etc/instance.crt}"
+INSTANCE_KEY="${INSTANCE_KEY:-/etc/instance.key}"
 
 CURRENT_STEP="starting"
 STEP_OUTPUT=""
@@ -296,6 +308,130 @@ install_requirements() {
     mv -f -- "$INSTALL_MARKER.tmp" "$INSTALL_MARKER"
 }
 
+# POSTs a file and writes the answer's body to another; the reason on stderr when it fails.
+post_file() {
+    local url=$1 body_file=$2 out=$3
+    if command -v curl >/dev/null 2>&1; then
+        curl --silent --show-error --fail --max-time 30 \
+            --header 'Content-Type: application/octet-stream' \
+            --data-binary "@$body_file" --output "$out" "$url"
+    elif command -v python3 >/dev/null 2>&1; then
+        python3 -c '
+import sys, urllib.request
+url, body_file, out = sys.argv[1:]
+with open(body_file, "rb") as f:
+    body = f.read()
+request = urllib.request.Request(
+    url, data=body, method="POST", headers={"Content-Type": "application/octet-stream"})
+try:
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = response.read()
+except Exception as exc:
+    sys.exit("POST %s failed: %s" % (url, exc))
+with open(out, "wb") as f:
+    f.write(answer)
+' "$url" "$body_file" "$out"
+    else
+        echo "neither curl nor python3 is installed"
+        return 1
+    fi
+}
+
+# Succeeds when $1 is a PEM certificate for the key in $2 that stays valid for
+# $3 more seconds; otherwise prints what is wrong with it.
+check_certificate() {
+    local cert=$1 key=$2 seconds=$3 cert_pub key_pub
+    if ! cert_pub=$(openssl x509 -in "$cert" -noout -pubkey 2>/dev/null); then
+        echo "is not a PEM certificate"
+        return 1
+    fi
+    if ! key_pub=$(openssl pkey -in "$key" -pubout 2>/dev/null); then
+        echo "comes with a key that openssl cannot read"
+        return 1
+    fi
+    if [[ $cert_pub != "$key_pub" ]]; then
+        echo "does not match the key"
+        return 1
+    fi
+    if ! openssl x509 -in "$cert" -noout -checkend "$seconds" >/dev/null 2>&1; then
+        echo "expires within $seconds seconds"
+        return 1
+    fi
+}
+
+# Moves $1 onto $2 in one rename, so the framework never reads half a file.
+install_file() {
+    local src=$1 dest=$2 mode=$3 tmp
+    mkdir -p -- "$(dirname -- "$dest")"
+    tmp=$(mktemp "$(dirname -- "$dest")/.$(basename -- "$dest").XXXXXX")
+    CLEANUP+=("$tmp")
+    cat -- "$src" >"$tmp"
+    chmod "$mode" -- "$tmp"
+    mv -f -- "$tmp" "$dest"
+}
+
+# Vast's bootstrap does the same: a fresh key and certificate request, signed
+# by the console for this container. Unlike it, a certificate that is still
+# good is kept (a reboot makes no network call), and the answer is checked
+# before it replaces anything the framework reads.
+ensure_certificate() {
+    CURRENT_STEP="checking the instance certificate"
+    if ! command -v openssl >/dev/null 2>&1; then
+        fail "USE_SSL=true but openssl is not installed, so no instance key can be made; use an image with openssl or set USE_SSL=false"
+    fi
+    local problem
+    if [[ -r $INSTANCE_CERT && -r $INSTANCE_KEY ]]; then
+        if problem=$(check_certificate "$INSTANCE_CERT" "$INSTANCE_KEY" 86400); then
+            log "using the instance certificate $INSTANCE_CERT: it matches $INSTANCE_KEY and is valid for another day"
+            return 0
+        fi
+        log "the instance certificate $INSTANCE_CERT $problem; asking the console for a new one"
+    fi
+    if [[ ! ${CONTAINER_ID:-} =~ ^[0-9]+$ ]]; then
+        fail "USE_SSL=true needs the certificate signed for CONTAINER_ID, but CONTAINER_ID='${CONTAINER_ID:-}' is not a container id; run on a Vast instance or set USE_SSL=false"
+    fi
+    local dir url attempt=1 delay=$CERT_RETRY_DELAY
+    dir=$(mktemp -d)
+    CLEANUP+=("$dir")
+    run_step "making the instance key and certificate request" \
+        openssl req -new -newkey rsa:2048 -nodes -sha256 \
+        -subj "/C=US/ST=CA/CN=pyworker.vast.ai" \
+        -addext "basicConstraints=CA:FALSE" \
+        -addext "keyUsage=nonRepudiation,digitalSignature,keyEncipherment" \
+        -addext "subjectAltName=IP:0.0.0.0" \
+        -keyout "$dir/instance.key" -out "$dir/instance.csr"
+    while [[ $CONSOLE_URL == */ ]]; do
+        CONSOLE_URL=${CONSOLE_URL%/}
+    done
+    url="$CONSOLE_URL/api/v0/sign_cert/?instance_id=$((10#$CONTAINER_ID))"
+    while :; do
+        CURRENT_STEP="asking $url to sign the certificate (attempt $attempt of $CERT_ATTEMPTS)"
+        log "$CURRENT_STEP"
+        if problem=$(post_file "$url" "$dir/instance.csr" "$dir/instance.crt" 2>&1); then
+            if problem=$(check_certificate "$dir/instance.crt" "$dir/instance.key" 0); then
+                break
+            fi
+            problem="its answer $problem"
+        fi
+        problem=$(printf '%s\n' "$problem" | awk 'NF { last = $0 } END { print substr(last, 1, 500) }')
+        if ((attempt >= CERT_ATTEMPTS)); then
+            fail "USE_SSL=true but $url gave no usable certificate in $attempt attempts; last: $problem; check CONSOLE_URL and CONTAINER_ID, or set USE_SSL=false"
+        fi
+        log "attempt $attempt failed: $problem; trying again in ${delay}s"
+        sleep "$delay"
+        delay=$(awk -v d="$delay" 'BEGIN { print d * 2 }')
+        attempt=$((attempt + 1))
+    done
+    CURRENT_STEP="installing the certificate as $INSTANCE_CERT and its key as $INSTANCE_KEY"
+    # The key first: a boot interrupted between the two leaves a pair that
+    # does not match, which the next boot replaces.
+    install_file "$dir/instance.key" "$INSTANCE_KEY" 600
+    install_file "$dir/instance.crt" "$INSTANCE_CERT" 644
+    rm -rf -- "$dir"
+    CLEANUP=()
+    log "installed the certificate signed by $CONSOLE_URL as $INSTANCE_CERT, its key as $INSTANCE_KEY"
+}
+
 main() {
     CURRENT_STEP="creating WORKSPACE_DIR=$WORKSPACE_DIR"
     if ! mkdir -p -- "$WORKSPACE_DIR"; then
@@ -308,7 +444,7 @@ main() {
     TEE_PID=$!
     STEP_OUTPUT=$(mktemp)
 
-    log "boot: BACKEND=$BACKEND WORKER_PORT=$WORKER_PORT USE_SSL=$USE_SSL REPORT_ADDR=$REPORT_ADDR"
+    log "boot: BACKEND=$BACKEND WORKER_PORT=$WORKER_PORT USE_SSL=$USE_SSL REPORT_ADDR=$REPORT_ADDR CONSOLE_URL=$CONSOLE_URL"
     log "boot: SERVER_DIR=$SERVER_DIR ENV_PATH=$ENV_PATH PYWORKER_REPO=${PYWORKER_REPO:-unset} PYWORKER_REF=${PYWORKER_REF:-unset}"
 
     CURRENT_STEP="checking the settings"
@@ -322,13 +458,14 @@ main() {
         true | false) ;;
         *) fail "USE_SSL='$USE_SSL' must be true or false (the framework serves plain HTTP for anything but \"true\")" ;;
     esac
+    if [[ ! $CERT_ATTEMPTS =~ ^[1-9][0-9]*$ ]]; then
+        fail "CERT_ATTEMPTS='$CERT_ATTEMPTS' is not a positive whole number; set it to how many times to ask the console (default 5)"
+    fi
+    if [[ ! $CERT_RETRY_DELAY =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+        fail "CERT_RETRY_DELAY='$CERT_RETRY_DELAY' is not a number of seconds; set it to the first pause between requests (default 2)"
+    fi
     if [[ $USE_SSL == true ]]; then
-        local missing=()
-        [[ -r $SSL_CERT ]] || missing+=("$SSL_CERT")
-        [[ -r $SSL_KEY ]] || missing+=("$SSL_KEY")
-        if ((${#missing[@]})); then
-            fail "USE_SSL=true but ${missing[*]} not found: the worker serves HTTPS with $SSL_CERT and $SSL_KEY, and this script does not request a certificate from Vast; provide both files or set USE_SSL=false"
-        fi
+        ensure_certificate
     fi
 
     if holds_checkout "$SERVER_DIR"; then

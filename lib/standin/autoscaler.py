@@ -127,10 +127,6 @@ def _refuse_wrong_key(request: web.Request) -> web.Response | None:
 
 async def list_endpoints(request: web.Request) -> web.Response:
     standin = request.app[STANDIN]
-    if _account_key(request) is None:
-        # No key at all: an empty list rather than Vast's 401, so a probe
-        # for a running stand-in still finds one; it learns of no endpoint.
-        return web.json_response({"success": True, "results": []})
     refused = _refuse_wrong_key(request)
     if refused is not None:
         return refused

@@ -37,7 +37,7 @@ def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_p
         assert case["provisioned_for_warm_rerun"] == 0, case
     assert figures["footprint"]["rss_mib"] > 0 and figures["footprint"]["cpu_percent"] >= 0
 
-    # The table names every measure the README's Performance section shows.
+    # The table names every measure docs/performance.md shows.
     for measure in (
         "readiness",
         "occupancy (null)",

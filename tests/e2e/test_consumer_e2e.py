@@ -157,6 +157,14 @@ class Consumers:
         await run.wait_for_line(r"waiting for a session", 20)
         return run
 
+    async def wait_runs(self, count: int, timeout: float = 10.0) -> list[tuple[str, int, str, int]]:
+        """Waits until COMMAND has begun ``count`` runs (the started event can come before its first line)."""
+        deadline = time.monotonic() + timeout
+        while len(self.runs()) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} runs within {timeout}s: {self.runs()}"
+            await asyncio.sleep(0.02)
+        return self.runs()
+
     def runs(self) -> list[tuple[str, int, str, int]]:
         if not self.runs_file.exists():
             return []
@@ -277,7 +285,7 @@ async def test_consumer_killed_mid_job_lets_the_lease_lapse_and_the_job_is_redel
     first = await consumers.start(worker.ports.control)
     await dispatch.publish("j1", sleep=60)
     session_id, _ = await open_session(http, worker, lifetime=30.0)
-    await dispatch.wait_kind(STARTED, "j1")
+    await consumers.wait_runs(1)
     killed_at = time.monotonic()
     kill_group(first)
     await wait_line(worker, rf"session {re.escape(session_id)} expired", timeout=ACK_WAIT + 5)
@@ -355,7 +363,7 @@ async def test_lease_ended_by_the_dispatcher_stops_the_job_without_ack(start_wor
     await consumers.start(worker.ports.control)
     await dispatch.publish("j1", sleep=60)
     session_id, grant = await open_session(http, worker)
-    await dispatch.wait_kind(STARTED, "j1")
+    await consumers.wait_runs(1)
     async with http.post(worker.url + "/session/end", json={"session_id": session_id, "session_auth": grant}) as resp:
         assert resp.status == 200, await resp.text()
     stopped = await dispatch.wait_kind(FINISHED, "j1", 1, timeout=ACK_WAIT + 5)
@@ -422,10 +430,11 @@ async def test_missing_stream_is_retried_until_it_exists(start_worker, http, que
 @pytest.mark.parametrize(
     ("url", "needle"),
     [
-        ("http://127.0.0.1:4222/jobs", "http"),
-        ("nats://127.0.0.1:4222", "stream"),
-        ("redis://127.0.0.1:6379/0", "stream"),
-        ("not a url", "not a url"),
+        ("http://127.0.0.1:4222/jobs", "unknown scheme"),
+        ("nats://127.0.0.1:4222/a/b", "more than one part"),
+        ("redis://127.0.0.1:6379/x", "not a number"),
+        ("nats://127.0.0.1:4222/jobs?bogus=1", "unknown parameter"),
+        ("not a url", "no scheme"),
     ],
 )
 async def test_bad_queue_url_is_one_line_and_exit_2(url, needle):

@@ -1,8 +1,6 @@
-"""The README's Deploying examples, run: both consumers beside a real worker, and
-the dispatcher through the real SDK against the local stand-in with a consumer
-beside each worker it starts.
-
-The examples live in examples/ and the README quotes them verbatim.
+"""The examples docs/deploying.md points to, run: both consumers beside a real
+worker, and the dispatcher through the real SDK against the local stand-in with
+a consumer beside each worker it starts.
 """
 
 from __future__ import annotations
@@ -365,8 +363,7 @@ async def test_dispatcher_learns_of_a_lost_worker_from_the_sessions_health() -> 
 
 
 @pytest.mark.parametrize("name", ["dispatcher.py", "consumer.sh", "consumer.py"])
-def test_readme_quotes_the_tested_example_verbatim(name: str) -> None:
-    """The README's Deploying section shows each example exactly as these tests run it."""
-    readme = (EXAMPLES.parent / "README.md").read_text()
-    example = (EXAMPLES / name).read_text()
-    assert example.rstrip("\n") + "\n```" in readme, f"README.md does not quote examples/{name} verbatim"
+def test_deploying_guide_links_to_each_tested_example(name: str) -> None:
+    """docs/deploying.md links to each example these tests run, so the guide shows the tested file, not a copy."""
+    guide = (EXAMPLES.parent / "docs" / "deploying.md").read_text()
+    assert f"](../examples/{name})" in guide, f"docs/deploying.md does not link to examples/{name}"

@@ -38,7 +38,7 @@ async def test_route_refuses_a_cost_of_zero_or_less_or_not_finite_naming_the_rul
 
 
 async def test_console_refuses_a_wrong_account_key_as_vast_does():
-    """The SDK with a wrong account key gets 401 from the endpoint list; the right key, as bearer or api_key, works."""
+    """The SDK with a wrong account key gets 401 from the endpoint list, and so does no key; the right key works."""
     async with serve(fast_config(**NO_START)) as standin, aiohttp.ClientSession() as http:
         wrong = sdk_client(standin)
         wrong.api_key = "not-the-key"
@@ -54,6 +54,8 @@ async def test_console_refuses_a_wrong_account_key_as_vast_does():
             assert response.status == 200 and len((await response.json())["results"]) == 1
         async with http.get(f"{standin.url}/api/v0/endptjobs/1/", params={"api_key": "nope"}) as response:
             assert response.status == 401 and set(await response.json()) == {"error"}
+        async with http.get(url) as response:
+            assert response.status == 401
 
 
 def test_api_key_flag_sets_the_account_key():

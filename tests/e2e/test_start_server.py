@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from lib.standin.process import WorkerPorts, free_port
 from tests.fakes import FakeAutoscaler
@@ -331,20 +333,6 @@ async def test_error_without_container_id_is_logged_not_reported(autoscaler: Fak
     assert "not reported to the autoscaler: CONTAINER_ID=''" in boot.output
 
 
-@pytest.mark.skipif(
-    os.path.exists("/etc/instance.crt") or os.path.exists("/etc/instance.key"),
-    reason="this machine has an instance certificate",
-)
-async def test_ssl_by_default_without_instance_certificate_is_refused(
-    autoscaler: FakeAutoscaler, tmp_path: Path
-) -> None:
-    """USE_SSL defaults to true as on Vast, and without /etc/instance.crt and .key the boot is refused with the fix named."""
-    env = script_env(tmp_path, autoscaler.url, USE_SSL=None)
-    boot = await failed_boot(env)
-    report = assert_reported(autoscaler, env, boot, "USE_SSL=true but /etc/instance.crt /etc/instance.key not found")
-    assert "set USE_SSL=false" in report["error_msg"]
-
-
 async def test_sdk_version_other_than_the_pin_is_refused(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
     """SDK_VERSION naming another vastai than requirements.txt pins stops the boot before any install."""
     pin = vastai_pin()
@@ -366,7 +354,9 @@ async def test_missing_checkout_without_pyworker_repo_is_reported(autoscaler: Fa
 async def test_failed_clone_is_reported_logged_and_leaves_no_partial_checkout(
     autoscaler: FakeAutoscaler, tmp_path: Path
 ) -> None:
-    """A PYWORKER_REPO that cannot be cloned is reported with git's reason, written to the log, and leaves SERVER_DIR absent."""
+    """A PYWORKER_REPO that cannot be cloned is reported with git's reason, written to the log, and leaves SERVER_DIR
+    absent.
+    """
     env = script_env(
         tmp_path, autoscaler.url, SERVER_DIR=str(tmp_path / "server"), PYWORKER_REPO=str(tmp_path / "no-such-repo")
     )
@@ -428,7 +418,9 @@ def fixture_worker_line(boot: Boot) -> dict[str, Any]:
 async def test_first_boot_clones_the_ref_makes_the_venv_and_execs_the_worker_then_reboots_offline(
     autoscaler: FakeAutoscaler, tmp_path: Path
 ) -> None:
-    """First boot clones PYWORKER_REF, creates the venv, installs, and execs the worker with Vast's defaults; a reboot runs git and pip not at all."""
+    """First boot clones PYWORKER_REF, creates the venv, installs, and execs the worker with Vast's defaults; a reboot
+    runs git and pip not at all.
+    """
     remote = tmp_path / "remote"
     make_remote_repo(remote, "# the fixture worker needs only the standard library\npip\n")
     server_dir, env_path = tmp_path / "workspace" / "vast-pyworker", tmp_path / "workspace" / "worker-env"
@@ -478,7 +470,9 @@ async def test_first_boot_clones_the_ref_makes_the_venv_and_execs_the_worker_the
 async def test_failed_requirements_install_is_reported_with_pips_reason(
     autoscaler: FakeAutoscaler, tmp_path: Path
 ) -> None:
-    """A requirements.txt pip cannot satisfy is reported with pip's last words, and the next boot tries the install again."""
+    """A requirements.txt pip cannot satisfy is reported with pip's last words, and the next boot tries the install
+    again.
+    """
     remote = tmp_path / "remote"
     make_remote_repo(remote, "null-pyworker-no-such-package==0.0.0\n")
     env = script_env(
@@ -502,7 +496,9 @@ async def test_failed_requirements_install_is_reported_with_pips_reason(
 async def test_worker_comes_up_from_the_checkout_and_venv_twice_in_a_row(
     autoscaler: FakeAutoscaler, tmp_path: Path
 ) -> None:
-    """With this checkout as SERVER_DIR and the test venv as ENV_PATH the null worker reports ready, stops on SIGTERM with 0, and does it again on reboot without git or pip."""
+    """With this checkout as SERVER_DIR and the test venv as ENV_PATH the null worker reports ready, stops on SIGTERM
+    with 0, and does it again on reboot without git or pip.
+    """
     if not (REPO_ROOT / "workers" / "null" / "worker.py").exists():
         pytest.fail("workers/null/worker.py is missing")
     if not (TEST_VENV / "bin" / "python").exists():
@@ -560,3 +556,269 @@ async def test_worker_comes_up_from_the_checkout_and_venv_twice_in_a_row(
     assert network_calls(tmp_path) == ""
     assert (tmp_path / "installed.sha256").read_text() == hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest() + "\n"
     assert log_file(env).read_text(errors="replace").splitlines() == outputs
+
+
+# HTTPS: the console signs the instance's certificate request.
+
+
+def openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleCA:
+    """A certificate authority for the console stand-in, and the console's own HTTPS certificate."""
+
+    cert: Path
+    key: Path
+    server_cert: Path
+    server_key: Path
+    # A request for a key that no instance holds: what a console that mixed
+    # up its requests would sign.
+    stranger_csr: Path
+
+
+@pytest.fixture(scope="module")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> ConsoleCA:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("ca")
+    ca = ConsoleCA(d / "ca.crt", d / "ca.key", d / "server.crt", d / "server.key", d / "stranger.csr")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=test console CA", "-days", "2",
+            "-keyout", ca.key, "-out", ca.cert)  # fmt: skip
+    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", ca.server_key, "-out", d / "server.csr")  # fmt: skip
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", d / "server.csr", "-CA", ca.cert, "-CAkey", ca.key, "-CAcreateserial",
+            "-days", "2", "-extfile", d / "server.ext", "-out", ca.server_cert)  # fmt: skip
+    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=stranger",
+            "-keyout", d / "stranger.key", "-out", ca.stranger_csr)  # fmt: skip
+    return ca
+
+
+@dataclasses.dataclass
+class SignRequest:
+    instance_id: str | None
+    content_type: str
+    csr: bytes
+
+
+@dataclasses.dataclass
+class ConsoleStandin:
+    """Vast's console's POST /api/v0/sign_cert/ over HTTPS: signs the posted CSR with the test CA."""
+
+    ca: ConsoleCA
+    workdir: Path
+    failures: int = 0
+    sign_stranger: bool = False
+    requests: list[SignRequest] = dataclasses.field(default_factory=list)
+    url: str = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/api/v0/sign_cert/", self._sign)
+        return app
+
+    async def _sign(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests.append(SignRequest(request.query.get("instance_id"), request.content_type, body))
+        if self.failures > 0:
+            self.failures -= 1
+            return web.Response(status=503, text="try again later")
+        n = len(self.requests)
+        csr = self.workdir / f"request-{n}.csr"
+        csr.write_bytes(body)
+        cert = self.workdir / f"request-{n}.crt"
+        proc = await asyncio.create_subprocess_exec(
+            "openssl", "x509", "-req", "-in", str(self.ca.stranger_csr if self.sign_stranger else csr),
+            "-CA", str(self.ca.cert), "-CAkey", str(self.ca.key), "-set_serial", str(n), "-days", "30",
+            "-copy_extensions", "copy", "-out", str(cert),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            return web.Response(status=400, text=err.decode(errors="replace"))
+        return web.Response(body=cert.read_bytes(), content_type="application/x-pem-file")
+
+
+@pytest.fixture
+async def console(test_ca: ConsoleCA, tmp_path: Path) -> AsyncIterator[ConsoleStandin]:
+    workdir = tmp_path / "console"
+    workdir.mkdir()
+    standin = ConsoleStandin(test_ca, workdir)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(test_ca.server_cert, test_ca.server_key)
+    runner = web.AppRunner(standin.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        standin.url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+        yield standin
+    finally:
+        await runner.cleanup()
+
+
+def make_checkout(path: Path) -> None:
+    """A checkout whose requirements the test venv already holds and whose worker prints one line."""
+    (path / "workers" / "null").mkdir(parents=True)
+    (path / "requirements.txt").write_text("# the fixture worker needs only the standard library\n")
+    (path / "workers" / "__init__.py").write_text("")
+    (path / "workers" / "null" / "__init__.py").write_text("")
+    (path / "workers" / "null" / "worker.py").write_text(
+        "import json, os\nprint('FIXTURE-WORKER ' + json.dumps({'USE_SSL': os.environ.get('USE_SSL')}))\n"
+    )
+
+
+def ssl_env(
+    tmp_path: Path, autoscaler: FakeAutoscaler, console: ConsoleStandin, **overrides: str | None
+) -> dict[str, str]:
+    """An instance with USE_SSL=true whose console is the stand-in and whose boot ends in the fixture worker."""
+    server = tmp_path / "server"
+    make_checkout(server)
+    marker = tmp_path / "installed.sha256"
+    marker.write_text(hashlib.sha256((server / "requirements.txt").read_bytes()).hexdigest() + "\n")
+    etc = tmp_path / "etc"
+    settings = {
+        "USE_SSL": "true",
+        "SERVER_DIR": str(server),
+        "ENV_PATH": str(TEST_VENV),
+        "INSTALL_MARKER": str(marker),
+        "CONSOLE_URL": console.url + "/",
+        "INSTANCE_CERT": str(etc / "instance.crt"),
+        "INSTANCE_KEY": str(etc / "instance.key"),
+        "CERT_RETRY_DELAY": "0.05",
+        # curl and python3 trust the stand-in's test CA as they would Vast's public one.
+        "CURL_CA_BUNDLE": str(console.ca.cert),
+        "SSL_CERT_FILE": str(console.ca.cert),
+    }
+    settings.update(overrides)
+    return script_env(tmp_path, autoscaler.url, **settings)
+
+
+def assert_installed_pair(env: dict[str, str], ca: ConsoleCA) -> None:
+    cert, key = Path(env["INSTANCE_CERT"]), Path(env["INSTANCE_KEY"])
+    # What the framework does with them when USE_SSL=true.
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile=cert, keyfile=key)
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(ca.cert), str(cert)], capture_output=True, text=True, timeout=30
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert sorted(p.name for p in cert.parent.iterdir()) == ["instance.crt", "instance.key"], "temporary files left"
+
+
+async def test_ssl_boot_has_the_console_sign_a_certificate_and_a_reboot_keeps_it(
+    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+) -> None:
+    """With USE_SSL=true and no certificate, the CSR is posted to sign_cert for this container, the signed pair is
+    installed, and a reboot reuses it without asking.
+    """
+    env = ssl_env(tmp_path, autoscaler, console)
+    async with booted(env) as boot:
+        assert await boot.exit_code() == 0, boot.tail()
+    assert fixture_worker_line(boot) == {"USE_SSL": "true"}
+    assert len(console.requests) == 1, console.requests
+    request = console.requests[0]
+    assert request.instance_id == env["CONTAINER_ID"]
+    assert request.content_type == "application/octet-stream"
+    assert request.csr.startswith(b"-----BEGIN CERTIFICATE REQUEST-----")
+    assert_installed_pair(env, console.ca)
+    assert autoscaler.reports == []
+    cert_bytes = Path(env["INSTANCE_CERT"]).read_bytes()
+
+    async with booted(env) as again:
+        assert await again.exit_code() == 0, again.tail()
+    assert len(console.requests) == 1, "the reboot asked the console again"
+    assert Path(env["INSTANCE_CERT"]).read_bytes() == cert_bytes
+    assert f"using the instance certificate {env['INSTANCE_CERT']}" in again.output
+
+
+async def test_console_errors_are_retried_with_a_growing_pause(
+    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+) -> None:
+    """A console that answers 503 twice is asked a third time, after pauses of CERT_RETRY_DELAY and twice that, and the
+    boot goes on.
+    """
+    console.failures = 2
+    env = ssl_env(tmp_path, autoscaler, console)
+    async with booted(env) as boot:
+        assert await boot.exit_code() == 0, boot.tail()
+    assert len(console.requests) == 3
+    assert "attempt 1 failed: curl: (22) The requested URL returned error: 503; trying again in 0.05s" in boot.output
+    assert "attempt 2 failed: curl: (22) The requested URL returned error: 503; trying again in 0.1s" in boot.output
+    assert_installed_pair(env, console.ca)
+    assert autoscaler.reports == []
+
+
+async def test_certificate_for_another_key_is_refused_and_reported(
+    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+) -> None:
+    """A signed certificate whose public key is not the instance's is not installed, and the boot fails with the reason
+    reported.
+    """
+    console.sign_stranger = True
+    env = ssl_env(tmp_path, autoscaler, console, CERT_ATTEMPTS="2")
+    boot = await failed_boot(env)
+    report = assert_reported(autoscaler, env, boot, "gave no usable certificate in 2 attempts")
+    assert "last: its answer does not match the key" in report["error_msg"]
+    assert "set USE_SSL=false" in report["error_msg"]
+    assert len(console.requests) == 2
+    assert not (tmp_path / "etc").exists() or list((tmp_path / "etc").iterdir()) == []
+    assert "FIXTURE-WORKER" not in boot.output
+
+
+async def test_ssl_by_default_with_an_unreachable_console_is_reported(
+    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+) -> None:
+    """USE_SSL defaults to true as on Vast; when the console cannot be reached the boot reports curl's reason and names
+    CONSOLE_URL.
+    """
+    down = f"https://127.0.0.1:{free_port()}"
+    env = ssl_env(tmp_path, autoscaler, console, USE_SSL=None, CONSOLE_URL=down, CERT_ATTEMPTS="1")
+    boot = await failed_boot(env)
+    report = assert_reported(autoscaler, env, boot, f"{down}/api/v0/sign_cert/?instance_id={env['CONTAINER_ID']}")
+    assert "Failed to connect" in report["error_msg"] or "Connection refused" in report["error_msg"], report
+    assert "check CONSOLE_URL and CONTAINER_ID" in report["error_msg"]
+    assert report["url"] == "" or report["url"].startswith("https://")
+
+
+async def test_ssl_boot_without_curl_asks_the_console_with_python3(
+    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+) -> None:
+    """Without curl on PATH the certificate request goes out through python3 and the pair is installed."""
+    if shutil.which("python3") is None:
+        pytest.skip("python3 is not on PATH")
+    env = ssl_env(tmp_path, autoscaler, console, PATH=path_without(tmp_path, ["curl"]))
+    async with booted(env) as boot:
+        assert await boot.exit_code() == 0, boot.tail()
+    assert len(console.requests) == 1
+    assert_installed_pair(env, console.ca)
+
+
+async def test_a_certificate_that_does_not_match_its_key_is_replaced(
+    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+) -> None:
+    """An installed certificate that is not for the installed key (a boot cut short between the two) is replaced by a
+    signed pair.
+    """
+    env = ssl_env(tmp_path, autoscaler, console)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    shutil.copy(console.ca.server_cert, env["INSTANCE_CERT"])
+    openssl("genrsa", "-out", env["INSTANCE_KEY"], "2048")
+    async with booted(env) as boot:
+        assert await boot.exit_code() == 0, boot.tail()
+    assert f"the instance certificate {env['INSTANCE_CERT']} does not match the key" in boot.output
+    assert len(console.requests) == 1
+    assert_installed_pair(env, console.ca)
+
+
+async def test_ssl_without_container_id_is_refused_before_asking(
+    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+) -> None:
+    """With USE_SSL=true and no CONTAINER_ID there is nothing to sign for: the boot stops, the console unasked."""
+    env = ssl_env(tmp_path, autoscaler, console, CONTAINER_ID=None)
+    boot = await failed_boot(env)
+    assert "USE_SSL=true needs the certificate signed for CONTAINER_ID" in boot.output
+    assert console.requests == []

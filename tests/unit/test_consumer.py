@@ -396,7 +396,7 @@ async def test_no_job_within_claim_timeout_releases_at_once(control, start):
 
 
 async def test_lease_gone_stops_the_job_and_does_not_ack(control, start, tmp_path):
-    """/extend answering 409 stops COMMAND's process group and leaves the job to redelivery: no ack, no retry."""
+    """/extend answering 409 stops COMMAND's process group and hands the job back at once: no ack."""
     queue = MemoryQueue()
     await queue.publish("j1", b"")
     pid_file = tmp_path / "pid"
@@ -413,8 +413,8 @@ async def test_lease_gone_stops_the_job_and_does_not_ack(control, start, tmp_pat
     await queue.wait_event(lambda e: e.kind == STARTED)
     control.gone.add("s1")
     event = await finished(queue, "j1")
-    assert event.outcome == ABANDONED and "lease gone" in event.detail
-    assert queue.verbs() == ["claim"]
+    assert event.outcome == ABANDONED and "lease gone" in event.detail and "handed back at once" in event.detail
+    assert queue.verbs() == ["claim", "retry"]
     pid = int(pid_file.read_text())
     from tests.standin import process_gone
 

@@ -12,9 +12,10 @@ instance beside the worker. For every session:
    Python handler is called), while the queue's claim and the worker's lease
    are renewed every ack_wait / 3;
 4. exit 0: ack (confirmed), then ``/release``; otherwise retry later, or
-   dead-letter after ``--max-attempts``, then ``/release``. A lost lease or
-   claim stops the job and leaves it to the queue's redelivery: nothing is
-   acked that this consumer no longer owns.
+   dead-letter after ``--max-attempts``, then ``/release``. A lost lease
+   stops the job and hands it back to the queue at once; a lost claim stops
+   it and leaves it to the queue's redelivery: nothing is acked that this
+   consumer no longer owns.
 
 Each step is published as a job event on the queue server for the dispatcher.
 """
@@ -641,27 +642,29 @@ class Consumer:
                 return waiter.result()
         if lease.lost.done():
             reason = lease.lost.result()
-            log.warning(
-                "job %s attempt %d: %s; stopping it and leaving it to the queue's redelivery",
-                job.id,
-                job.attempt,
-                reason,
-            )
+            log.warning("job %s attempt %d: %s; stopping it", job.id, job.attempt, reason)
             await run.stop(self.options.stop_timeout)
-            self._outcome(lease.claim, ABANDONED, reason)
+            self._outcome(lease.claim, ABANDONED, await self._hand_back(lease.claim, reason))
             return None
         log.info(
             "job %s attempt %d unfinished after %.1fs of grace; stopping it", job.id, job.attempt, self.options.grace
         )
         await run.stop(self.options.stop_timeout)
-        try:
-            await lease.claim.retry(0)
-            detail = "consumer stopped; handed back at once"
-        except QueueError as exc:
-            detail = f"consumer stopped; hand-back failed ({exc}), left to the queue's redelivery"
-        log.info("job %s attempt %d: %s", job.id, job.attempt, detail)
-        self._outcome(lease.claim, ABANDONED, detail)
+        self._outcome(lease.claim, ABANDONED, await self._hand_back(lease.claim, "consumer stopped"))
         return None
+
+    async def _hand_back(self, claim: Claim, reason: str) -> str:
+        """Gives an unfinished job back to the queue at once, while the claim is still ours; the outcome's detail.
+
+        A claim that lapsed too is left to the queue's own redelivery after its ack wait.
+        """
+        try:
+            await claim.retry(0)
+            detail = f"{reason}; handed back at once"
+        except QueueError as exc:
+            detail = f"{reason}; hand-back failed ({exc}), left to the queue's redelivery"
+        log.info("job %s attempt %d: %s", claim.job.id, claim.job.attempt, detail)
+        return detail
 
     async def _finish(self, claim: Claim, result: Result, lease: Lease) -> None:
         """Ack, retry or dead-letter after the job ended; never acks a claim this consumer lost."""

@@ -242,11 +242,12 @@ class SessionRunner:
 # -- the local stand-in ---------------------------------------------------------------
 
 
-async def _stand_in_answers(url: str) -> bool:
+async def _stand_in_answers(url: str, api_key: str) -> bool:
     """True when a stand-in answers at ``url``, False when nothing listens; StartupError otherwise."""
+    headers = {"Authorization": f"Bearer {api_key}"}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
-            async with http.get(f"{url}/api/v0/endptjobs/") as response:
+            async with http.get(f"{url}/api/v0/endptjobs/", headers=headers) as response:
                 body = await response.json(content_type=None) if response.status == 200 else None
     except aiohttp.ClientConnectorError:
         return False
@@ -270,7 +271,7 @@ async def open_local(stack: AsyncExitStack, args: argparse.Namespace) -> tuple[s
 
     if args.local_port:
         url = f"http://127.0.0.1:{args.local_port}"
-        if await _stand_in_answers(url):
+        if await _stand_in_answers(url, LOCAL_API_KEY):
             log.info("using the local stand-in already running at %s", url)
             return url, None
     config = LocalConfig(endpoint_name=args.endpoint, api_key=LOCAL_API_KEY, port=args.local_port)

@@ -15,10 +15,12 @@ consumer once ``ack_wait`` has passed, and the worker's lease lapses on its own.
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 # Job events the consumer publishes on the queue server and the dispatcher
 # subscribes to; each carries the job id, its attempt and the session id.
@@ -33,6 +35,10 @@ RETRY = "retry"  # handed back for another attempt
 DEAD = "dead"  # dead-lettered after max attempts
 ABANDONED = "abandoned"  # lease lost or consumer stopping: left to the queue's redelivery
 OUTCOMES = (DONE, RETRY, DEAD, ABANDONED)
+
+
+# The fix named by every "stream or group missing" message.
+SETUP_HINT = "run the dispatcher's setup step (python -m workers.null.dispatcher --queue URL setup) to create it"
 
 
 class QueueError(Exception):
@@ -79,8 +85,74 @@ class JobEvent:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+T = TypeVar("T")
+
+
+class Feed(Generic[T]):
+    """Items the server pushes (job events, new job ids), received from the moment the feed is started.
+
+    ``async for item in feed`` starts it on first use; ``await feed.start()``
+    returns once the server holds the subscription, so nothing published after
+    it is missed. Not replayed: what was published before the start is never
+    seen. ``aclose()`` ends it (and is safe to call twice).
+    """
+
+    def __init__(self, opener: Callable[[Callable[[T], None], Callable[[BaseException], None]], Awaitable[Any]]):
+        # ``opener(put, fail)`` subscribes, arranges for ``put(item)`` on each
+        # item and ``fail(error)`` when the subscription breaks, and returns an
+        # async callable that undoes it all.
+        self._opener = opener
+        self._items: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+        self._closer: Callable[[], Awaitable[None]] | None = None
+        self._started = False
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._closer = await self._opener(lambda item: self._items.put_nowait((True, item)), self._fail)
+
+    def _fail(self, error: BaseException) -> None:
+        self._items.put_nowait((False, error))
+
+    def __aiter__(self) -> Feed[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._closed:
+            raise StopAsyncIteration
+        await self.start()
+        ok, item = await self._items.get()
+        if not ok:
+            await self.aclose()
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        self._closed = True
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            with suppress(Exception):
+                await closer()
+
+    async def __aenter__(self) -> Feed[T]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+
 class Claim(abc.ABC):
-    """One claimed job, owned by this consumer until acked, handed back, or lapsed."""
+    """One claimed job, owned by this consumer until acked, handed back, or lapsed.
+
+    The claim lapses when ``ack_wait`` passes without a confirmed renewal; from
+    then on every verb raises NotOwned and changes nothing on the server,
+    because the job may already be running elsewhere. A verb the server did not
+    confirm raises QueueUnavailable; the claim then still holds until its last
+    renewal's window ends.
+    """
 
     job: Job
 
@@ -94,11 +166,19 @@ class Claim(abc.ABC):
 
     @abc.abstractmethod
     async def retry(self, delay: float) -> None:
-        """Hands the job back to be delivered again after ``delay`` seconds."""
+        """Hands the job back to be delivered again after ``delay`` seconds; raises NotOwned when lapsed."""
 
     @abc.abstractmethod
     async def give_up(self, reason: str) -> None:
-        """Never delivers the job again; it goes to the dead-letter subject or stream."""
+        """Never delivers the job again; it goes to the dead-letter stream. Raises NotOwned when lapsed."""
+
+    @property
+    @abc.abstractmethod
+    def owned(self) -> bool:
+        """True while the claim is surely held: not settled, and renewed within ``ack_wait``.
+
+        False does not always mean taken: on Redis the next verb asks the server.
+        """
 
 
 class Queue(abc.ABC):
@@ -123,8 +203,8 @@ class Queue(abc.ABC):
         """Raises QueueUnavailable when the stream or the consumer (group) is missing."""
 
     @abc.abstractmethod
-    async def publish(self, job_id: str, body: bytes) -> None:
-        """Enqueues one job; publishing the same ``job_id`` again within the server's window adds nothing."""
+    async def publish(self, job_id: str, body: bytes) -> bool:
+        """Enqueues one job; False when ``job_id`` was already published within the server's window (nothing added)."""
 
     @abc.abstractmethod
     async def claim(self, consumer: str, timeout: float) -> Claim | None:
@@ -133,16 +213,24 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     async def depth(self) -> Depth: ...
 
+    async def dead_letters(self) -> list[Job]:
+        """The dead-lettered jobs, oldest first; ``attempt`` is the delivery that was given up."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its dead letters")
+
     @abc.abstractmethod
     async def publish_event(self, event: JobEvent) -> None: ...
 
     @abc.abstractmethod
-    def events(self) -> AsyncIterator[JobEvent]:
+    def events(self) -> Feed[JobEvent]:
         """Job events as they are published (not replayed); iterate to receive."""
 
     @abc.abstractmethod
-    def new_jobs(self) -> AsyncIterator[str]:
-        """The id of each job as it is published, pushed by the server (no polling)."""
+    def new_jobs(self) -> Feed[str]:
+        """The id of each job as it is published, pushed by the server (no polling).
+
+        A duplicate publish may repeat an id; jobs published while no one
+        listened are not replayed (read ``depth()`` at start).
+        """
 
     async def __aenter__(self) -> Queue:
         await self.connect()
