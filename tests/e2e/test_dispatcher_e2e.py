@@ -1,4 +1,4 @@
-"""The dispatcher and the whole loop over a real nats-server, real workers and consumers under the stand-in, the real SDK."""
+"""The dispatcher and the whole loop: a real nats-server, real workers and consumers under the stand-in, the SDK."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from lib.standin.queueservers import nats_server
 from tests.standin import CommandRun, explain, fast_config, process_gone, sdk_client, wait_fleet
 from workers.null import sdk
 from workers.null.demo import consumer_command
-from workers.null.dispatcher import DispatchOptions, Dispatcher
+from workers.null.dispatcher import Dispatcher, DispatchOptions
 from workers.null.ledger import Ledger
 from workers.null.queues import open_queue
 from workers.null.queues.base import FINISHED, STARTED

@@ -108,8 +108,12 @@ def test_a_lost_worker_s_job_counts_again_only_when_the_queue_hands_it_back():
     assert rec.end == "lost" and ledger.jobs["a"].state == LAPSING
     assert ledger.to_open(10) == 0
     assert ledger.next_due() == pytest.approx(clock.now + 3.0)
-    clock.now += 3.5
-    ledger.depth_seen(Depth(pending=1, in_flight=0))  # redelivered
+    clock.now += 2.0
+    assert not ledger.tick() and ledger.to_open(10) == 0
+    clock.now += 1.5
+    # Redelivered: neither queue counts it as pending before a fetch, so it is counted by id.
+    ledger.depth_seen(Depth(pending=0, in_flight=1))
+    assert ledger.jobs["a"].state == PENDING
     assert ledger.to_open(10) == 1
     s2 = ledger.session_asked()
     ledger.session_reserved(s2, "sid2", "http://w2")
@@ -129,6 +133,19 @@ def test_queue_counts_below_ours_drop_old_pending_ids_but_not_fresh_ones():
     assert ledger.jobs["old"].state != PENDING
     assert ledger.jobs["fresh"].state == PENDING
     assert ledger.pending == 1
+
+
+def test_a_handed_back_job_the_queue_no_longer_holds_stops_counting():
+    """A job we count as handed back, while the queue holds nothing at all, was acked unseen: dropped."""
+    ledger, clock = make_ledger()
+    ledger.job_published("a")
+    rec = ledger.session_asked()
+    ledger.session_reserved(rec, "s1", "u")
+    run_job(ledger, "a", "s1", outcome="retry")
+    assert ledger.pending == 1
+    clock.now += 5.0
+    ledger.depth_seen(Depth(pending=0, in_flight=0))
+    assert ledger.pending == 0
 
 
 def test_a_retried_job_is_pending_again_and_a_dead_one_is_not():

@@ -287,6 +287,9 @@ class Dispatcher:
             if self.rewait.is_set() and not self.reconcile_now.is_set():
                 continue
             self.reconcile_now.clear()
+            if self.ledger.tick():
+                log.info("a lost worker's job is due back from the queue: asking for a session")
+                self._wake()
             await self.reconcile()
             next_read = time.monotonic() + self.options.reconcile_every
 

@@ -134,12 +134,8 @@ class Metrics:
             "null_dispatcher_queue_pending", "Jobs not yet delivered to any consumer", registry=registry
         )
         self.jobs_running = Gauge("null_dispatcher_jobs_running", "Jobs claimed by a consumer", registry=registry)
-        self.sessions = Gauge(
-            "null_dispatcher_sessions", "Sessions alive, by state", ["state"], registry=registry
-        )
-        self.sessions_asked = Counter(
-            "null_dispatcher_sessions_asked", "Sessions asked for", registry=registry
-        )
+        self.sessions = Gauge("null_dispatcher_sessions", "Sessions alive, by state", ["state"], registry=registry)
+        self.sessions_asked = Counter("null_dispatcher_sessions_asked", "Sessions asked for", registry=registry)
         self.wait = Histogram(
             "null_dispatcher_queue_wait_seconds",
             "From a job's publish to its handler's start",
@@ -149,9 +145,7 @@ class Metrics:
         self.run = Histogram(
             "null_dispatcher_run_seconds", "From a handler's start to its end", buckets=buckets, registry=registry
         )
-        self.outcomes = Counter(
-            "null_dispatcher_attempts", "Job attempts by outcome", ["outcome"], registry=registry
-        )
+        self.outcomes = Counter("null_dispatcher_attempts", "Job attempts by outcome", ["outcome"], registry=registry)
         self._asked = 0
         self.server: Any = None
         self.port = 0

@@ -114,6 +114,7 @@ class JobRecord:
     since: float
     attempts: dict[int, Attempt] = field(default_factory=dict)
     starts: int = 0  # attempts whose handler started
+    due_at: float | None = None  # LAPSING: when the queue hands it back
 
     @property
     def current(self) -> Attempt | None:
@@ -261,8 +262,24 @@ class Ledger:
             self._lapse(job, now)
 
     def _lapse(self, job: JobRecord, now: float) -> None:
-        job.state, job.since = LAPSING, now
-        self.due.append(now + self.ack_wait)
+        job.state, job.since, job.due_at = LAPSING, now, now + self.ack_wait
+        self.due.append(job.due_at)
+
+    def tick(self) -> bool:
+        """Lapsing jobs whose AckWait has passed are pending again; True when one was.
+
+        Neither queue counts such a job as pending before a consumer fetches it
+        (JetStream keeps it in num_ack_pending, Redis in the group's pending
+        list), so the dispatcher counts it by id.
+        """
+        now = self.clock()
+        back = [j for j in self.jobs.values() if j.state == LAPSING and j.due_at is not None and j.due_at <= now]
+        for job in back:
+            job.state, job.since, job.due_at = PENDING, now, None
+        self.due = [t for t in self.due if t > now]
+        if back:
+            self._changed()
+        return bool(back)
 
     def _settle(self, row: Attempt, outcome: str, detail: str) -> None:
         first = row.outcome is None
@@ -288,25 +305,37 @@ class Ledger:
     # -- what the queue's counts say -------------------------------------------
 
     def depth_seen(self, depth: Depth) -> None:
-        """The queue's counts, read while no push arrived: they correct what the pushes missed."""
+        """The queue's counts, read while no push arrived: they correct what the pushes missed.
+
+        ``depth.pending`` counts jobs never delivered (or handed back at once);
+        a job handed back after a lapsed claim is counted by id (``tick``).
+        """
         now = self.clock()
-        known = [j for j in self.jobs.values() if j.state == PENDING]
-        if depth.pending >= len(known):
-            self.extra = depth.pending - len(known)
+        self.tick()
+        fresh = [j for j in self.jobs.values() if j.state == PENDING and not j.attempts]
+        back = [j for j in self.jobs.values() if j.state == PENDING and j.attempts]
+        if depth.pending >= len(fresh):
+            self.extra = depth.pending - len(fresh)
         else:
             # The queue holds fewer than we counted: drop the oldest of ours
             # (their claims were never reported), but not ones just published.
             self.extra = 0
-            surplus = len(known) - depth.pending
-            for job in sorted(known, key=lambda j: j.since):
-                if surplus <= 0 or job.since > now - TRUST_PENDING:
-                    break
-                job.state, job.since = UNSEEN, now
-                surplus -= 1
-        self.due = [t for t in self.due if t > now]
+            self._unsee(fresh, len(fresh) - depth.pending, now)
+        # Jobs handed back hide in the queue's in-flight count; more of them
+        # than the queue holds at all were acked without our hearing of it.
+        held = depth.pending + depth.in_flight
+        self._unsee(back, len(fresh) + len(back) + self.extra - held, now)
         for sid in [s for s, e in self.early.items() if e.at < now - EARLY_KEEP]:
             del self.early[sid]
         self._changed()
+
+    @staticmethod
+    def _unsee(jobs: list[JobRecord], surplus: int, now: float) -> None:
+        for job in sorted(jobs, key=lambda j: j.since):
+            if surplus <= 0 or job.since > now - TRUST_PENDING:
+                break
+            job.state, job.since = UNSEEN, now
+            surplus -= 1
 
     def next_due(self) -> float | None:
         return min(self.due) if self.due else None
