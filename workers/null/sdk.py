@@ -61,13 +61,14 @@ def _classes() -> tuple[type, type]:
 
         def __init__(self, *args: Any, system_ca: bool = False, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            self._system_ca = system_ca
+            # Plain HTTP on loopback: no need for the CA certificate the SDK
+            # would otherwise download from the console first. Made once: the
+            # SDK asks for it on every request, and each one costs ~30 ms.
+            self._system_context = ssl.create_default_context() if system_ca else None
 
         async def get_ssl_context(self) -> ssl.SSLContext:
-            if self._system_ca:
-                # Plain HTTP on loopback: no need for the CA certificate the
-                # SDK would otherwise download from the console first.
-                return ssl.create_default_context()
+            if self._system_context is not None:
+                return self._system_context
             return await super().get_ssl_context()
 
         def queue_endpoint_request(self, *args: Any, **kwargs: Any) -> Any:
