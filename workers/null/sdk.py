@@ -20,6 +20,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
+from .bodies import SESSION_GONE
+
 log = logging.getLogger(__name__)
 
 CREATE_ROUTE = "/session/create"
@@ -191,11 +193,13 @@ def _close_late(endpoint: Any, task: asyncio.Future, on_late: Callable[[Any], An
 
 
 async def close_session(endpoint: Any, session: Any) -> str | None:
-    """Ends the session with /session/end; the error, or None when the worker confirmed."""
+    """Ends the session with /session/end; the error, or None when the worker no longer holds it."""
     try:
         await endpoint.close_session(session)
     except Exception as exc:
-        return " ".join(str(exc).split()) or type(exc).__name__
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        # The worker's 410: the session already ended (released, or its lease lapsed).
+        return None if SESSION_GONE in message else message
     finally:
         session.open = False
     return None
