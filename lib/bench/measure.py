@@ -301,7 +301,6 @@ async def _reserve_all(endpoint: Any, sessions: int) -> list[tuple[Any, float]]:
 async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     """Sessions through the real SDK and the local stand-in, with the recommended parameters."""
 
-
     from lib.standin.autoscaler import LocalConfig, serve
     from lib.standin.fleet import FleetSettings
     from lib.standin.scaling import EndpointParams
@@ -367,7 +366,7 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any
     }
 
 
-SECTIONS = ("readiness", "occupancy", "contention", "control", "scaling", "footprint")
+SECTIONS = ("readiness", "occupancy", "contention", "control", "scaling", "footprint", "queue_loop")
 
 
 def ms(seconds: float) -> str:
@@ -377,67 +376,85 @@ def ms(seconds: float) -> str:
 def render(results: dict[str, Any]) -> str:
     """The results as the table the README shows."""
     rows: list[tuple] = []
-    ready = results["readiness"]
-    rows.append(("readiness: start -> ready report, p50", f"{ready['ready_s']['p50']:.2f} s", ""))
-    rows.append(("readiness: import floor, p50", f"{ready['import_floor_s']['p50']:.2f} s", ""))
-    rows.append(("readiness: ratio to the floor", f"{ready['ratio']:.2f}x", "<= 1.25x"))
-    occupancy = results["occupancy"]
-    for side in ("null", "framework"):
-        for edge, label in (("open_s", "open -> cur_load 100"), ("close_s", "close -> cur_load 0")):
-            figures = occupancy[side][edge]
-            target = "p50 <= 100 ms" if side == "null" else ""
-            rows.append(
-                (f"occupancy ({side}): {label}, p50 / p99", f"{ms(figures['p50'])} / {ms(figures['p99'])}", target)
-            )
-    rows.append(
-        (
-            "occupancy: null / framework p50, open / close",
-            f"{occupancy['open_ratio']:.3f} / {occupancy['close_ratio']:.3f}",
-            "",
-        )
-    )
-    contention = results["contention"]
-    rows.append(
-        (
-            f"contention: {contention['requests']} concurrent creates 201 / 429 / other",
-            f"{contention['created_201']} / {contention['busy_429']} / {contention['other']}",
-            "1 / 199 / 0",
-        )
-    )
-    rows.append(
-        (
-            "contention: latency p50 / p99",
-            f"{ms(contention['latency_s']['p50'])} / {ms(contention['latency_s']['p99'])}",
-            "p99 <= 250 ms",
-        )
-    )
-    control = results["control"]
-    rows.append(
-        ("control: /release p50 / p99", f"{ms(control['release_s']['p50'])} / {ms(control['release_s']['p99'])}", "")
-    )
-    rows.append(
-        ("control: /status p50 / p99", f"{ms(control['status_s']['p50'])} / {ms(control['status_s']['p99'])}", "")
-    )
-    for case in results["scaling"]["cases"]:
-        n = case["sessions"]
-        rows.append(
-            (f"scaling, {n} sessions: workers provisioned per session", f"{case['workers_per_session']:.2f}", "1.00")
-        )
+    if "readiness" in results:
+        ready = results["readiness"]
+        rows.append(("readiness: start -> ready report, p50", f"{ready['ready_s']['p50']:.2f} s", ""))
+        rows.append(("readiness: import floor, p50", f"{ready['import_floor_s']['p50']:.2f} s", ""))
+        rows.append(("readiness: ratio to the floor", f"{ready['ratio']:.2f}x", "<= 1.25x"))
+    if "occupancy" in results:
+        occupancy = results["occupancy"]
+        for side in ("null", "framework"):
+            for edge, label in (("open_s", "open -> cur_load 100"), ("close_s", "close -> cur_load 0")):
+                figures = occupancy[side][edge]
+                target = "p50 <= 100 ms" if side == "null" else ""
+                rows.append(
+                    (f"occupancy ({side}): {label}, p50 / p99", f"{ms(figures['p50'])} / {ms(figures['p99'])}", target)
+                )
         rows.append(
             (
-                f"scaling, {n} sessions: reserve p50 cold / warm",
-                f"{case['reserve_cold_s']['p50']:.2f} s / {case['reserve_warm_s']['p50']:.2f} s"
-                if case["reserve_warm_s"]
-                else f"{case['reserve_cold_s']['p50']:.2f} s / -",
+                "occupancy: null / framework p50, open / close",
+                f"{occupancy['open_ratio']:.3f} / {occupancy['close_ratio']:.3f}",
                 "",
             )
         )
-        rows.append((f"scaling, {n} sessions: last release -> zero workers", f"{case['to_zero_s']:.2f} s", ""))
-    footprint = results["footprint"]
-    rows.append(("footprint: idle RSS", f"{footprint['rss_mib']:.1f} MiB", ""))
-    rows.append(
-        (f"footprint: idle CPU over {footprint['window_s']:.0f} s", f"{footprint['cpu_percent']:.2f} %", "<= 1 %")
-    )
+    if "contention" in results:
+        contention = results["contention"]
+        rows.append(
+            (
+                f"contention: {contention['requests']} concurrent creates 201 / 429 / other",
+                f"{contention['created_201']} / {contention['busy_429']} / {contention['other']}",
+                "1 / 199 / 0",
+            )
+        )
+        rows.append(
+            (
+                "contention: latency p50 / p99",
+                f"{ms(contention['latency_s']['p50'])} / {ms(contention['latency_s']['p99'])}",
+                "p99 <= 250 ms",
+            )
+        )
+    if "control" in results:
+        control = results["control"]
+        rows.append(
+            (
+                "control: /release p50 / p99",
+                f"{ms(control['release_s']['p50'])} / {ms(control['release_s']['p99'])}",
+                "",
+            )
+        )
+        rows.append(
+            ("control: /status p50 / p99", f"{ms(control['status_s']['p50'])} / {ms(control['status_s']['p99'])}", "")
+        )
+    if "scaling" in results:
+        for case in results["scaling"]["cases"]:
+            n = case["sessions"]
+            rows.append(
+                (
+                    f"scaling, {n} sessions: workers provisioned per session",
+                    f"{case['workers_per_session']:.2f}",
+                    "1.00",
+                )
+            )
+            rows.append(
+                (
+                    f"scaling, {n} sessions: reserve p50 cold / warm",
+                    f"{case['reserve_cold_s']['p50']:.2f} s / {case['reserve_warm_s']['p50']:.2f} s"
+                    if case["reserve_warm_s"]
+                    else f"{case['reserve_cold_s']['p50']:.2f} s / -",
+                    "",
+                )
+            )
+            rows.append((f"scaling, {n} sessions: last release -> zero workers", f"{case['to_zero_s']:.2f} s", ""))
+    if "footprint" in results:
+        footprint = results["footprint"]
+        rows.append(("footprint: idle RSS", f"{footprint['rss_mib']:.1f} MiB", ""))
+        rows.append(
+            (f"footprint: idle CPU over {footprint['window_s']:.0f} s", f"{footprint['cpu_percent']:.2f} %", "<= 1 %")
+        )
+    if "queue_loop" in results:
+        from lib.bench import queueloop
+
+        rows += queueloop.rows(results["queue_loop"])
     width = max(len(r[0]) for r in rows)
     value_width = max(len(r[1]) for r in rows)
     lines = [f"{'measure'.ljust(width)}  {'figure'.ljust(value_width)}  target", "-" * (width + value_width + 16)]
@@ -457,6 +474,11 @@ async def run(quick: bool, progress: Callable[[str], None], only: Sequence[str] 
             for section in only:
                 if section == "scaling":
                     results[section] = await scaling(quick, progress)
+                elif section == "queue_loop":
+                    from lib.bench import queueloop
+
+                    progress("queue loop: warm dispatch per hop, then throughput through warm workers")
+                    results[section] = await queueloop.measure(quick)
                 else:
                     results[section] = await getattr(bench, section)()
     results["elapsed_s"] = time.time() - results["started_at"]
@@ -473,7 +495,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter windows (for CI)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
+    parser.add_argument(
+        "--only",
+        type=_sections,
+        default=SECTIONS,
+        help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}",
+    )
     return parser
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in chosen if name not in SECTIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown section {', '.join(unknown) or '(none)'}: give any of {', '.join(SECTIONS)}"
+        )
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -483,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  .. {message}", file=sys.stderr, flush=True)
 
     try:
-        results = asyncio.run(run(args.quick, progress))
+        results = asyncio.run(run(args.quick, progress, args.only))
     except KeyboardInterrupt:
         print("interrupted; no figures written", file=sys.stderr)
         return 130

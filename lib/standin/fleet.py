@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 __all__ = ["Fleet", "FleetSettings", "Instance", "RouteAnswer", "Grant", "Waiting", "SeenSession"]
 
 
+# The SDK gives up on a /route/ call after 10 s; a held one is answered before.
+MAX_ROUTE_ANSWER = 8.0
+
+
 @dataclass(frozen=True)
 class FleetSettings:
     params: EndpointParams = field(default_factory=EndpointParams)
@@ -93,6 +97,11 @@ class FleetSettings:
 
     def problems(self) -> list[str]:
         found = list(self.params.problems())
+        if self.route_hold > MAX_ROUTE_ANSWER:
+            found.append(
+                f"route_hold {self.route_hold} must be at most {MAX_ROUTE_ANSWER:g} s: the SDK gives up on a /route/ "
+                "call after 10 s"
+            )
         for name in (
             "provisioning_delay",
             "load_timeout",
@@ -321,9 +330,9 @@ class Fleet:
         self._parked[idx] = parked
         self._drive()
         try:
-            # The book answers at the end of the hold; the margin only guards
-            # against a loop that stopped.
-            return await asyncio.wait_for(asyncio.shield(parked), self.settings.route_hold + 5.0)
+            # The book answers at the end of the hold; this guards against a
+            # loop that fell behind, and still answers inside the SDK's 10 s.
+            return await asyncio.wait_for(asyncio.shield(parked), min(self.settings.route_hold + 1.0, MAX_ROUTE_ANSWER))
         except asyncio.TimeoutError:
             return RouteAnswer(idx)
         except asyncio.CancelledError:

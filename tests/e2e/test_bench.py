@@ -9,7 +9,7 @@ from lib.bench.measure import SECTIONS
 
 @pytest.mark.slow
 def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_path):
-    """`python -m lib.bench --quick` writes every section; one 201 in 200 creates and one worker per session."""
+    """`python -m lib.bench --quick` writes every section; one 201 in 200 creates, one worker per session, no job lost."""
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "lib.bench", "--quick", "--json", str(out)],
@@ -36,6 +36,13 @@ def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_p
         assert case["distinct_workers"] == sessions, case
         assert case["provisioned_for_warm_rerun"] == 0, case
     assert figures["footprint"]["rss_mib"] > 0 and figures["footprint"]["cpu_percent"] >= 0
+    loop = figures["queue_loop"]
+    assert loop["warm"]["runs"] == 5 and loop["warm"]["hops"]["total"]["n"] == 5
+    assert loop["throughput"]["jobs"] == 30 and loop["throughput"]["jobs_per_s"] > 0
+    chaos = loop["chaos"]
+    assert chaos["exit_code"] == 0 and chaos["lost"] == 0, chaos
+    assert chaos["done"] == chaos["jobs"] == 10 and chaos["run_twice"] <= chaos["kills"], chaos
+    assert chaos["billed_worker_s"] >= chaos["busy_worker_s"] > 0, chaos
 
     # The table names every measure docs/performance.md shows.
     for measure in (
@@ -46,5 +53,17 @@ def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_p
         "control",
         "scaling, 10 sessions",
         "footprint",
+        "queue loop, warm dispatch",
+        "queue loop, chaos",
     ):
         assert measure in run.stdout, run.stdout
+
+
+def test_an_unknown_bench_section_is_one_line_and_exit_2():
+    """`--only` with a section that does not exist names the ones that do, in one line, exit 2."""
+    run = subprocess.run(
+        [sys.executable, "-m", "lib.bench", "--only", "readiness,nope"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2
+    assert "unknown section nope" in run.stderr and "queue_loop" in run.stderr
+    assert "Traceback" not in run.stderr

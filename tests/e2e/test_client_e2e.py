@@ -193,3 +193,20 @@ async def test_the_client_reports_a_missed_deadline_as_not_reserved():
             await client.close()
     assert record.outcome == "not reserved: no worker took the session within 1.5s"
     assert took < 2.5
+
+
+async def test_closing_a_session_the_consumer_already_released_is_not_an_error():
+    """sdk.close_session on a session its worker no longer holds (the consumer released it) reports no error."""
+    async with serve(fast_config(provisioning_delay=0.0)) as standin:
+        client = sdk_client(standin)
+        try:
+            endpoint = await sdk.find_endpoint(client, DEFAULT_ENDPOINT)
+            session = await sdk.open_session(endpoint, cost=100, lifetime=30, timeout=60)
+            (inst,) = [i for i in standin.fleet.live() if i.url == session.url]
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{inst.ports.control_url}/release") as response:
+                    assert (await response.json())["released"] is True
+            assert await sdk.close_session(endpoint, session) is None
+            assert not await sdk.session_alive(endpoint, session)
+        finally:
+            await client.close()

@@ -382,7 +382,7 @@ async def test_job_past_max_attempts_is_dead_lettered_without_running(control, s
 
 
 async def test_no_job_within_claim_timeout_releases_at_once(control, start):
-    """An empty queue: the session is released right after --claim-timeout, and nothing is published."""
+    """An empty queue: the session is released right after --claim-timeout, with only a released event naming no job."""
     queue = MemoryQueue()
     await start(queue, command_runs([sys.executable, "-c", "pass"]), claim_timeout=0.3)
     opened = time.monotonic()
@@ -393,6 +393,8 @@ async def test_no_job_within_claim_timeout_releases_at_once(control, start):
         await asyncio.sleep(0.02)
     assert 0.3 <= time.monotonic() - opened < 1.5
     assert queue.published == []
+    event = await queue.wait_event(lambda e: e.kind == RELEASED)
+    assert (event.job_id, event.attempt, event.session_id) == ("", 0, "s1")
 
 
 async def test_lease_gone_stops_the_job_and_does_not_ack(control, start, tmp_path):

@@ -717,17 +717,18 @@ class Consumer:
                 log.info("session %s released", sid)
             else:
                 log.info("session %s was no longer held", sid)
-        if job is not None:
-            self.emit(RELEASED, job, sid, detail="released" if released else "not held")
+        # Also for a session that got no job: the dispatcher counts it ended at once.
+        self.emit(RELEASED, job, sid, detail="released" if released else "not held")
 
     # -- job events ---------------------------------------------------------
 
-    def emit(self, kind: str, job: Any, session_id: str, *, outcome: str | None = None, detail: str = "") -> None:
-        """Queues a job event; one task publishes them in order, off the job's path."""
+    def emit(
+        self, kind: str, job: Any | None, session_id: str, *, outcome: str | None = None, detail: str = ""
+    ) -> None:
+        """Queues a job event (``job`` None: a session that got no job); one task publishes them in order."""
+        job_id, attempt = ("", 0) if job is None else (job.id, job.attempt)
         self._events.put_nowait(
-            JobEvent(
-                kind=kind, job_id=job.id, attempt=job.attempt, session_id=session_id, outcome=outcome, detail=detail
-            )
+            JobEvent(kind=kind, job_id=job_id, attempt=attempt, session_id=session_id, outcome=outcome, detail=detail)
         )
 
     async def _publish_events(self) -> None:

@@ -11,7 +11,17 @@ from typing import Any
 from aiohttp import web
 
 from . import framework
-from .bodies import Refusal, grant_request_idx, parse_create, parse_grant, parse_named, parse_ping, read_json, refusals
+from .bodies import (
+    SESSION_GONE,
+    Refusal,
+    grant_request_idx,
+    parse_create,
+    parse_grant,
+    parse_named,
+    parse_ping,
+    read_json,
+    refusals,
+)
 from .desk import SessionDesk
 from .grants import GrantVerifier
 
@@ -51,14 +61,14 @@ class SessionRoutes:
     async def end(self, request: web.Request) -> web.Response:
         session = await self._named(request)
         if session is None or not await self.desk.close(session.session_id, "dispatcher (/session/end)"):
-            raise Refusal(410, "no such session: it ended or expired")
+            raise Refusal(410, SESSION_GONE)
         return web.json_response({"ended": True, "removed_session": session.session_id})
 
     @refusals("/session/get")
     async def get(self, request: web.Request) -> web.Response:
         session = await self._named(request)
         if session is None:
-            raise Refusal(410, "no such session: it ended or expired")
+            raise Refusal(410, SESSION_GONE)
         return web.json_response(
             {
                 "session_id": session.session_id,

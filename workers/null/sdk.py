@@ -20,6 +20,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
+from .bodies import SESSION_GONE
+
 log = logging.getLogger(__name__)
 
 CREATE_ROUTE = "/session/create"
@@ -61,13 +63,14 @@ def _classes() -> tuple[type, type]:
 
         def __init__(self, *args: Any, system_ca: bool = False, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            self._system_ca = system_ca
+            # Plain HTTP on loopback: no need for the CA certificate the SDK
+            # would otherwise download from the console first. Made once: the
+            # SDK asks for it on every request, and each one costs ~30 ms.
+            self._system_context = ssl.create_default_context() if system_ca else None
 
         async def get_ssl_context(self) -> ssl.SSLContext:
-            if self._system_ca:
-                # Plain HTTP on loopback: no need for the CA certificate the
-                # SDK would otherwise download from the console first.
-                return ssl.create_default_context()
+            if self._system_context is not None:
+                return self._system_context
             return await super().get_ssl_context()
 
         def queue_endpoint_request(self, *args: Any, **kwargs: Any) -> Any:
@@ -190,11 +193,13 @@ def _close_late(endpoint: Any, task: asyncio.Future, on_late: Callable[[Any], An
 
 
 async def close_session(endpoint: Any, session: Any) -> str | None:
-    """Ends the session with /session/end; the error, or None when the worker confirmed."""
+    """Ends the session with /session/end; the error, or None when the worker no longer holds it."""
     try:
         await endpoint.close_session(session)
     except Exception as exc:
-        return " ".join(str(exc).split()) or type(exc).__name__
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        # The worker's 410: the session already ended (released, or its lease lapsed).
+        return None if SESSION_GONE in message else message
     finally:
         session.open = False
     return None

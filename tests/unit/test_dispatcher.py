@@ -1,0 +1,260 @@
+"""The dispatcher's arithmetic and bookkeeping, and its command line's answers to bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workers.null import dispatcher
+from workers.null.demo import TraceError, load_trace
+from workers.null.ledger import LAPSING, PENDING, RUNNING, Ledger, to_open
+from workers.null.queues.base import CLAIMED, FINISHED, RELEASED, STARTED, Depth, JobEvent
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ev(kind: str, job: str, sid: str, attempt: int = 1, outcome: str | None = None, at: float = 0.0) -> JobEvent:
+    return JobEvent(kind=kind, job_id=job, attempt=attempt, session_id=sid, outcome=outcome, at=at)
+
+
+def make_ledger(**kw) -> tuple[Ledger, Clock]:
+    clock = Clock()
+    return Ledger(ack_wait=kw.pop("ack_wait", 3.0), clock=clock, **kw), clock
+
+
+def run_job(ledger: Ledger, job: str, sid: str, outcome: str = "done", attempt: int = 1) -> None:
+    for kind in (CLAIMED, STARTED):
+        ledger.event(ev(kind, job, sid, attempt))
+    ledger.event(ev(FINISHED, job, sid, attempt, outcome))
+    ledger.event(ev(RELEASED, job, sid, attempt))
+
+
+def test_to_open_covers_pending_jobs_minus_unclaimed_sessions_within_the_cap():
+    """open = clamp(pending - unclaimed, 0, max - alive)."""
+    assert to_open(pending=5, unclaimed=0, alive=0, max_sessions=10) == 5
+    assert to_open(pending=5, unclaimed=2, alive=2, max_sessions=10) == 3
+    assert to_open(pending=5, unclaimed=0, alive=8, max_sessions=10) == 2
+    assert to_open(pending=1, unclaimed=3, alive=3, max_sessions=10) == 0
+    assert to_open(pending=0, unclaimed=0, alive=12, max_sessions=10) == 0
+
+
+def test_sessions_still_waiting_for_a_worker_count_so_ten_jobs_ask_for_ten_sessions():
+    """Ten jobs ask for ten sessions once; while their workers start, nothing more is asked (KEDA's bug)."""
+    ledger, _ = make_ledger()
+    for n in range(10):
+        ledger.job_published(f"j{n}")
+    assert ledger.to_open(20) == 10
+    for _ in range(10):
+        ledger.session_asked()
+    assert ledger.to_open(20) == 0
+    ledger.job_published("j0")  # a repeated publish adds nothing
+    assert ledger.to_open(20) == 0
+
+
+def test_a_claimed_job_leaves_pending_and_its_session_is_no_longer_unclaimed():
+    """A claim takes one job out of pending and one session out of unclaimed, so nothing new is asked."""
+    ledger, _ = make_ledger()
+    ledger.job_published("a")
+    ledger.job_published("b")
+    s1, s2 = ledger.session_asked(), ledger.session_asked()
+    ledger.session_reserved(s1, "sid1", "http://w1")
+    ledger.event(ev(CLAIMED, "a", "sid1"))
+    assert (ledger.pending, ledger.unclaimed, ledger.alive) == (1, 1, 2)
+    assert ledger.to_open(10) == 0
+    assert ledger.jobs["a"].state == RUNNING
+    assert s2.alive
+
+
+def test_a_claim_that_arrives_before_the_sdk_returns_the_session_is_matched_to_it():
+    """The consumer's claim can beat the SDK's answer: it is kept and joined to the session on reservation."""
+    ledger, _ = make_ledger()
+    ledger.job_published("a")
+    rec = ledger.session_asked()
+    ledger.event(ev(CLAIMED, "a", "sid1"))
+    assert ledger.unclaimed == 1  # not yet known to be that session
+    ledger.session_reserved(rec, "sid1", "http://w1")
+    assert rec.job_id == "a" and ledger.unclaimed == 0
+    assert ledger.to_open(10) == 0
+
+
+def test_after_a_restart_jobs_in_flight_get_no_session_and_only_pending_ones_do():
+    """A fresh ledger learns the queue's counts: in-flight jobs never count, pending ones do."""
+    ledger, _ = make_ledger()
+    ledger.depth_seen(Depth(pending=2, in_flight=5))
+    assert ledger.to_open(10) == 2
+    ledger.session_asked(), ledger.session_asked()
+    assert ledger.to_open(10) == 0
+    # A claim by a job only the counts showed consumes one of them.
+    ledger.event(ev(CLAIMED, "old", "sidX", attempt=1))
+    assert ledger.pending == 1
+
+
+def test_a_lost_worker_s_job_counts_again_only_when_the_queue_hands_it_back():
+    """A worker gone mid-job: its job is not pending until the queue's counts show it again (AckWait)."""
+    ledger, clock = make_ledger(ack_wait=3.0)
+    ledger.job_published("a")
+    rec = ledger.session_asked()
+    ledger.session_reserved(rec, "sid1", "http://w1")
+    ledger.event(ev(CLAIMED, "a", "sid1"))
+    ledger.event(ev(STARTED, "a", "sid1"))
+    ledger.session_gone(rec)
+    assert rec.end == "lost" and ledger.jobs["a"].state == LAPSING
+    assert ledger.to_open(10) == 0
+    assert ledger.next_due() == pytest.approx(clock.now + 3.0)
+    clock.now += 2.0
+    assert not ledger.tick() and ledger.to_open(10) == 0
+    clock.now += 1.5
+    # Redelivered: neither queue counts it as pending before a fetch, so it is counted by id.
+    ledger.depth_seen(Depth(pending=0, in_flight=1))
+    assert ledger.jobs["a"].state == PENDING
+    assert ledger.to_open(10) == 1
+    s2 = ledger.session_asked()
+    ledger.session_reserved(s2, "sid2", "http://w2")
+    run_job(ledger, "a", "sid2", attempt=2)
+    assert ledger.pending == 0 and ledger.jobs["a"].state == "done"
+    assert ledger.twice == 1
+    assert [r.outcome for r in ledger.jobs["a"].attempts.values()] == ["lost", "done"]
+
+
+def test_queue_counts_below_ours_drop_old_pending_ids_but_not_fresh_ones():
+    """A pending id the queue no longer counts is dropped once it is old, so no session loop finds nothing."""
+    ledger, clock = make_ledger()
+    ledger.job_published("old")
+    clock.now += 5.0
+    ledger.job_published("fresh")
+    ledger.depth_seen(Depth(pending=0, in_flight=0))
+    assert ledger.jobs["old"].state != PENDING
+    assert ledger.jobs["fresh"].state == PENDING
+    assert ledger.pending == 1
+
+
+def test_a_handed_back_job_the_queue_no_longer_holds_stops_counting():
+    """A job we count as handed back, while the queue holds nothing at all, was acked unseen: dropped."""
+    ledger, clock = make_ledger()
+    ledger.job_published("a")
+    rec = ledger.session_asked()
+    ledger.session_reserved(rec, "s1", "u")
+    run_job(ledger, "a", "s1", outcome="retry")
+    assert ledger.pending == 1
+    clock.now += 5.0
+    ledger.depth_seen(Depth(pending=0, in_flight=0))
+    assert ledger.pending == 0
+
+
+def test_a_retried_job_is_pending_again_and_a_dead_one_is_not():
+    """retry hands the job back (pending); dead ends it."""
+    ledger, _ = make_ledger()
+    ledger.job_published("a")
+    rec = ledger.session_asked()
+    ledger.session_reserved(rec, "s1", "u")
+    run_job(ledger, "a", "s1", outcome="retry")
+    assert ledger.jobs["a"].state == PENDING and not rec.alive
+    rec2 = ledger.session_asked()
+    ledger.session_reserved(rec2, "s2", "u")
+    run_job(ledger, "a", "s2", attempt=2, outcome="dead")
+    assert ledger.jobs["a"].state == "dead" and ledger.pending == 0
+
+
+def test_a_session_released_without_a_job_ends():
+    """A release event with no job id ends the session it names."""
+    ledger, _ = make_ledger()
+    rec = ledger.session_asked()
+    ledger.session_reserved(rec, "s1", "u")
+    ledger.event(JobEvent(kind=RELEASED, job_id="", attempt=0, session_id="s1"))
+    assert not rec.alive and rec.end == "released"
+
+
+def test_each_attempt_becomes_one_job_log_line_with_every_step():
+    """The job log line names the job, attempt, enqueued, session asked, reserved, started, finished, outcome."""
+    rows = []
+    ledger, clock = make_ledger(on_attempt=rows.append)
+    ledger.job_published("a")
+    clock.now += 1
+    rec = ledger.session_asked()
+    clock.now += 2
+    ledger.session_reserved(rec, "s1", "http://w1")
+    ledger.event(ev(CLAIMED, "a", "s1", at=1003.1))
+    ledger.event(ev(STARTED, "a", "s1", at=1003.2))
+    ledger.event(ev(FINISHED, "a", "s1", outcome="done", at=1005.0))
+    (row,) = rows
+    line = json.loads(json.dumps(row.to_dict()))
+    assert line["job_id"] == "a" and line["attempt"] == 1 and line["outcome"] == "done"
+    assert (line["enqueued"], line["session_asked"], line["reserved"]) == (1000.0, 1001.0, 1003.0)
+    assert (line["started"], line["finished"]) == (1003.2, 1005.0)
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--endpoint", "x"], "no --queue"),
+        (["--jobs", "3"], "add --instance local"),
+        (["--instance", "local", "--jobs", "0"], "--jobs 0"),
+        (["--instance", "local", "--jobs", "2", "--trace", "t.csv"], "not both"),
+        (["--instance", "local", "--jobs", "2", "--queue", "nats://h/x"], "drop --queue"),
+        (["--queue", "nats://h/x", "--max-sessions", "0"], "--max-sessions 0"),
+        (["--queue", "nats://h/x", "--lifetime", "-1"], "--lifetime -1"),
+        (["--queue", "nats://h/x", "--chaos", "2"], "--chaos is for the local demo"),
+        (["--queue", "nats://h/x", "--instance", "moon"], "invalid choice"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(argv, needle, capsys):
+    """Each bad flag gets one line naming it and exit 2."""
+    with pytest.raises(SystemExit) as stop:
+        dispatcher.main(argv, env={"VAST_API_KEY": "k"})
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_no_api_key_for_vast_is_one_line_and_exit_2(capsys):
+    """Without VAST_API_KEY, a Vast instance is refused in one line naming the fix."""
+    assert dispatcher.main(["--queue", "nats://127.0.0.1:1/jobs"], env={}) == 2
+    err = capsys.readouterr().err
+    assert "VAST_API_KEY" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_bad_queue_url_is_one_line_and_exit_2(capsys):
+    """A queue URL of an unknown scheme gets one line and exit 2."""
+    assert dispatcher.main(["--queue", "kafka://h/x", "setup"], env={}) == 2
+    err = capsys.readouterr().err
+    assert "kafka" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("", "empty"),
+        ("arrival,length\n0,1\n", "needs 'arrival' and 'duration'"),
+        ("arrival,duration\n0,-1\n", "row 2"),
+        ("arrival,duration\n5,1\n1,1\n", "sort the trace"),
+        ('{"arrival": 0, "duration": "x"}\n', "row 1"),
+    ],
+)
+def test_bad_traces_name_the_row_and_the_fix(tmp_path, text, needle):
+    """A trace the demo cannot replay is refused naming the row."""
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    with pytest.raises(TraceError, match=needle.replace("(", r"\(")):
+        load_trace(path)
+
+
+def test_a_trace_replays_arrivals_from_its_first_row_in_seconds_or_iso_times(tmp_path):
+    """CSV seconds and JSON-lines ISO times both become arrivals relative to the first job."""
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("arrival,duration\n10,1\n12.5,2\n")
+    assert [(j.arrival, j.seconds) for j in load_trace(csv_path)] == [(0.0, 1.0), (2.5, 2.0)]
+    jl = tmp_path / "t.jsonl"
+    jl.write_text(
+        '{"arrival": "2026-01-01T00:00:00Z", "duration": 1}\n{"arrival": "2026-01-01T00:00:03Z", "duration": 0}\n'
+    )
+    assert [j.arrival for j in load_trace(jl)] == [0.0, 3.0]
