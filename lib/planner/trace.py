@@ -7,7 +7,8 @@ Three file shapes are read:
 - JSON lines, one object per job with the same two keys;
 - the dispatcher's job log (JSON lines with ``enqueued``, ``started`` and
   ``finished`` per attempt): each job's final attempt gives its arrival
-  (``enqueued``) and duration (``finished - started``).
+  (``enqueued``) and duration (``finished - started``), counted from the
+  first job's arrival.
 
 ``arrival`` (and the job log's times) may be seconds or ISO 8601 times; ISO
 times are counted from the earliest one. A problem raises ``TraceError``
@@ -149,13 +150,14 @@ def _from_job_log(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> list[Jo
         parsed.append((number, enqueued, duration))
     if not parsed:
         raise TraceError(f"{path}: no job in the log has a finished attempt; record some jobs to the end first")
-    jobs = _relative(path, parsed)
+    # The log's times are the wall clock (epoch seconds or ISO): count from the first job.
+    jobs = _relative(path, parsed, from_earliest=True)
     jobs.sort(key=lambda j: j.arrival)
     return jobs
 
 
-def _relative(path: Path, parsed: list[tuple[int, Any, float]]) -> list[Job]:
-    """Seconds stay as given; ISO times count from the earliest one."""
+def _relative(path: Path, parsed: list[tuple[int, Any, float]], *, from_earliest: bool = False) -> list[Job]:
+    """Seconds stay as given (``from_earliest``: count from the earliest); ISO times count from the earliest."""
     kinds = {isinstance(arrival, datetime) for _, arrival, _ in parsed}
     if len(kinds) > 1:
         number = next(n for n, a, _ in parsed if isinstance(a, datetime) != isinstance(parsed[0][1], datetime))
@@ -166,6 +168,9 @@ def _relative(path: Path, parsed: list[tuple[int, Any, float]]) -> list[Job]:
         except TypeError:
             raise TraceError(f"{path}: mixes ISO times with and without a time zone; give every time a zone") from None
         return [Job((arrival - start).total_seconds(), duration) for _, arrival, duration in parsed]
+    if from_earliest:
+        start = min(arrival for _, arrival, _ in parsed)
+        return [Job(float(arrival - start), duration) for _, arrival, duration in parsed]
     for number, arrival, _ in parsed:
         if arrival < 0:
             raise TraceError(f"{path}:{number}: arrival {arrival:g} is negative; count seconds from the trace's start")

@@ -46,8 +46,25 @@ def test_dispatcher_job_log_replays_each_jobs_final_attempt(tmp_path):
     ]  # fmt: skip
     path = write(tmp_path, "jobs.log", "\n".join(json.dumps(e) for e in entries) + "\n")
     jobs = load_trace(path)
-    assert [j.arrival for j in jobs] == [100.0, 112.0]
+    assert [j.arrival for j in jobs] == [0.0, 12.0]  # from the first job replayed
     assert [j.duration for j in jobs] == pytest.approx([7.0, 3.0])
+
+
+def test_job_log_as_the_dispatcher_writes_it(tmp_path):
+    """The dispatcher's own job log lines (epoch seconds, a retried job) replay from the first job's arrival."""
+    from workers.null.ledger import Attempt
+
+    rows = []
+    for job_id, attempt, enqueued, started, finished, outcome in (
+        ("j1", 1, 1_767_000_000.0, 1_767_000_004.0, 1_767_000_010.0, "retry"),
+        ("j2", 1, 1_767_000_002.0, 1_767_000_003.0, 1_767_000_005.5, "done"),
+        ("j1", 2, 1_767_000_011.0, 1_767_000_012.0, 1_767_000_020.0, "done"),
+    ):
+        row = Attempt(job_id, attempt, enqueued, f"s-{job_id}-{attempt}")
+        row.started, row.finished, row.outcome = started, finished, outcome
+        rows.append(json.dumps(row.to_dict()))
+    path = write(tmp_path, "jobs.log", "\n".join(rows) + "\n")
+    assert load_trace(path) == [Job(0.0, 2.5), Job(9.0, 8.0)]
 
 
 def test_job_log_with_iso_times(tmp_path):
