@@ -177,3 +177,17 @@ def test_pareto_front_and_cheapest_choice():
     assert p95[chosen] <= limit
     assert all(costs[chosen] <= costs[i] for i in range(3) if p95[i] <= limit)
     assert cheapest_within(results, -1.0) is None
+
+
+def test_speed_figure_names_the_trace_and_the_interpreter():
+    """The bench's planner figure says what trace it replayed, on which interpreter, and how long it took."""
+    import platform
+
+    from lib.planner.speed import bench_planner
+
+    figure = bench_planner(jobs=300, hours=24, job_seconds=2.0, cold_start=5.0, max_workers=5)
+    assert 250 < figure["jobs"] < 350
+    assert figure["cpu_s"] >= 0
+    assert f"{figure['jobs']} jobs" in figure["line"]
+    assert platform.python_version() in figure["line"]
+    assert "diurnal 24 h" in figure["trace"]
