@@ -1,21 +1,25 @@
-"""Replays a job trace through the stand-in's scaling model on a virtual clock.
+"""Replays a job trace through the stand-in's own book and scaling model on a virtual clock.
 
-The clock jumps from event to event: a job arrives, a worker becomes ready
-after its cold start, a job ends, a stopping worker is gone, or the scaling
-decision can next change (``next_change``). At every such moment the
-dispatcher's policy runs, waiting sessions are routed with the stand-in's
-``choose_worker``, and the fleet is resized with the stand-in's ``decide``.
+The clock jumps from event to event: a job arrives, a waiting session asks
+again, a worker is ready after its cold start, a job ends, a stopping worker
+is gone, or the moment the book's ``next_wakeup`` names (a hold running out,
+a decision that can next change). At each moment the planner feeds the
+events to ``lib.standin.book.Book``, the bookkeeping the real-time stand-in
+drives, calls its ``step`` and carries out its commands, as the stand-in's
+fleet does; ``decide`` and ``choose_worker`` run inside it.
 
-The actors, as on a real deployment:
+The planner plays the parts that are not the autoscaler's:
 
 - the dispatcher opens one session (cost ``COST``) per pending job that no
   session is already waiting for: ``open = clamp(pending - unclaimed, 0,
   max_sessions - alive)``, counting sessions still waiting for a worker;
+- the SDK routes each session (``hold``: the stand-in's route hold) and,
+  when a hold ends with no worker, pauses as ``vastai`` does and asks again;
 - a session routed to a worker is claimed at once by that worker's consumer,
   which takes the oldest pending job: the job's wait is that moment minus its
-  arrival, and the worker holds full load until the job ends;
-- the autoscaler (``lib.standin.scaling``) sees the fleet and the waiting
-  sessions, and provisions, resumes, stops (keeps cold) or destroys workers.
+  arrival, and the worker reports the session until the job ends;
+- a worker is ready its cold start (or resume time) after the book asks for
+  it, and stops ``stop_seconds`` after the book says so.
 
 Billing: every second a worker is provisioning, loading, ready or stopping is
 billed at the running price; every second it is stopped and kept cold, at the
