@@ -1,10 +1,47 @@
-"""What the tests share: building the worker's apps in-process and talking to them."""
+"""What the tests share: the worker in-process and as a real process, and talking to either.
+
+- ``DESK_URL``, ``DESK_ENV``, ``public_app(desk)``: the in-process worker (the
+  ``desk`` fixture) and its public routes as the framework serves them.
+- ``post``, ``open_session``, ``open_desk_session``, ``status_of``: requests and
+  their answers as ``(status, json)``.
+- ``callbacks_for``, ``deleted_entries``: what the recording autoscaler was sent.
+- ``running_worker``, ``RunningWorker``: a real worker process against the
+  recording autoscaler, stopped on the way out.
+- ``FakeConsumer``: a consumer's health endpoint that can be made to die.
+
+Child processes of any other kind are ``lib.standin.process.ChildProcess``.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+
+from lib.bench.recorder import Received, RecordingAutoscaler, is_ready
+from lib.standin.grants import GrantSigner
+from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
+
+# -- the in-process worker -------------------------------------------------------------
+
+# Its URL, for grants, and the platform environment the framework's Backend reads.
+DESK_URL = "http://127.0.0.1:3999"
+DESK_ENV = {
+    "WORKER_PORT": "3999",
+    "VAST_TCP_PORT_3999": "3999",
+    "PUBLIC_IPADDR": "127.0.0.1",
+    "CONTAINER_ID": "7",
+    "REPORT_ADDR": "http://127.0.0.1:9",
+    "NULL_MAX_LIFETIME": "600",
+}
 
 
 def public_app(desk: Any) -> web.Application:
@@ -19,3 +56,199 @@ def public_app(desk: Any) -> web.Application:
     app.router.add_post("/session/health", backend.session_health_handler)
     app.router.add_post("/pyworker/update", backend.pyworker_update_handler)
     return app
+
+
+# -- requests ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Raw body bytes sent with a Content-Encoding header."""
+
+    data: bytes
+    encoding: str
+
+
+Body = bytes | Encoded | dict[str, Any] | list[Any]
+
+
+async def post(http: Any, url: str, body: Body | None = None) -> tuple[int, Any]:
+    """POSTs a JSON value or raw bytes; returns (status, the JSON answer).
+
+    ``http`` is an ``aiohttp.ClientSession`` (``url`` absolute) or a test
+    client (``url`` a path). Every route answers JSON, refusals included, so
+    an answer that is not JSON (by its content type and its text) fails the
+    test with its status and text.
+    """
+    if isinstance(body, (bytes, bytearray)):
+        request = http.post(url, data=bytes(body), headers={"Content-Type": "application/json"})
+    elif isinstance(body, Encoded):
+        headers = {"Content-Type": "application/json", "Content-Encoding": body.encoding}
+        request = http.post(url, data=body.data, headers=headers)
+    elif body is None:
+        request = http.post(url)
+    else:
+        request = http.post(url, json=body)
+    async with request as resp:
+        text = await resp.text()
+        problem = f"{url} answered {resp.status} {resp.content_type} that is not JSON: {text[:300]!r}"
+        assert resp.content_type == "application/json", problem
+        try:
+            return resp.status, json.loads(text)
+        except ValueError:
+            raise AssertionError(problem) from None
+
+
+async def open_session(http: aiohttp.ClientSession, worker: RunningWorker, body: dict[str, Any] | None = None) -> str:
+    """Opens a session on a real worker (``body`` defaults to a fresh grant with a callback); its id."""
+    status, answer = await post(http, worker.url + "/session/create", body or worker.create_body())
+    assert status == 201, f"create answered {status} {answer}; {worker.explain()}"
+    return answer["session_id"]
+
+
+async def open_desk_session(
+    public: Any, signer: GrantSigner, lifetime: float = 60, **payload: Any
+) -> tuple[str, dict[str, Any]]:
+    """Opens a session on the in-process worker through its public test client; (its id, the grant)."""
+    grant = signer.grant(DESK_URL)
+    status, answer = await post(
+        public, "/session/create", {"auth_data": grant, "payload": {"lifetime": lifetime, **payload}}
+    )
+    assert status == 201, (status, answer)
+    return answer["session_id"], grant
+
+
+async def status_of(http: aiohttp.ClientSession, worker: RunningWorker) -> dict[str, Any]:
+    """The worker's control /status."""
+    async with http.get(worker.control + "/status") as resp:
+        assert resp.status == 200, worker.explain()
+        return await resp.json()
+
+
+# -- what the autoscaler was sent ----------------------------------------------------------
+
+
+def callbacks_for(autoscaler: RecordingAutoscaler, session_id: str) -> list[Received]:
+    """The on-close callbacks that name ``session_id``."""
+    return [c for c in autoscaler.callbacks if c.body.get("session_id") == session_id]
+
+
+def deleted_entries(autoscaler: RecordingAutoscaler, request_idx: int) -> list[dict[str, Any]]:
+    """The /delete_requests/ entries for ``request_idx``, across every report."""
+    return [r for d in autoscaler.deleted for r in d.body["requests"] if r["request_idx"] == request_idx]
+
+
+# -- a real worker process -----------------------------------------------------------------
+
+_container_ids = itertools.count(1001)
+
+
+@dataclass
+class RunningWorker:
+    """A real worker process, the ports it serves and the autoscaler it reports to."""
+
+    process: WorkerProcess
+    ports: WorkerPorts
+    container_id: int
+    autoscaler: RecordingAutoscaler
+    started_at: float
+
+    @property
+    def url(self) -> str:
+        return self.ports.url
+
+    @property
+    def control(self) -> str:
+        return self.ports.control_url
+
+    def grant(self, **kwargs: Any) -> dict[str, Any]:
+        return self.autoscaler.grant(self.url, **kwargs)
+
+    def create_body(self, lifetime: float = 60, on_close: bool = True, **grant_kwargs: Any) -> dict[str, Any]:
+        return {
+            "auth_data": self.grant(**grant_kwargs),
+            "payload": {
+                "lifetime": lifetime,
+                "on_close_route": self.autoscaler.on_close_url if on_close else None,
+                "on_close_payload": {"job": "job-1"} if on_close else None,
+            },
+        }
+
+    def reports(self, since: float = 0.0) -> list[dict[str, Any]]:
+        return self.autoscaler.reports_for(self.container_id, since)
+
+    async def wait_report(
+        self, predicate: Callable[[dict[str, Any]], bool], since: float = 0.0, timeout: float = 15.0, message: str = ""
+    ) -> Received:
+        return await self.autoscaler.wait_for(
+            lambda: self.autoscaler.first_report(self.container_id, predicate, since),
+            timeout,
+            f"{message or 'a report'} from worker {self.container_id}; its output:\n{self.process.tail()}",
+        )
+
+    async def wait_ready(self, timeout: float = 30.0) -> Received:
+        return await self.wait_report(is_ready, timeout=timeout, message="the ready report")
+
+    def explain(self) -> str:
+        return f"worker output:\n{self.process.tail()}"
+
+
+StartWorker = Callable[..., Awaitable[RunningWorker]]
+
+
+@asynccontextmanager
+async def running_worker(
+    autoscaler: RecordingAutoscaler,
+    root: Path,
+    env: dict[str, str] | None = None,
+    *,
+    ready: bool = True,
+    report_addr: str | None = None,
+    files: dict[str, str] | None = None,
+    container_id: int | None = None,
+) -> AsyncIterator[RunningWorker]:
+    """A real ``python -m workers.null.worker`` in ``root/worker-<id>``, reporting to ``autoscaler``.
+
+    ``env`` is added to the platform's variables; ``files`` (name -> text) are
+    written into the worker's directory before it starts; ``ready`` waits for
+    its ready report. Stopped (SIGTERM, then SIGKILL) on the way out.
+    """
+    ports = WorkerPorts.allocate()
+    container_id = next(_container_ids) if container_id is None else container_id
+    cwd = root / f"worker-{container_id}"
+    for name, text in (files or {}).items():
+        cwd.mkdir(parents=True, exist_ok=True)
+        (cwd / name).write_text(text)
+    process = WorkerProcess(
+        env=worker_env(ports=ports, container_id=container_id, report_addr=report_addr or autoscaler.url, extra=env),
+        cwd=cwd,
+    )
+    started_at = time.time()
+    try:
+        await process.start()
+        worker = RunningWorker(process, ports, container_id, autoscaler, started_at)
+        if ready:
+            await worker.wait_ready()
+        yield worker
+    finally:
+        await process.stop()
+
+
+# -- a consumer ------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeConsumer:
+    """A consumer's health endpoint that can be made to die; serve its ``app()`` with ``serving``."""
+
+    healthy: bool = True
+    checks: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self.checks += 1
+        return web.Response(status=200 if self.healthy else 503)

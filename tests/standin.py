@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
 import sys
-import time
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import fields
 from typing import Any
 
 from lib.standin.autoscaler import LocalConfig, LocalServerless
 from lib.standin.fleet import Fleet, FleetSettings
-from lib.standin.process import REPO_ROOT, with_repo_on_path
+from lib.standin.process import REPO_ROOT, ChildProcess, python_env
 from lib.standin.scaling import EndpointParams, LocalPolicy
 from workers.null import sdk
 
@@ -56,97 +51,15 @@ async def wait_fleet(fleet: Fleet, predicate: Callable[[Fleet], Any], timeout: f
         raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{explain(fleet)}") from None
 
 
-class CommandRun:
-    """A ``python -m ...`` child whose output lines are collected as they arrive."""
+class CommandRun(ChildProcess):
+    """``python *args`` run from the checkout, every output line kept (``ChildProcess.python``, as a class)."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None):
-        self.args = args
-        self.env = env
-        self.lines: list[str] = []
-        self.proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task | None = None
-        self._arrived = asyncio.Event()
-
-    async def start(self) -> CommandRun:
-        env = dict(os.environ if self.env is None else self.env)
-        with_repo_on_path(env)
-        env["PYTHONUNBUFFERED"] = "1"
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *self.args,
-            cwd=str(REPO_ROOT),
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            # Its own group, so the test's SIGINT reaches it alone, as a
-            # terminal's Ctrl-C would reach the foreground command.
-            start_new_session=True,
-        )
-        self._reader = asyncio.ensure_future(self._read())
-        return self
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-            self._arrived.set()
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.lines[-n:])
-
-    def matches(self, pattern: str) -> list[re.Match[str]]:
-        return [m for m in (re.search(pattern, line) for line in self.lines) if m]
-
-    async def wait_for_line(self, pattern: str, timeout: float, count: int = 1) -> list[re.Match[str]]:
-        """Waits until ``count`` output lines match ``pattern``; fails with the output's tail."""
-        deadline = time.monotonic() + timeout
-        while len(self.matches(pattern)) < count:
-            left = deadline - time.monotonic()
-            if left <= 0 or (
-                self.proc is not None and self.proc.returncode is not None and self._reader and self._reader.done()
-            ):
-                raise AssertionError(
-                    f"no {count} line(s) matching {pattern!r} within {timeout}s; output:\n{self.tail()}"
-                )
-            self._arrived.clear()
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), min(left, 0.5))
-        return self.matches(pattern)
-
-    def send_signal(self, sig: int) -> None:
-        assert self.proc is not None
-        with suppress(ProcessLookupError):
-            self.proc.send_signal(sig)
-
-    async def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        try:
-            code = await asyncio.wait_for(self.proc.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise AssertionError(f"still running {timeout}s later; output:\n{self.tail()}") from None
-        if self._reader is not None:
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._reader, 2.0)
-        return code
+        super().__init__([sys.executable, *args], env=python_env(env), cwd=REPO_ROOT, tail_lines=None)
 
     async def cleanup(self) -> None:
         """SIGTERM, then SIGKILL to the whole group; for ``finally``."""
-        if self.proc is None:
-            return
-        if self.proc.returncode is None:
-            with suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), 10.0)
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc.returncode is None:
-            await self.proc.wait()
-        if self._reader is not None:
-            self._reader.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._reader
+        await self.stop(10.0)
 
 
 def process_gone(pid: int) -> bool:

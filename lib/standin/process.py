@@ -1,7 +1,8 @@
-"""Run the shipped null worker as a child process on free loopback ports.
+"""Child processes: the shipped null worker on free loopback ports, and any other command.
 
 Used by the local stand-in for its instances and by the tests; both run the
-real ``python -m workers.null.worker``, never a copy.
+real ``python -m workers.null.worker``, never a copy. ``ChildProcess`` runs
+any command the same way (the tests' clients, consumers and scripts).
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import asyncio
 import collections
 import ctypes
 import os
+import re
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,59 +102,112 @@ def with_repo_on_path(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-@dataclass
-class WorkerProcess:
-    """One ``python -m workers.null.worker`` child (or ``module``, or any ``argv``), its output kept for diagnosis.
+def python_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default this process's) for a ``python`` child: this checkout on its path, output unbuffered."""
+    full = with_repo_on_path(dict(os.environ if env is None else env))
+    full["PYTHONUNBUFFERED"] = "1"
+    return full
 
-    It leads a process group of its own, or joins ``process_group`` (a
-    consumer beside its worker, so one killpg ends both). ``output`` may be
-    shared with another process's, each line then starting with ``prefix``.
+
+class LineNotSeen(AssertionError):
+    """No output line matched in time, or the process ended first; the message carries the output's tail."""
+
+
+class ChildTimeout(asyncio.TimeoutError):
+    """The process was still running at the deadline; the message carries the output's tail."""
+
+
+class ChildProcess:
+    """One child process, its output lines kept as they arrive, for diagnosis and for waiting on.
+
+    It leads a process group of its own, so a Ctrl-C at the terminal reaches
+    the parent only, which then stops its children in order; or it joins
+    ``process_group`` (a consumer beside its worker, so one killpg ends
+    both). It gets SIGTERM if the parent dies (Linux). stdout and stderr are
+    read as one stream into ``output`` unless ``separate_stderr``, which puts
+    stderr in ``errors``; ``output`` may be shared with another process's,
+    each line then starting with ``prefix``. ``tail_lines`` bounds what is
+    kept (None keeps everything). With ``kill_group`` (and a group of its
+    own), ``stop`` ends with SIGKILL to whatever is left in the group.
     """
 
-    env: dict[str, str]
-    cwd: Path
-    python: str = sys.executable
-    module: str = "workers.null.worker"
-    argv: tuple[str, ...] | None = None
-    process_group: int | None = None
-    tail_lines: int = 200
-    output: collections.deque[str] | None = None
-    prefix: str = ""
-    proc: asyncio.subprocess.Process | None = None
-    _reader: asyncio.Task | None = None
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | str | None = None,
+        tail_lines: int | None = 200,
+        separate_stderr: bool = False,
+        process_group: int | None = None,
+        output: collections.deque[str] | None = None,
+        prefix: str = "",
+        kill_group: bool = True,
+    ):
+        self.argv = list(argv)
+        self.env = None if env is None else dict(env)
+        self.cwd = None if cwd is None else Path(cwd)
+        self.tail_lines = tail_lines
+        self.separate_stderr = separate_stderr
+        self.process_group = process_group
+        self.prefix = prefix
+        self.kill_group = kill_group and process_group is None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.output: collections.deque[str] = collections.deque(maxlen=tail_lines) if output is None else output
+        self.errors: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self._readers: list[asyncio.Task] = []
+        self._arrived: asyncio.Event | None = None
 
-    def __post_init__(self) -> None:
-        if self.output is None:
-            self.output = collections.deque(maxlen=self.tail_lines)
+    @classmethod
+    def python(
+        cls, *args: str, env: Mapping[str, str] | None = None, cwd: Path | str | None = REPO_ROOT, **options: Any
+    ) -> ChildProcess:
+        """``python *args`` with this checkout on its path and unbuffered output."""
+        return cls([sys.executable, *args], env=python_env(env), cwd=cwd, **options)
 
-    async def start(self) -> None:
-        self.cwd.mkdir(parents=True, exist_ok=True)
-        argv = self.argv if self.argv is not None else (self.python, "-m", self.module)
+    @property
+    def name(self) -> str:
+        return " ".join(self.argv)
+
+    async def start(self) -> ChildProcess:
+        self._arrived = asyncio.Event()
         group = self.process_group
 
         def in_child() -> None:
-            # A group of its own (0) or its worker's: a Ctrl-C at the
-            # terminal reaches the parent only, which then stops its
-            # workers in order. Not a new session, or a consumer could not
-            # join its worker's group.
+            # A group of its own (0) or the one it joins. Not a new session:
+            # a consumer could not join its worker's group across sessions.
             os.setpgid(0, 0 if group is None else group)
             _stop_with_parent()
 
         self.proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=str(self.cwd),
+            *self.argv,
+            cwd=None if self.cwd is None else str(self.cwd),
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            stderr=asyncio.subprocess.PIPE if self.separate_stderr else asyncio.subprocess.STDOUT,
             preexec_fn=in_child,
         )
-        self._reader = asyncio.ensure_future(self._read_output())
+        assert self.proc.stdout is not None
+        self._readers = [asyncio.ensure_future(self._read(self.proc.stdout, self.output))]
+        if self.proc.stderr is not None:
+            self._readers.append(asyncio.ensure_future(self._read(self.proc.stderr, self.errors)))
+        return self
 
-    async def _read_output(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None and self.output is not None
-        async for raw in self.proc.stdout:
-            self.output.append(self.prefix + raw.decode(errors="replace").rstrip("\n"))
+    async def _read(self, stream: asyncio.StreamReader, into: collections.deque[str]) -> None:
+        assert self._arrived is not None
+        # In chunks rather than by line: a line longer than the stream's
+        # limit must not stop the reading.
+        pending = b""
+        while chunk := await stream.read(65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for raw in lines:
+                into.append(self.prefix + raw.decode(errors="replace"))
+            if lines:
+                self._arrived.set()
+        if pending:
+            into.append(self.prefix + pending.decode(errors="replace"))
+        self._arrived.set()
 
     @property
     def pid(self) -> int | None:
@@ -164,8 +221,37 @@ class WorkerProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    @property
+    def lines(self) -> list[str]:
+        return list(self.output)
+
     def tail(self, n: int = 40) -> str:
-        return "\n".join(list(self.output or ())[-n:])
+        return "\n".join(list(self.output)[-n:])
+
+    def matches(self, pattern: str) -> list[re.Match[str]]:
+        return [m for m in (re.search(pattern, line) for line in list(self.output)) if m]
+
+    async def wait_for_line(self, pattern: str, timeout: float, count: int = 1) -> list[re.Match[str]]:
+        """Waits until ``count`` output lines match ``pattern``; raises LineNotSeen with the tail."""
+        assert self._arrived is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        while len(self.matches(pattern)) < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._finished():
+                ended = "" if left <= 0 else f"; it exited with code {self.returncode}"
+                raise LineNotSeen(
+                    f"no {count} line(s) matching {pattern!r} within {timeout}s from {self.name}{ended}; "
+                    f"output:\n{self.tail()}"
+                )
+            self._arrived.clear()
+            # Woken by each new line; the bound also notices an exit that
+            # is only recorded after the output has ended.
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), min(left, 0.5))
+        return self.matches(pattern)
+
+    def _finished(self) -> bool:
+        return not self.running and all(reader.done() for reader in self._readers)
 
     def send_signal(self, sig: int) -> None:
         if self.running:
@@ -173,25 +259,95 @@ class WorkerProcess:
             with suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
 
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
     async def wait(self, timeout: float | None = None) -> int:
+        """The exit code, once the output is read to its end; raises ChildTimeout with the tail."""
         assert self.proc is not None
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        if self._reader is not None:
-            with suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._reader, 1.0)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise ChildTimeout(f"{self.name} still running {timeout}s later; output:\n{self.tail()}") from None
+        await self._drain(2.0)
         return code
 
+    async def _drain(self, timeout: float) -> None:
+        """Lets the readers reach the end of the output (a grandchild may hold it open: then stop reading)."""
+        if not self._readers:
+            return
+        with suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._readers, return_exceptions=True), timeout)
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
     async def stop(self, grace: float = 8.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit code."""
+        """SIGTERM, then SIGKILL after ``grace`` seconds (and to its group, see ``kill_group``).
+
+        For ``finally``: returns the exit code (None if it never started).
+        """
         if self.proc is None:
             return None
         if self.running:
             self.send_signal(signal.SIGTERM)
-            try:
-                return await self.wait(grace)
-            except asyncio.TimeoutError:
-                self.kill()
-        return await self.wait(grace)
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), grace)
+        if self.running and self.kill_group:
+            self._sigkill_group()
+        elif self.running:
+            self.kill()
+        code = await self.proc.wait()
+        if self.kill_group:
+            self._sigkill_group()  # what it started and left behind
+        await self._drain(1.0)
+        return code
 
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
+    def _sigkill_group(self) -> None:
+        assert self.proc is not None
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def __aenter__(self) -> ChildProcess:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+class WorkerProcess(ChildProcess):
+    """One ``python -m workers.null.worker`` child (or ``module``, or any ``argv``), its output kept for diagnosis.
+
+    ``stop`` signals it alone: a consumer in its group is stopped on its own.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        cwd: Path,
+        python: str = sys.executable,
+        module: str = "workers.null.worker",
+        argv: Sequence[str] | None = None,
+        process_group: int | None = None,
+        tail_lines: int = 200,
+        output: collections.deque[str] | None = None,
+        prefix: str = "",
+    ):
+        super().__init__(
+            (python, "-m", module) if argv is None else argv,
+            env=env,
+            cwd=cwd,
+            tail_lines=tail_lines,
+            process_group=process_group,
+            output=output,
+            prefix=prefix,
+            kill_group=False,
+        )
+        self.python = python
+        self.module = module
+
+    async def start(self) -> WorkerProcess:
+        assert self.cwd is not None
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        await super().start()
+        return self

@@ -1,23 +1,26 @@
+from __future__ import annotations
+
 import json
-import subprocess
-import sys
 
 import pytest
 
 from lib.bench.measure import SECTIONS
+from lib.standin.process import ChildProcess
 
 
 @pytest.mark.slow
-def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_path):
-    """`python -m lib.bench --quick` writes every section; one 201 in 200 creates, one worker per session, no job lost."""
+async def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_path):
+    """`python -m lib.bench --quick` writes every section; one 201 in 200 creates, one worker per session, no job
+    lost."""
     out = tmp_path / "bench.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "lib.bench", "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    bench = ChildProcess.python("-m", "lib.bench", "--quick", "--json", str(out), tail_lines=None, separate_stderr=True)
+    try:
+        await bench.start()
+        code = await bench.wait(400)
+    finally:
+        await bench.stop()
+    stdout = "\n".join(bench.output)
+    assert code == 0, stdout[-3000:] + "\n".join(bench.errors)[-3000:]
     figures = json.loads(out.read_text())
     assert set(SECTIONS) <= set(figures)
 
@@ -56,14 +59,18 @@ def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_p
         "queue loop, warm dispatch",
         "queue loop, chaos",
     ):
-        assert measure in run.stdout, run.stdout
+        assert measure in stdout, stdout
 
 
-def test_an_unknown_bench_section_is_one_line_and_exit_2():
+async def test_an_unknown_bench_section_is_one_line_and_exit_2():
     """`--only` with a section that does not exist names the ones that do, in one line, exit 2."""
-    run = subprocess.run(
-        [sys.executable, "-m", "lib.bench", "--only", "readiness,nope"], capture_output=True, text=True, timeout=60
-    )
-    assert run.returncode == 2
-    assert "unknown section nope" in run.stderr and "queue_loop" in run.stderr
-    assert "Traceback" not in run.stderr
+    bench = ChildProcess.python("-m", "lib.bench", "--only", "readiness,nope", tail_lines=None, separate_stderr=True)
+    try:
+        await bench.start()
+        code = await bench.wait(60)
+    finally:
+        await bench.stop()
+    stderr = "\n".join(bench.errors)
+    assert code == 2
+    assert "unknown section nope" in stderr and "queue_loop" in stderr
+    assert "Traceback" not in stderr

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 
 from lib.standin.autoscaler import DEFAULT_ENDPOINT, serve
-from tests.standin import CommandRun, explain, fast_config, process_gone, sdk_client, wait_fleet
+from lib.standin.process import ChildProcess
+from tests.standin import explain, fast_config, process_gone, sdk_client, wait_fleet
 from workers.null import sdk
 from workers.null.cli import Interrupt
 from workers.null.sessionclient import SessionRunner
@@ -37,7 +38,7 @@ async def test_client_reserves_holds_and_releases_every_session():
     """python -m workers.null.client against a running stand-in reserves, holds and releases each session, exit 0."""
     async with serve(fast_config()) as standin:
         port = standin.url.rsplit(":", 1)[1]
-        run = CommandRun(
+        run = ChildProcess.python(
             "-m",
             "workers.null.client",
             "--instance",
@@ -50,13 +51,14 @@ async def test_client_reserves_holds_and_releases_every_session():
             "1.5",
             "--interval",
             "0.3",
+            tail_lines=None,
         )
         try:
             await run.start()
             code = await run.wait(90)
             assert code == 0, f"{run.tail()}\n{explain(standin.fleet)}"
         finally:
-            await run.cleanup()
+            await run.stop()
         assert len(run.matches(r"session \d: requested")) == 3, run.tail()
         assert len(run.matches(r"session \d: reserved on 127\.0\.0\.1:\d+ after \d+\.\ds")) == 3, run.tail()
         assert len(run.matches(r"session \d: released after holding 1\.\ds")) == 3, run.tail()
@@ -101,7 +103,7 @@ async def test_ctrl_c_closes_held_sessions_cancels_waiting_ones_and_exits_130():
     async with serve(fast_config(max_workers=2)) as standin:
         fleet = standin.fleet
         port = standin.url.rsplit(":", 1)[1]
-        run = CommandRun(
+        run = ChildProcess.python(
             "-m",
             "workers.null.client",
             "--instance",
@@ -114,6 +116,7 @@ async def test_ctrl_c_closes_held_sessions_cancels_waiting_ones_and_exits_130():
             "120",
             "--interval",
             "0.2",
+            tail_lines=None,
         )
         try:
             await run.start()
@@ -125,7 +128,7 @@ async def test_ctrl_c_closes_held_sessions_cancels_waiting_ones_and_exits_130():
             code = await run.wait(30)
             assert code == 130, run.tail()
         finally:
-            await run.cleanup()
+            await run.stop()
         assert len(run.matches(r"released early \(interrupted\)$")) == 2, run.tail()
         assert len(run.matches(r"interrupted before reservation$")) == 1, run.tail()
         for inst in workers:
@@ -135,7 +138,7 @@ async def test_ctrl_c_closes_held_sessions_cancels_waiting_ones_and_exits_130():
 
 async def test_ctrl_c_with_its_own_stand_in_leaves_no_worker_process():
     """With no stand-in answering, the client starts one; SIGINT then leaves no worker process behind."""
-    run = CommandRun(
+    run = ChildProcess.python(
         "-m",
         "workers.null.client",
         "--instance",
@@ -146,6 +149,7 @@ async def test_ctrl_c_with_its_own_stand_in_leaves_no_worker_process():
         "1",
         "--hold",
         "120",
+        tail_lines=None,
     )
     try:
         await run.start()
@@ -158,7 +162,7 @@ async def test_ctrl_c_with_its_own_stand_in_leaves_no_worker_process():
         assert process_gone(int(loading.group(1))), run.tail()
         assert run.matches(r"session 1: released early after holding"), run.tail()
     finally:
-        await run.cleanup()
+        await run.stop()
         # Should the client have been killed, its workers (own process groups) outlive it.
         for match in run.matches(r"worker \d+ loading: pid (\d+)"):
             with suppress(ProcessLookupError):
@@ -166,7 +170,8 @@ async def test_ctrl_c_with_its_own_stand_in_leaves_no_worker_process():
 
 
 async def test_a_session_deadline_is_kept_within_a_second_whatever_the_sdk_sleeps():
-    """With no worker to be had, a session asked for with a 2 s deadline fails within 3 s (the SDK alone takes up to 5 s more)."""
+    """With no worker to be had, a session asked for with a 2 s deadline
+    fails within 3 s (the SDK alone takes up to 5 s more)."""
     async with serve(fast_config(provisioning_delay=120.0)) as standin:
         client = sdk_client(standin)
         try:

@@ -22,15 +22,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from lib.bench.recorder import Received, RecordingAutoscaler, serving
 from lib.standin.process import free_port
-from tests.fakes import FakeAutoscaler, FakeConsumer, Received, serving
+from tests.helpers import FakeConsumer, callbacks_for, deleted_entries, open_session, post
 
 HEALTHCHECK_PERIOD = 10.0  # the framework checks BACKEND_HEALTH_URL this often
 REPORT_ATTEMPTS = 3  # the framework's tries per report, 2 s apart
 
 
 @dataclass
-class FlakyAutoscaler(FakeAutoscaler):
+class FlakyAutoscaler(RecordingAutoscaler):
     """The recording autoscaler, also noting each report it turned away."""
 
     refused: list[Received] = field(default_factory=list)
@@ -51,35 +52,16 @@ class FlakyAutoscaler(FakeAutoscaler):
 
 @pytest.fixture
 async def autoscaler(signer) -> AsyncIterator[FlakyAutoscaler]:
-    fake = FlakyAutoscaler(signer)
-    async with serving(fake.app()) as url:
-        fake.url = url
-        yield fake
-
-
-async def post(http: aiohttp.ClientSession, url: str, body: Any = None) -> tuple:
-    async with http.post(url, json=body) as response:
-        return response.status, await response.json()
-
-
-async def open_session(http: aiohttp.ClientSession, worker, body: dict[str, Any] | None = None) -> str:
-    status, answer = await post(http, worker.url + "/session/create", body or worker.create_body())
-    assert status == 201, (status, answer, worker.explain())
-    return answer["session_id"]
+    recorder = FlakyAutoscaler(signer)
+    async with serving(recorder.app()) as url:
+        recorder.url = url
+        yield recorder
 
 
 async def release(http: aiohttp.ClientSession, worker) -> dict[str, Any]:
     status, answer = await post(http, worker.control + "/release")
     assert status == 200, (status, answer, worker.explain())
     return answer
-
-
-def deleted(autoscaler: FakeAutoscaler, request_idx: int) -> list[dict[str, Any]]:
-    return [r for d in autoscaler.deleted for r in d.body["requests"] if r["request_idx"] == request_idx]
-
-
-def callbacks_for(autoscaler: FakeAutoscaler, session_id: str) -> list[Received]:
-    return [c for c in autoscaler.callbacks if c.body.get("session_id") == session_id]
 
 
 # -- the autoscaler's report endpoint down, then back ------------------------------------
@@ -89,7 +71,8 @@ def callbacks_for(autoscaler: FakeAutoscaler, session_id: str) -> list[Received]
 async def test_worker_keeps_serving_while_reports_fail_and_reports_the_true_state_once_they_succeed(
     start_worker, http, autoscaler
 ):
-    """With /worker_status/ answering 503 the worker still opens and releases sessions; once it answers again the reports carry the session actually held, then its release.
+    """With /worker_status/ answering 503 the worker still opens and releases sessions; once it
+    answers again the reports carry the session actually held, then its release.
 
     The issue's outage is 30 s; this one lasts until the worker has given up a
     whole report (3 attempts, 2 s apart, about 6 s). A longer outage repeats
@@ -137,9 +120,9 @@ async def test_worker_keeps_serving_while_reports_fail_and_reports_the_true_stat
     for body in (first, held_body):
         idx = body["auth_data"]["request_idx"]
         await autoscaler.wait_for(
-            lambda: deleted(autoscaler, idx), timeout=10, message=f"request {idx} in /delete_requests/"
+            lambda idx=idx: deleted_entries(autoscaler, idx), timeout=10, message=f"request {idx} in /delete_requests/"
         )
-        assert [e["success"] for e in deleted(autoscaler, idx)] == [True]
+        assert [e["success"] for e in deleted_entries(autoscaler, idx)] == [True]
     assert not [r for r in worker.reports() if r["error_msg"]], worker.explain()
 
 
@@ -148,7 +131,8 @@ async def test_worker_keeps_serving_while_reports_fail_and_reports_the_true_stat
 
 @pytest.mark.slow
 async def test_consumer_gone_is_reported_as_an_error_within_one_healthcheck_period(start_worker, http):
-    """When the consumer behind BACKEND_HEALTH_URL disappears (its port closed), the worker reports an error within one 10 s health-check period."""
+    """When the consumer behind BACKEND_HEALTH_URL disappears (its port closed), the
+    worker reports an error within one 10 s health-check period."""
     consumer = FakeConsumer()
     async with serving(consumer.app()) as consumer_url:
         worker = await start_worker({"BACKEND_HEALTH_URL": consumer_url + "/health"})
@@ -174,7 +158,8 @@ async def test_consumer_gone_is_reported_as_an_error_within_one_healthcheck_peri
 
 
 async def test_dispatcher_dying_mid_create_never_leaks_the_worker(start_worker, http, autoscaler):
-    """A dispatcher that sends a create and dies before reading the answer never learns the session id; whatever it opened lapses at its lifetime, is reported finished once, and the worker takes the next session."""
+    """A dispatcher that sends a create and dies before reading the answer never learns the session id; whatever it
+    opened lapses at its lifetime, is reported finished once, and the worker takes the next session."""
     worker = await start_worker()
     lifetime = 1.0
     body = worker.create_body(lifetime=lifetime)
@@ -207,11 +192,11 @@ async def test_dispatcher_dying_mid_create_never_leaks_the_worker(start_worker, 
     print(f"the orphaned session lapsed {free.at - sent_at:.2f}s after its create (lifetime {lifetime}s)")
     assert free.at - sent_at >= lifetime - 0.05, "the lease lapsed before its lifetime"
     await autoscaler.wait_for(
-        lambda: [e for e in deleted(autoscaler, idx) if e["success"]],
+        lambda: [e for e in deleted_entries(autoscaler, idx) if e["success"]],
         timeout=10,
         message=f"request {idx} in /delete_requests/",
     )
-    assert [e["success"] for e in deleted(autoscaler, idx)] == [True]
+    assert [e["success"] for e in deleted_entries(autoscaler, idx)] == [True]
     callbacks = await autoscaler.wait_for(
         lambda: callbacks_for(autoscaler, held["session"]["session_id"]), timeout=10, message="the orphan's callback"
     )
@@ -227,7 +212,8 @@ async def test_dispatcher_dying_mid_create_never_leaks_the_worker(start_worker, 
     ["closed-port", pytest.param("slow", marks=pytest.mark.slow)],
 )
 async def test_release_is_prompt_when_the_callback_target_is_down_or_slow(start_worker, http, autoscaler, target):
-    """/release returns at once and cur_load 0 is reported while the on-close callback target refuses connections or takes 8 s to answer; a slow target still gets its callback once."""
+    """/release returns at once and cur_load 0 is reported while the on-close callback target refuses
+    connections or takes 8 s to answer; a slow target still gets its callback once."""
     worker = await start_worker()
     body = worker.create_body()
     if target == "closed-port":
@@ -293,7 +279,8 @@ async def route_session(http: aiohttp.ClientSession, standin, avoid: str = "") -
 
 @pytest.mark.slow
 async def test_killed_worker_is_seen_gone_and_the_next_session_is_routed_elsewhere(http):
-    """SIGKILL of a worker holding a session (the instance lost): the local stand-in marks it gone, stops counting its session, and routes the next session to another worker."""
+    """SIGKILL of a worker holding a session (the instance lost): the local stand-in marks it gone,
+    stops counting its session, and routes the next session to another worker."""
     from lib.standin.autoscaler import serve
     from lib.standin.scaling import Phase
     from tests.standin import explain, fast_config, wait_fleet
@@ -318,7 +305,8 @@ async def test_killed_worker_is_seen_gone_and_the_next_session_is_routed_elsewhe
             f"the stand-in to see worker {lost.id} gone",
         )
         print(
-            f"stand-in saw worker {lost.id} gone {time.monotonic() - killed_at:.2f}s after SIGKILL (phase {lost.phase.value})"
+            f"stand-in saw worker {lost.id} gone {time.monotonic() - killed_at:.2f}s after SIGKILL "
+            f"(phase {lost.phase.value})"
         )
 
         rerouted = await route_session(http, standin, avoid=lost.url)
@@ -328,5 +316,6 @@ async def test_killed_worker_is_seen_gone_and_the_next_session_is_routed_elsewhe
         )
         assert status == 201, (status, answer, explain(fleet))
         print(
-            f"next session routed to {rerouted['url']} {time.monotonic() - killed_at:.2f}s after the kill; fleet: {fleet.summary()}"
+            f"next session routed to {rerouted['url']} {time.monotonic() - killed_at:.2f}s after the kill; "
+            f"fleet: {fleet.summary()}"
         )

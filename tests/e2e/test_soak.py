@@ -48,7 +48,8 @@ def duplicates(values: list[Any]) -> dict[Any, int]:
 @pytest.mark.slow
 @pytest.mark.timeout(max(180, 60 + SOAK_CYCLES // 10))  # about 0.03 s a cycle, with room
 async def test_soak_release_and_expire_cycles_lose_and_leak_nothing(start_worker, http):
-    """Thousands of create → release and create → expire cycles on one worker: every one succeeds, each callback and delete report arrives exactly once, RSS and fds stay bounded."""
+    """Thousands of create → release and create → expire cycles on one worker: every one succeeds, each
+    callback and delete report arrives exactly once, RSS and fds stay bounded."""
     worker = await start_worker()
     autoscaler = worker.autoscaler
     pid = worker.process.pid

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.standin.process import REPO_ROOT, WorkerPorts, free_port, worker_env
+from lib.standin.process import REPO_ROOT, ChildProcess, ChildTimeout, WorkerPorts, free_port, worker_env
 from workers.null import framework
 
 SUBPROCESS_DEADLINE = 30.0
@@ -21,25 +21,27 @@ SUBPROCESS_DEADLINE = 30.0
 async def run_python(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str, float]:
     """Runs ``python *args`` to completion; returns (exit code, stdout, stderr, seconds taken)."""
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *args,
-        cwd=str(cwd),
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    child = ChildProcess([sys.executable, *args], env=env, cwd=cwd, tail_lines=None, separate_stderr=True)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), SUBPROCESS_DEADLINE)
-    except asyncio.TimeoutError:
-        proc.kill()
-        out, err = await proc.communicate()
-        raise AssertionError(
-            f"python {' '.join(args)} still running after {SUBPROCESS_DEADLINE}s; "
-            f"stdout:\n{out.decode(errors='replace')}\nstderr:\n{err.decode(errors='replace')}"
-        ) from None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - started
+        await child.start()
+        try:
+            code = await child.wait(SUBPROCESS_DEADLINE)
+        except ChildTimeout:
+            raise AssertionError(
+                f"python {' '.join(args)} still running after {SUBPROCESS_DEADLINE}s; "
+                f"stdout:\n{stdout_of(child)}\nstderr:\n{stderr_of(child)}"
+            ) from None
+    finally:
+        await child.stop()
+    return code, stdout_of(child), stderr_of(child), time.monotonic() - started
+
+
+def stdout_of(child: ChildProcess) -> str:
+    return "".join(line + "\n" for line in child.output)
+
+
+def stderr_of(child: ChildProcess) -> str:
+    return "".join(line + "\n" for line in child.errors)
 
 
 # -- 1. shape ------------------------------------------------------------------------
@@ -69,7 +71,8 @@ async def test_importing_the_worker_module_starts_nothing(autoscaler, tmp_path):
 
 
 def test_build_worker_config_gives_one_session_one_benchmarked_ping_and_a_lifecycle():
-    """build_worker_config(settings) is a WorkerConfig: max_sessions 1, a single /ping carrying a BenchmarkConfig, a lifecycle."""
+    """build_worker_config(settings) is a WorkerConfig: max_sessions 1, a
+    single /ping carrying a BenchmarkConfig, a lifecycle."""
     from vastai.serverless.server.worker import BenchmarkConfig, WorkerConfig
 
     from workers.null.settings import Settings
@@ -186,7 +189,8 @@ async def test_ready_reports_carry_max_perf_100_despite_a_stale_benchmark_cache(
 
 
 async def test_taken_control_port_is_reported_as_an_error_naming_the_setting(start_worker):
-    """When NULL_CONTROL_PORT is already taken, the worker reports an error_msg naming NULL_CONTROL_PORT instead of going ready."""
+    """When NULL_CONTROL_PORT is already taken, the worker reports an
+    error_msg naming NULL_CONTROL_PORT instead of going ready."""
     server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
@@ -225,7 +229,8 @@ backend.Backend.__post_init__ = __post_init__
 async def test_incompatible_framework_is_reported_with_its_version_and_the_worker_exits(
     start_worker, tmp_path, sitecustomize, missing
 ):
-    """A vastai without an internal the worker uses gets an error_msg naming the installed version reported, then a non-zero exit."""
+    """A vastai without an internal the worker uses gets an error_msg naming
+    the installed version reported, then a non-zero exit."""
     # A sitecustomize on PYTHONPATH runs in the worker before its own code:
     # here it stands in for a vastai release that moved an internal.
     shim = tmp_path / "incompatible-vastai"

@@ -7,8 +7,8 @@ import signal
 import pytest
 from aiohttp import web
 
+from lib.bench.recorder import serving
 from lib.standin.autoscaler import serve
-from tests.fakes import serving
 from tests.standin import fast_config
 from workers.null import client, sessionclient
 from workers.null.cli import StartupError

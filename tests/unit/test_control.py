@@ -7,7 +7,7 @@ import time
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import DESK_URL
+from tests.helpers import DESK_URL, open_desk_session
 from workers.null.control import make_control_app
 
 WORKER_URL = DESK_URL
@@ -19,15 +19,6 @@ async def control(desk):
         yield client
 
 
-async def open_session(public, signer, lifetime=60, **payload):
-    grant = signer.grant(WORKER_URL)
-    response = await public.post(
-        "/session/create", json={"auth_data": grant, "payload": {"lifetime": lifetime, **payload}}
-    )
-    assert response.status == 201, await response.text()
-    return (await response.json())["session_id"], grant
-
-
 async def test_release_with_nothing_held_says_so(control):
     """/release on a free worker is a 200 that says nothing was released."""
     response = await control.post("/release")
@@ -37,7 +28,7 @@ async def test_release_with_nothing_held_says_so(control):
 
 async def test_release_ends_the_held_session_and_frees_the_worker(control, public, signer, desk):
     """/release names the session it ended; the load drops and a new session fits."""
-    session_id, _ = await open_session(public, signer)
+    session_id, _ = await open_desk_session(public, signer)
     assert desk.metrics.model_metrics.cur_load == 100.0
 
     response = await control.post("/release")
@@ -45,12 +36,12 @@ async def test_release_ends_the_held_session_and_frees_the_worker(control, publi
     assert desk.metrics.model_metrics.cur_load == 0.0
     finished = desk.metrics.model_metrics.requests_deleting
     assert [(r.success, r.status) for r in finished] == [(True, "Success")]
-    await open_session(public, signer)
+    await open_desk_session(public, signer)
 
 
 async def test_concurrent_releases_end_the_session_once(control, public, signer):
     """Two /release calls at once: one releases, the other finds nothing held."""
-    await open_session(public, signer)
+    await open_desk_session(public, signer)
     answers = await asyncio.gather(*(control.post("/release") for _ in range(2)))
     bodies = [await a.json() for a in answers]
     assert sorted(b["released"] for b in bodies) == [False, True]
@@ -61,7 +52,7 @@ async def test_status_shows_the_held_session(control, public, signer):
     free = await (await control.get("/status")).json()
     assert free["ready"] is True and free["session"] is None
 
-    session_id, _ = await open_session(
+    session_id, _ = await open_desk_session(
         public, signer, lifetime=30, on_close_route="http://127.0.0.1:9/cb", on_close_payload={"job": 42}
     )
     session = (await (await control.get("/status")).json())["session"]
@@ -74,7 +65,7 @@ async def test_status_shows_the_held_session(control, public, signer):
 
 async def test_extend_renews_the_lease_from_now(control, public, signer):
     """/extend sets the lease to now + seconds, defaulting to the lifetime, capped at the maximum."""
-    await open_session(public, signer, lifetime=20)
+    await open_desk_session(public, signer, lifetime=20)
 
     by_default = await (await control.post("/extend")).json()
     assert by_default["extended"] is True and by_default["expires_in"] == 20
@@ -109,7 +100,7 @@ async def test_extend_with_nothing_held_is_a_conflict(control):
 )
 async def test_extend_refuses_bad_seconds(control, public, signer, body):
     """A malformed /extend body is a 422, never a 500."""
-    await open_session(public, signer)
+    await open_desk_session(public, signer)
     response = await control.post("/extend", data=body, headers={"Content-Type": "application/json"})
     assert response.status == 422
     assert "error" in await response.json()
@@ -127,7 +118,7 @@ async def test_lapsed_lease_ends_the_session(public, signer, desk):
     """A session whose lease is not renewed is closed at its expiry, not at the next 5 s sweep."""
     expiry = asyncio.ensure_future(desk.expiry_loop())
     try:
-        await open_session(public, signer, lifetime=0.2)
+        await open_desk_session(public, signer, lifetime=0.2)
         deadline = time.monotonic() + 3
         while desk.backend.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -139,7 +130,7 @@ async def test_lapsed_lease_ends_the_session(public, signer, desk):
 
 async def test_ping_with_the_session_renews_its_lease(public, signer, desk):
     """A signed /ping naming the session sets its lease to now + lifetime instead of adding to it."""
-    session_id, grant = await open_session(public, signer, lifetime=50)
+    session_id, grant = await open_desk_session(public, signer, lifetime=50)
     for _ in range(3):
         response = await public.post("/ping", json={"auth_data": grant, "payload": {}, "session_id": session_id})
         assert response.status == 200, await response.text()
@@ -149,7 +140,7 @@ async def test_ping_with_the_session_renews_its_lease(public, signer, desk):
 
 async def test_ping_with_another_grant_does_not_touch_the_session(public, signer, desk):
     """A valid grant that is not the session's own cannot renew it."""
-    session_id, _ = await open_session(public, signer)
+    session_id, _ = await open_desk_session(public, signer)
     other = signer.grant(WORKER_URL)
     response = await public.post("/ping", json={"auth_data": other, "payload": {}, "session_id": session_id})
     assert response.status == 401
@@ -157,7 +148,7 @@ async def test_ping_with_another_grant_does_not_touch_the_session(public, signer
 
 async def test_release_naming_another_session_leaves_the_held_one(control, public, signer, desk):
     """A consumer naming a session that is no longer held cannot release the next job's session."""
-    session_id, _ = await open_session(public, signer)
+    session_id, _ = await open_desk_session(public, signer)
     stale = await (await control.post("/release", json={"session_id": "an-earlier-session"})).json()
     assert stale == {"released": False, "reason": "session an-earlier-session is not held"}
     assert session_id in desk.backend.sessions
@@ -168,7 +159,7 @@ async def test_release_naming_another_session_leaves_the_held_one(control, publi
 
 async def test_extend_naming_another_session_is_a_conflict(control, public, signer):
     """/extend for a session that is not held is a 409 and renews nothing."""
-    session_id, _ = await open_session(public, signer)
+    session_id, _ = await open_desk_session(public, signer)
     response = await control.post("/extend", json={"seconds": 30, "session_id": "an-earlier-session"})
     assert response.status == 409
     assert (await (await control.post("/extend", json={"seconds": 30, "session_id": session_id})).json())[
@@ -179,7 +170,7 @@ async def test_extend_naming_another_session_is_a_conflict(control, public, sign
 @pytest.mark.parametrize("body", [b'{"session_id": 5}', b'{"session_id": ""}', b"[]", b"nope"])
 async def test_release_refuses_a_malformed_body(control, public, signer, desk, body):
     """A malformed /release body is a 422 and releases nothing."""
-    await open_session(public, signer)
+    await open_desk_session(public, signer)
     response = await control.post("/release", data=body, headers={"Content-Type": "application/json"})
     assert response.status == 422
     assert desk.backend.sessions
@@ -187,7 +178,7 @@ async def test_release_refuses_a_malformed_body(control, public, signer, desk, b
 
 async def test_claim_returns_the_held_session_at_once_and_marks_it_claimed(control, public, signer):
     """/claim with a session held answers at once with that session, now counted as claimed."""
-    session_id, _ = await open_session(public, signer, on_close_payload={"job": 7})
+    session_id, _ = await open_desk_session(public, signer, on_close_payload={"job": 7})
     started = time.monotonic()
     answer = await (await control.post("/claim", json={"timeout": 5})).json()
     assert time.monotonic() - started < 1
@@ -204,7 +195,7 @@ async def test_claim_waits_for_the_next_session_to_open(control, public, signer)
     await asyncio.sleep(0.1)
     assert not waiting.done()
     started = time.monotonic()
-    session_id, _ = await open_session(public, signer)
+    session_id, _ = await open_desk_session(public, signer)
     answer = await (await waiting).json()
     assert time.monotonic() - started < 1
     assert answer["session"]["session_id"] == session_id
@@ -244,7 +235,7 @@ async def test_claim_deadline_releases_an_unclaimed_session(control, public, sig
     desk.settings = dataclasses.replace(desk.settings, claim_deadline=0.3)
     expiry = asyncio.ensure_future(desk.expiry_loop())
     try:
-        session_id, _ = await open_session(public, signer, lifetime=60)
+        session_id, _ = await open_desk_session(public, signer, lifetime=60)
         status = await (await control.get("/status")).json()
         assert status["session"]["claimed"] is False
         assert 0 < status["session"]["claim_deadline_in"] <= 0.3
@@ -265,7 +256,7 @@ async def test_claimed_session_outlives_the_claim_deadline(control, public, sign
     desk.settings = dataclasses.replace(desk.settings, claim_deadline=0.2)
     expiry = asyncio.ensure_future(desk.expiry_loop())
     try:
-        session_id, _ = await open_session(public, signer, lifetime=60)
+        session_id, _ = await open_desk_session(public, signer, lifetime=60)
         if how == "claim":
             await control.post("/claim", json={"timeout": 1})
         else:
@@ -281,7 +272,7 @@ async def test_without_a_claim_deadline_an_unclaimed_session_is_kept(control, pu
     assert desk.settings.claim_deadline is None
     expiry = asyncio.ensure_future(desk.expiry_loop())
     try:
-        session_id, _ = await open_session(public, signer, lifetime=60)
+        session_id, _ = await open_desk_session(public, signer, lifetime=60)
         await asyncio.sleep(0.3)
         assert session_id in desk.backend.sessions
         status = await (await control.get("/status")).json()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import DESK_URL
+from tests.helpers import DESK_URL
 from workers.null.desk import REFUSED, UNUSED
 
 

@@ -25,8 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lib.standin.process import free_port
-from tests.conftest import DESK_URL
-from tests.helpers import public_app
+from tests.helpers import DESK_URL, public_app
 from workers.null.bodies import MAX_BODY_BYTES
 from workers.null.control import make_control_app
 from workers.null.settings import http_url
@@ -284,7 +283,8 @@ async def test_garbage_on_any_route_is_never_a_5xx_and_holds_no_slot(routes, des
 
 
 async def test_garbage_never_ends_a_held_session(routes, desk, signer):
-    """With a session held, garbage on any route (its real session_id included) answers below 500 and leaves the session held; only /release naming no session or that one ends it."""
+    """With a session held, garbage on any route (its real session_id included) answers below 500 and
+    leaves the session held; only /release naming no session or that one ends it."""
     grant = signer.grant(DESK_URL)
     requests = st.tuples(st.sampled_from(ROUTES), BODYISH, st.booleans())
 
@@ -369,7 +369,8 @@ def acceptable_cost(value: Any) -> bool:
 
 
 async def test_a_signed_create_opens_one_session_or_none(routes, desk, signer):
-    """A correctly signed create with any grant fields and payload either opens exactly one session that reads back and releases cleanly, or is a 4xx holding nothing."""
+    """A correctly signed create with any grant fields and payload either opens exactly one
+    session that reads back and releases cleanly, or is a 4xx holding nothing."""
     genuine = signer.grant(DESK_URL)
     outcomes: dict[int, int] = {}
 
@@ -426,7 +427,8 @@ async def test_update_route_refuses_any_token(routes, desk):
 
 
 async def test_body_with_any_content_encoding_is_never_a_5xx(routes, desk, signer):
-    """A body declared gzip, deflate, br or an unknown Content-Encoding, whatever its bytes, gets a 4xx or 2xx on every route and holds no slot."""
+    """A body declared gzip, deflate, br or an unknown Content-Encoding, whatever its
+    bytes, gets a 4xx or 2xx on every route and holds no slot."""
     seen: dict[tuple[str, int], int] = {}
 
     async def check(example: tuple[Route, str, bytes]) -> None:
@@ -452,7 +454,8 @@ async def test_body_with_any_content_encoding_is_never_a_5xx(routes, desk, signe
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 async def test_hostile_bodies_on_every_route(routes, desk, signer, name):
-    """Each named hostile body (NaN tokens, invalid UTF-8, deep nesting, 1 MB and over) gets a 4xx or 2xx on every route, never a 5xx."""
+    """Each named hostile body (NaN tokens, invalid UTF-8, deep nesting, 1 MB and
+    over) gets a 4xx or 2xx on every route, never a 5xx."""
     body = HOSTILE[name]
     for route in ROUTES:
         answer = await routes.send(route, body)
@@ -467,7 +470,8 @@ async def test_hostile_bodies_on_every_route(routes, desk, signer, name):
 
 
 async def test_real_worker_survives_the_fuzz_and_still_gives_one_session(start_worker):
-    """A real worker process answers fuzzed requests on all three servers below 500, stays up, and afterwards gives exactly one session."""
+    """A real worker process answers fuzzed requests on all three servers below
+    500, stays up, and afterwards gives exactly one session."""
     worker = await start_worker()
     bases = {
         "public": worker.url,

@@ -14,11 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import pytest
 
 from lib.standin.grants import GrantSigner
-from tests.conftest import DESK_URL
+from tests.helpers import DESK_URL, post
 
 OTHER_URL = "http://127.0.0.1:4999"
 
@@ -59,7 +58,8 @@ FORGERIES: dict[str, Forgery] = {
 @pytest.mark.parametrize("after_a_genuine_grant", [False, True], ids=["cold", "after-a-genuine-grant"])
 @pytest.mark.parametrize("name", sorted(FORGERIES))
 async def test_forged_grant_is_refused_and_changes_nothing(public, desk, signer, forger, name, after_a_genuine_grant):
-    """A grant that is not the autoscaler's signature over this worker's URL gets 401 and leaves no session, no load and no rejected load, also once a genuine grant has been verified."""
+    """A grant that is not the autoscaler's signature over this worker's URL gets 401 and leaves no
+    session, no load and no rejected load, also once a genuine grant has been verified."""
     if after_a_genuine_grant:
         # The worker remembers a signature it verified; that must not open a door.
         genuine = await public.post("/session/create", json={"auth_data": signer.grant(DESK_URL), "payload": {}})
@@ -96,7 +96,8 @@ async def test_forged_grant_is_refused_and_changes_nothing(public, desk, signer,
     ],
 )
 async def test_on_close_route_that_is_not_an_absolute_http_url_is_refused(public, desk, signer, route):
-    """on_close_route must be an absolute http(s) URL: file://, ftp://, javascript:, relative and host-less routes get 422 and open nothing."""
+    """on_close_route must be an absolute http(s) URL: file://, ftp://, javascript:,
+    relative and host-less routes get 422 and open nothing."""
     body = {"auth_data": signer.grant(DESK_URL), "payload": {"on_close_route": route, "on_close_payload": {"job": 1}}}
     response = await public.post("/session/create", json=body)
     answer = await response.json()
@@ -116,13 +117,9 @@ async def test_on_close_route_over_http_or_https_is_accepted(public, desk, signe
 # -- real worker processes -----------------------------------------------------------
 
 
-async def post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple:
-    async with http.post(url, json=body) as response:
-        return response.status, await response.json()
-
-
 async def test_grant_for_one_worker_replayed_to_another_is_refused_and_it_stays_free(start_worker, http, autoscaler):
-    """A genuine grant for worker A (it opens a session on A) sent to worker B gets 401; B holds nothing, reports no load, and still takes its own grant."""
+    """A genuine grant for worker A (it opens a session on A) sent to worker B gets 401; B
+    holds nothing, reports no load, and still takes its own grant."""
     worker_a = await start_worker()
     worker_b = await start_worker()
     grant_for_a = worker_a.grant()
@@ -148,7 +145,8 @@ async def test_grant_for_one_worker_replayed_to_another_is_refused_and_it_stays_
 async def test_session_routes_refuse_a_wrong_session_auth_and_the_session_stays_held(
     start_worker, http, autoscaler, forger
 ):
-    """/session/end (both ports), /session/get, /session/health and /ping with anything but the session's own grant are refused: the session stays held, its lease is not renewed, nothing is reported ended."""
+    """/session/end (both ports), /session/get, /session/health and /ping with anything but the session's own grant
+    are refused: the session stays held, its lease is not renewed, nothing is reported ended."""
     worker = await start_worker()
     body = worker.create_body(lifetime=300)
     own = body["auth_data"]
