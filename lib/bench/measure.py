@@ -366,7 +366,7 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any
     }
 
 
-SECTIONS = ("readiness", "occupancy", "contention", "control", "scaling", "footprint", "queue_loop")
+SECTIONS = ("readiness", "occupancy", "contention", "control", "scaling", "footprint", "queue_loop", "planner")
 
 
 def ms(seconds: float) -> str:
@@ -455,6 +455,12 @@ def render(results: dict[str, Any]) -> str:
         from lib.bench import queueloop
 
         rows += queueloop.rows(results["queue_loop"])
+    if "planner" in results:
+        planner = results["planner"]
+        target = "<= 5 s" if planner["jobs"] >= 90_000 else ""
+        rows.append(
+            (f"planner: one parameter set, a day of {planner['jobs']} jobs, CPU", f"{planner['cpu_s']:.1f} s", target)
+        )
     width = max(len(r[0]) for r in rows)
     value_width = max(len(r[1]) for r in rows)
     lines = [f"{'measure'.ljust(width)}  {'figure'.ljust(value_width)}  target", "-" * (width + value_width + 16)]
@@ -479,6 +485,12 @@ async def run(quick: bool, progress: Callable[[str], None], only: Sequence[str] 
 
                     progress("queue loop: warm dispatch per hop, then throughput through warm workers")
                     results[section] = await queueloop.measure(quick)
+                elif section == "planner":
+                    from lib.planner.speed import bench_planner
+
+                    jobs = 2_000 if quick else 100_000
+                    progress(f"planner: one parameter set over a generated day of {jobs} jobs")
+                    results[section] = await asyncio.to_thread(bench_planner, jobs=jobs)
                 else:
                     results[section] = await getattr(bench, section)()
     results["elapsed_s"] = time.time() - results["started_at"]

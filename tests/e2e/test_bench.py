@@ -39,6 +39,8 @@ async def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold
         assert case["distinct_workers"] == sessions, case
         assert case["provisioned_for_warm_rerun"] == 0, case
     assert figures["footprint"]["rss_mib"] > 0 and figures["footprint"]["cpu_percent"] >= 0
+    planner = figures["planner"]
+    assert 1_900 <= planner["jobs"] <= 2_100 and planner["cpu_s"] > 0 and planner["cold_starts"] >= 1, planner
     loop = figures["queue_loop"]
     assert loop["warm"]["runs"] == 5 and loop["warm"]["hops"]["total"]["n"] == 5
     assert loop["throughput"]["jobs"] == 30 and loop["throughput"]["jobs_per_s"] > 0
@@ -58,6 +60,7 @@ async def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold
         "footprint",
         "queue loop, warm dispatch",
         "queue loop, chaos",
+        "planner: one parameter set",
     ):
         assert measure in stdout, stdout
 
