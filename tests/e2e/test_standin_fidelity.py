@@ -67,7 +67,7 @@ def test_api_key_flag_sets_the_account_key():
 
 async def test_client_gone_from_a_held_route_stops_counting_at_once():
     """A client that disconnects from a held /route/ is no demand a moment later, not waiting_timeout later."""
-    async with serve(fast_config(route_hold=10.0, waiting_timeout=20.0, **NO_START)) as standin:
+    async with serve(fast_config(route_hold=8.0, waiting_timeout=20.0, **NO_START)) as standin:
         async with aiohttp.ClientSession() as http:
             held = asyncio.ensure_future(http.post(f"{standin.url}/route/", json=route_body(standin)))
             await wait_fleet(standin.fleet, lambda f: f.waiting, 5, "the route to wait")
@@ -82,7 +82,7 @@ async def test_client_gone_from_a_held_route_stops_counting_at_once():
 @pytest.mark.slow
 async def test_stand_in_sleeps_while_a_request_waits_for_a_worker():
     """With one held /route/ waiting (no worker will come), the stand-in's process uses a few percent of a core."""
-    async with serve(fast_config(route_hold=10.0, **NO_START)) as standin, aiohttp.ClientSession() as http:
+    async with serve(fast_config(route_hold=8.0, **NO_START)) as standin, aiohttp.ClientSession() as http:
         held = asyncio.ensure_future(http.post(f"{standin.url}/route/", json=route_body(standin)))
         try:
             await wait_fleet(standin.fleet, lambda f: f.waiting and f.instances, 5, "a waiting route and a worker")
