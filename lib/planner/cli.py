@@ -10,6 +10,7 @@ each set of the cross product and prints one row per set.
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import logging
@@ -244,6 +245,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     group.add_argument("--json", type=Path, metavar="FILE", help="write every result as JSON")
     group.add_argument("--plot", type=Path, metavar="FILE.png|.svg", help="Pareto front and the chosen set's timeline")
     group.add_argument(
+        "--jobs-out",
+        type=Path,
+        metavar="FILE",
+        help="write each job's wait per set as CSV: set,job,arrival,duration,wait (set and job count from 1)",
+    )
+    group.add_argument(
         "--processes", type=int, default=0, help="processes for a sweep (default 0: one per core, for >1 set)"
     )
     return parser
@@ -434,6 +441,16 @@ def results_json(results: Sequence[Result], front: Sequence[int], chosen: int | 
     }
 
 
+def write_jobs(path: Path, jobs: Sequence[Job], results: Sequence[Result]) -> None:
+    """Each job's wait for a worker under each set, one CSV row per job and set, in arrival order."""
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["set", "job", "arrival", "duration", "wait"])
+        for number, result in enumerate(results, start=1):
+            for index, (job, wait) in enumerate(zip(jobs, result.waits, strict=True), start=1):
+                writer.writerow([number, index, f"{job.arrival:.6f}", f"{job.duration:.6f}", f"{wait:.6f}"])
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -487,6 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(results_json(results, front, chosen, source), indent=1) + "\n")
         print(f"results written to {args.json}")
+    if args.jobs_out is not None:
+        write_jobs(args.jobs_out, jobs, results)
+        print(f"per-job waits written to {args.jobs_out}")
     if args.plot is not None:
         from lib.planner.plot import plot_results
 

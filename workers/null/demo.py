@@ -34,7 +34,7 @@ from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import sdk
 from .aio import wait_any
@@ -191,6 +191,57 @@ async def sample_fleet(fleet: Any, sample: FleetSample) -> None:
     while True:
         sample.take(fleet, time.time())
         await asyncio.sleep(SAMPLE_EVERY)
+
+
+def fleet_timeline(events: Sequence[tuple[float, str, tuple[Any, ...]]], issued: Sequence[tuple[float, Any]]) -> dict:
+    """Each worker's phases with their start times, from the book's recorded events and commands.
+
+    A worker is ``provisioning`` from its Provision, ``loading`` once its
+    process runs (or from a Resume), ``ready`` at its first report with a
+    capacity (the book's rule), ``stopping`` from its Stop, and then ``cold``
+    (files kept) or ``gone``.
+    """
+    from lib.standin.book import Provision, Resume, Stop
+
+    phases: dict[int, list[tuple[float, str]]] = {}
+    keep: dict[int, bool] = {}
+
+    def enter(worker_id: int, at: float, phase: str) -> None:
+        phases.setdefault(worker_id, []).append((at, phase))
+
+    def now_in(worker_id: int) -> str | None:
+        seen = phases.get(worker_id)
+        return seen[-1][1] if seen else None
+
+    merged = sorted(
+        [(at, 0, "command", command) for at, command in issued] + [(at, 1, name, args) for at, name, args in events],
+        key=lambda item: (item[0], item[1]),
+    )
+    for at, _, name, what in merged:
+        if name == "command":
+            if isinstance(what, Provision):
+                enter(what.worker_id, at, "provisioning")
+            elif isinstance(what, Resume):
+                enter(what.worker_id, at, "loading")
+            elif isinstance(what, Stop) and now_in(what.worker_id) not in (None, "stopping"):
+                keep[what.worker_id] = what.keep
+                enter(what.worker_id, at, "stopping")
+        elif name == "started" and now_in(what[0]) == "provisioning":
+            enter(what[0], at, "loading")
+        elif name == "report" and now_in(what[0].worker_id) == "loading":
+            report = what[0]
+            if report.max_perf > 0 and not report.error:
+                enter(report.worker_id, at, "ready")
+        elif name == "failed" and now_in(what[0]) in ("provisioning", "loading", "ready"):
+            enter(what[0], at, "errored")
+        elif name == "stopped" and now_in(what[0]) == "stopping":
+            enter(what[0], at, "cold" if keep.get(what[0]) else "gone")
+    return {
+        "workers": [
+            {"id": worker_id, "phases": [[round(at, 6), phase] for at, phase in seen]}
+            for worker_id, seen in sorted(phases.items())
+        ]
+    }
 
 
 async def chaos(fleet: Any, ledger: Ledger, kills: int, killed: list[int], min_run: float) -> None:
@@ -352,7 +403,9 @@ async def run_demo(args: argparse.Namespace) -> int:
     for signum in signals:
         loop.add_signal_handler(signum, interrupt, signum)
     job_log = JobLog(args.job_log)
+    fleet_log = _open_fleet_log(args.fleet_log)
     ledger: Ledger | None = None
+    fleet: Any = None
     published: dict[str, float] = {}
     sample = FleetSample()
     killed: list[int] = []
@@ -379,6 +432,8 @@ async def run_demo(args: argparse.Namespace) -> int:
             config = LocalConfig(fleet=settings, endpoint_name=DEFAULT_ENDPOINT, api_key=LOCAL_API_KEY, port=0)
             standin = await stack.enter_async_context(serve(config))
             fleet = standin.fleet
+            if fleet_log is not None:
+                fleet.book.events, fleet.book.issued = [], []
             log.info(
                 "queue %s; stand-in %s; each worker runs: %s",
                 queue_url,
@@ -446,11 +501,47 @@ async def run_demo(args: argparse.Namespace) -> int:
             result = summarize(ledger, jobs, published, sample, len(killed), args.chaos)
     finally:
         job_log.close(ledger)
+        if fleet_log is not None:
+            with fleet_log:
+                if fleet is not None:
+                    _write_fleet_log(fleet_log, fleet, settings, args)
         for signum in signals:
             loop.remove_signal_handler(signum)
     for line in result.lines():
         print(line, flush=True)
     return result.code if sample.zero_at is not None or result.lost else 1
+
+
+def _open_fleet_log(path: Path | None) -> IO[str] | None:
+    if path is None:
+        return None
+    try:
+        return open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by run_demo
+    except OSError as exc:
+        raise StartupError(f"--fleet-log {path}: {exc.strerror}: give a writable file", code=2) from None
+
+
+def _write_fleet_log(out: IO[str], fleet: Any, settings: Any, args: argparse.Namespace) -> None:
+    """The fleet's timeline and the stand-in's settings it ran under, as one JSON document."""
+    params = settings.params
+    data = {
+        "standin": {
+            "provisioning_delay": settings.provisioning_delay,
+            "route_hold": settings.route_hold,
+            "scale_down_delay": settings.policy.scale_down_delay,
+            "stop_grace": settings.stop_grace,
+            "min_load": params.min_load,
+            "target_util": params.target_util,
+            "max_workers": params.max_workers,
+            "cold_workers": params.cold_workers,
+            "max_queue_time": params.max_queue_time,
+            "target_queue_time": params.target_queue_time,
+            "inactivity_timeout": params.inactivity_timeout,
+        },
+        "max_sessions": args.max_sessions,
+        **fleet_timeline(fleet.book.events or [], fleet.book.issued or []),
+    }
+    out.write(json.dumps(data, indent=1) + "\n")
 
 
 async def _until(predicate: Any, timeout: float, interrupt: Interrupt, dispatcher: Dispatcher | None) -> bool:

@@ -498,6 +498,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--inactivity-timeout", type=float, default=3.0, help="the stand-in's idle seconds before a worker stops"
     )
+    demo.add_argument(
+        "--fleet-log",
+        type=Path,
+        metavar="FILE",
+        help="at the end, write each worker's phases over time and the stand-in's settings here (JSON)",
+    )
     return parser
 
 
@@ -549,6 +555,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
                 "no --queue: pass --queue nats://host:4222/jobs (or --instance local --jobs N for the demo)",
             ),
             (args.chaos == 0, "--chaos is for the local demo: add --instance local --jobs N"),
+            (args.fleet_log is None, "--fleet-log is for the local demo: add --instance local --jobs N"),
         ]
     for ok, message in checks:
         if not ok:
