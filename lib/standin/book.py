@@ -68,6 +68,8 @@ Rules kept here
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import itertools
 import logging
 import math
@@ -83,11 +85,14 @@ from lib.standin.scaling import (
     LocalPolicy,
     Phase,
     Snapshot,
+    Tally,
     WaitingRequest,
     WorkerView,
+    change_from,
     choose_worker,
-    decide,
-    next_change,
+    decide_from,
+    has_room,
+    is_overdue,
 )
 
 log = logging.getLogger(__name__)
@@ -235,8 +240,17 @@ class SeenSession:
 
 
 class Book:
+    # Beside the public records (workers, grants, waiting, sessions) the book
+    # keeps what its decisions derive from them up to date as events change
+    # them, so an event costs about the same on a fleet of 2 or of 200: each
+    # worker's view (rebuilt only when that worker changes), its reserved
+    # load, the workers' tally for ``decide``, the workers with room for a
+    # cost, the held requests in arrival order and heaps of the deadlines.
+    # Every change to a worker goes through ``_changed``, to a grant through
+    # ``_add_grant``/``_drop_grant``, to a waiting request through
+    # ``_put_waiting``/``_pop_waiting``/``_end_hold``.
+
     def __init__(self, settings: BookSettings, now: float):
-        self.settings = settings
         self.workers: dict[int, Worker] = {}
         self.grants: dict[int, Grant] = {}
         self.waiting: dict[int, Waiting] = {}
@@ -251,6 +265,71 @@ class Book:
         self.issued: list[tuple[float, Command]] | None = None
         self._ids = itertools.count(1)
         self._next_request_idx = 1
+        self._seq = itertools.count()
+        self.settings = settings
+
+    @property
+    def settings(self) -> BookSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: BookSettings) -> None:
+        # Deadlines, room and overdue demand all depend on the settings: derive them anew.
+        self._settings = settings
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Derives every kept figure from the public records, from scratch."""
+        self._views: dict[int, WorkerView] = {}
+        self._all_views: list[WorkerView] | None = None
+        self._grants_of: dict[int, dict[int, float]] = {}
+        self._reserved: dict[int, float] = {}
+        for grant in self.grants.values():
+            self._grants_of.setdefault(grant.worker_id, {})[grant.request_idx] = grant.cost
+        for wid, costs in self._grants_of.items():
+            self._reserved[wid] = sum(costs.values())
+        self._sessions_of: dict[int, dict[int, None]] = {}
+        for idx, seen in self.sessions.items():
+            self._sessions_of.setdefault(seen.worker_id, {})[idx] = None
+        # In workers' order (a worker's load or perf, 0.0 where it does not count), so sums
+        # add the same numbers in the same order as a pass over the workers does.
+        self._held: dict[int, float] = dict.fromkeys(self.workers, 0.0)
+        self._perf: dict[int, float] = dict.fromkeys(self.workers, 0.0)
+        self._reported: set[int] = set()  # ready with max_perf > 0
+        self._live: set[int] = set()
+        self._errored: set[int] = set()
+        self._cold: set[int] = set()
+        self._idle: set[int] = set()  # live, holding nothing
+        self._busy_ids: set[int] = set()  # not cold, holding load or a session
+        self._tally: Tally | None = None
+        self._dirty: set[int] = set()  # changed since the tally
+        self._unclocked: set[int] = set(self.workers)  # changed since the idle clocks were looked at
+        self._room: dict[float, set[int]] = {}  # cost -> workers with room for it
+        self._room_dirty: set[int] = set()
+        for worker in self.workers.values():
+            self._classify(worker)
+        # Waiting requests, in waiting's order: the cost of those found overdue (0.0 for the rest)
+        # and those not found overdue yet.
+        self._over: dict[int, float] = dict.fromkeys(self.waiting, 0.0)
+        self._fresh: dict[int, WaitingRequest] = {idx: e.request for idx, e in self.waiting.items()}
+        self._over_at = -math.inf
+        self._requests: tuple[WaitingRequest, ...] | None = None
+        self._held_order: list[tuple[float, int]] = sorted(
+            (e.request.since, idx) for idx, e in self.waiting.items() if e.held_until is not None
+        )
+        s = self._settings
+        self._grant_heap: list[tuple[float, int, int, Grant]] = []
+        for grant in self.grants.values():
+            self._push_grant(grant)
+        self._hold_heap: list[tuple[float, int, int, Waiting]] = []
+        self._poll_heap: list[tuple[float, int, int, Waiting]] = []
+        for idx, entry in self.waiting.items():
+            self._push_waiting(idx, entry)
+        self._load_heap: list[tuple[float, int, int, float]] = []
+        for worker in self.workers.values():
+            if worker.phase is Phase.LOADING:
+                moment = worker.phase_since + s.load_timeout
+                heapq.heappush(self._load_heap, (moment, next(self._seq), worker.id, worker.phase_since))
 
     # -- events ---------------------------------------------------------------------
 
@@ -263,15 +342,18 @@ class Book:
             request_idx = self._next_request_idx
         self._next_request_idx = max(self._next_request_idx, request_idx + 1)
         # The same index again after a grant: its worker turned it down, route anew.
-        earlier = self.grants.pop(request_idx, None)
+        earlier = self._drop_grant(request_idx)
         entry = self.waiting.get(request_idx)
         queued_since = entry.request.since if entry else earlier.queued_since if earlier else now
-        worker_id = choose_worker(self.views(), cost, self.settings.params)
+        worker_id = self._choose(cost)
         if worker_id is None:
             if entry is None:
                 log.info("request %d waits for a worker (cost %g)", request_idx, cost)
             held_until = now + self.settings.route_hold if hold and self.settings.route_hold > 0 else None
-            self.waiting[request_idx] = Waiting(WaitingRequest(request_idx, cost, queued_since), now, held_until)
+            request = WaitingRequest(request_idx, cost, queued_since)
+            if entry is not None and entry.request == request:
+                request = entry.request
+            self._put_waiting(request_idx, Waiting(request, now, held_until))
             return Routed(request_idx, None, held_until)
         self._grant(now, request_idx, worker_id, cost, queued_since)
         return Routed(request_idx, worker_id)
@@ -284,8 +366,8 @@ class Book:
         """
         self._record(now, "route_gone", (request_idx,))
         self._touch(now)
-        entry = self.waiting.pop(request_idx, None)
-        grant = self.grants.pop(request_idx, None)
+        entry = self._pop_waiting(request_idx)
+        grant = self._drop_grant(request_idx)
         if entry is None and grant is None:
             return False
         since = entry.request.since if entry else grant.queued_since  # type: ignore[union-attr]
@@ -305,6 +387,7 @@ class Book:
         worker.working = report.working
         worker.sessions = report.sessions
         self._track_sessions(worker, now)
+        self._changed(worker)
         if worker.phase is Phase.STOPPING:
             return True
         if report.error:
@@ -317,6 +400,7 @@ class Book:
             # few seconds to poll again and find it.
             if worker.idle_since is not None:
                 worker.idle_since = now
+                self._changed(worker)
             log.info("worker %d ready after %.1fs (max_perf %g)", worker.id, now - worker.booted_at, worker.max_perf)
         return True
 
@@ -329,7 +413,7 @@ class Book:
             grant = self.grants.get(item.request_idx)
             if grant is None or grant.worker_id != worker_id:
                 continue
-            del self.grants[item.request_idx]
+            self._drop_grant(item.request_idx)
             if item.success:
                 continue
             if item.status == REJECTED:
@@ -338,7 +422,7 @@ class Book:
                     # The SDK routes a refused create again with the same
                     # index: it is still demand, as old as it was.
                     request = WaitingRequest(grant.request_idx, grant.cost, grant.queued_since)
-                    self.waiting[grant.request_idx] = Waiting(request, last_poll=now)
+                    self._put_waiting(grant.request_idx, Waiting(request, last_poll=now))
             else:
                 log.info("request %d refused by worker %d (%s)", item.request_idx, worker_id, item.status or "failed")
 
@@ -371,13 +455,11 @@ class Book:
         worker = self.workers.get(worker_id)
         if worker is None:
             return
-        for idx, grant in list(self.grants.items()):
-            if grant.worker_id == worker_id:
-                del self.grants[idx]
-        for idx, seen in list(self.sessions.items()):
-            if seen.worker_id == worker_id:
-                del self.sessions[idx]
-                log.info("session %d on worker %d ended with the worker", idx, worker_id)
+        for idx in list(self._grants_of.get(worker_id, ())):
+            self._drop_grant(idx)
+        for idx in list(self._sessions_of.pop(worker_id, ())):
+            del self.sessions[idx]
+            log.info("session %d on worker %d ended with the worker", idx, worker_id)
         if worker.keep_on_stop and not self.closing:
             worker.cur_load = worker.max_perf = 0.0
             worker.working = ()
@@ -385,6 +467,9 @@ class Book:
             self._set_phase(worker, Phase.COLD, now)
         else:
             del self.workers[worker_id]
+            del self._held[worker_id]
+            del self._perf[worker_id]
+            self._changed(worker)
 
     # -- the step -------------------------------------------------------------------
 
@@ -395,7 +480,7 @@ class Book:
         self._expire(now, commands)
         self._serve_held(now, commands)
         self._touch(now)
-        decision = decide(self.snapshot(now), self.settings.params, self.settings.policy)
+        decision = self._decide(now)
         self.last_decision = decision
         if not self.closing:
             self._apply(decision, now, commands)
@@ -406,12 +491,31 @@ class Book:
     def next_wakeup(self, now: float) -> float | None:
         """When ``step`` must next run if no event comes first; None: only an event changes anything."""
         s = self.settings
-        moments = [grant.at + s.grant_timeout for grant in self.grants.values()]
-        for entry in self.waiting.values():
-            moments.append(entry.held_until if entry.held_until is not None else entry.last_poll + s.waiting_timeout)
-        moments.extend(w.phase_since + s.load_timeout for w in self.workers.values() if w.phase is Phase.LOADING)
+        moments = []
+        heap = self._grant_heap
+        while heap and self.grants.get(heap[0][2]) is not heap[0][3]:
+            heapq.heappop(heap)
+        if heap:
+            moments.append(heap[0][0])
+        heap = self._hold_heap
+        while heap and not self._holds(heap[0]):
+            heapq.heappop(heap)
+        if heap:
+            moments.append(heap[0][0])
+        heap = self._poll_heap
+        while heap and not self._polls(heap[0]):
+            heapq.heappop(heap)
+        if heap:
+            moments.append(heap[0][0])
+        heap = self._load_heap
+        while heap and not self._loads(heap[0]):
+            heapq.heappop(heap)
+        if heap:
+            moments.append(heap[0][0])
         if not self.closing:
-            change = next_change(self.snapshot(now), s.params, s.policy)
+            self._count_overdue(now)
+            tally = self.tally()
+            change = change_from(tally, self._fresh.values(), now, self.last_activity, s.params, s.policy)
             if change is not None:
                 moments.append(change)
         return min(moments) if moments else None
@@ -425,37 +529,58 @@ class Book:
                 commands.append(self._stop(worker, now, keep=False, reason="shutdown"))
         for idx, entry in list(self.waiting.items()):
             if entry.held_until is not None:
-                entry.held_until = None
+                self._end_hold(idx, entry)
                 commands.append(Answer(idx, None))
         return commands
 
     # -- views ----------------------------------------------------------------------
 
     def reserved(self, worker_id: int) -> float:
-        return sum(g.cost for g in self.grants.values() if g.worker_id == worker_id)
+        return self._reserved.get(worker_id, 0)
 
-    def views(self) -> list[WorkerView]:
-        return [
-            WorkerView(
+    def view(self, worker_id: int) -> WorkerView:
+        """What ``scaling`` sees of one worker; kept until the worker changes."""
+        view = self._views.get(worker_id)
+        if view is None:
+            w = self.workers[worker_id]
+            view = self._views[worker_id] = WorkerView(
                 id=w.id,
                 phase=w.phase,
                 created_at=w.created_at,
                 cur_load=w.cur_load,
                 max_perf=w.max_perf,
-                reserved=self.reserved(w.id),
+                reserved=self._reserved.get(worker_id, 0),
                 idle_since=w.idle_since,
                 sessions=w.sessions,
             )
-            for w in self.workers.values()
-        ]
+        return view
+
+    def views(self) -> list[WorkerView]:
+        if self._all_views is None:
+            self._all_views = [self.view(wid) for wid in self.workers]
+        return list(self._all_views)
 
     def snapshot(self, now: float) -> Snapshot:
-        return Snapshot(
-            now=now,
-            workers=tuple(self.views()),
-            waiting=tuple(w.request for w in self.waiting.values()),
-            last_activity=self.last_activity,
-        )
+        if self._requests is None:
+            self._requests = tuple(w.request for w in self.waiting.values())
+        return Snapshot(now=now, workers=tuple(self.views()), waiting=self._requests, last_activity=self.last_activity)
+
+    def tally(self) -> Tally:
+        """The workers' part of ``decide``'s input, as ``scaling.tally`` gives it for the views."""
+        if self._tally is None or self._dirty:
+            self._dirty.clear()
+            view = self.view
+            reported = self._reported
+            self._tally = Tally(
+                perf=sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf,
+                held=sum(self._held.values()),
+                live=len(self._live),
+                still_there=bool(self._live or self._errored),
+                errored=tuple(sorted(self._errored)),  # workers' order is id order
+                cold=tuple(sorted((view(wid) for wid in self._cold), key=lambda w: (w.created_at, w.id))),
+                idle=tuple(view(wid) for wid in sorted(self._idle)),
+            )
+        return self._tally
 
     def live(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.phase in LIVE]
@@ -471,60 +596,248 @@ class Book:
             self.events.append((now, method, args))
 
     def _busy(self) -> bool:
-        return bool(self.waiting or self.grants) or any(
-            w.cur_load > EPSILON or w.sessions for w in self.workers.values() if w.phase is not Phase.COLD
-        )
+        return bool(self.waiting or self.grants or self._busy_ids)
 
     def _touch(self, now: float) -> None:
         # Called before every change, so the last activity is the moment the
         # last load ended, not the step that noticed it.
-        if self._busy():
-            self.last_activity = max(self.last_activity, now)
+        if (self.waiting or self.grants or self._busy_ids) and now > self.last_activity:
+            self.last_activity = now
+
+    def _decide(self, now: float) -> Decision:
+        s = self.settings
+        overdue = self._count_overdue(now)
+        return decide_from(self.tally(), overdue, now, self.last_activity, s.params, s.policy)
+
+    def _count_overdue(self, now: float) -> float:
+        """The cost of the requests overdue at ``now``, as ``scaling.overdue_load`` gives it for the waiting."""
+        if now < self._over_at:
+            # The clock went back: what was overdue may not be.
+            self._over = dict.fromkeys(self.waiting, 0.0)
+            self._fresh = {idx: e.request for idx, e in self.waiting.items()}
+        self._over_at = now
+        params = self.settings.params
+        due = [r for r in self._fresh.values() if is_overdue(r, now, params)]
+        for request in due:
+            del self._fresh[request.request_idx]
+            self._over[request.request_idx] = request.cost
+        return sum(self._over.values())
+
+    def _choose(self, cost: float) -> int | None:
+        """``choose_worker`` over the workers, looking only at those with room for ``cost``."""
+        params = self.settings.params
+        room = self._room.get(cost)
+        if room is None:
+            if len(self._room) >= 8:
+                self._room.clear()  # many costs: keep the sets of the recent ones only
+            room = self._room[cost] = set()
+            self._room_dirty.update(self._reported)  # has_room takes only these
+        if self._room_dirty:
+            for wid in self._room_dirty:
+                worker = self.workers.get(wid)
+                for each, ids in self._room.items():
+                    if worker is not None and has_room(self.view(wid), each, params):
+                        ids.add(wid)
+                    else:
+                        ids.discard(wid)
+            self._room_dirty.clear()
+        if not room:
+            return None
+        return choose_worker([self.view(wid) for wid in room], cost, params)
+
+    def _changed(self, worker: Worker) -> None:
+        """Whatever changed on ``worker`` (or its grants), what derives from it is worked out anew."""
+        wid = worker.id
+        self._views.pop(wid, None)
+        self._all_views = None
+        self._dirty.add(wid)
+        self._unclocked.add(wid)
+        self._room_dirty.add(wid)
+        self._classify(worker)
+
+    def _classify(self, worker: Worker) -> None:
+        wid = worker.id
+        sets = (self._reported, self._live, self._errored, self._cold, self._idle, self._busy_ids)
+        for ids in sets:
+            ids.discard(wid)
+        if wid not in self.workers:
+            return
+        phase = worker.phase
+        load = worker.cur_load + self._reserved.get(wid, 0)
+        live = phase in LIVE
+        if phase is not Phase.COLD and (worker.cur_load > EPSILON or worker.sessions):
+            self._busy_ids.add(wid)
+        if live or phase is Phase.ERRORED:
+            self._held[wid] = load
+        else:
+            self._held[wid] = 0.0
+        if phase is Phase.READY and worker.max_perf > 0:
+            self._reported.add(wid)
+            self._perf[wid] = worker.max_perf
+        else:
+            self._perf[wid] = 0.0
+        if live:
+            self._live.add(wid)
+            if load <= EPSILON and worker.sessions == 0 and worker.idle_since is not None:
+                self._idle.add(wid)
+        elif phase is Phase.ERRORED:
+            self._errored.add(wid)
+        elif phase is Phase.COLD:
+            self._cold.add(wid)
+
+    def _push_grant(self, grant: Grant) -> None:
+        moment = grant.at + self._settings.grant_timeout
+        heapq.heappush(self._grant_heap, (moment, next(self._seq), grant.request_idx, grant))
+
+    def _add_grant(self, grant: Grant) -> None:
+        self.grants[grant.request_idx] = grant
+        costs = self._grants_of.setdefault(grant.worker_id, {})
+        costs[grant.request_idx] = grant.cost
+        self._reserved[grant.worker_id] = sum(costs.values())
+        self._push_grant(grant)
+        worker = self.workers.get(grant.worker_id)
+        if worker is not None:
+            self._changed(worker)
+
+    def _drop_grant(self, request_idx: int) -> Grant | None:
+        grant = self.grants.pop(request_idx, None)
+        if grant is None:
+            return None
+        wid = grant.worker_id
+        costs = self._grants_of[wid]
+        del costs[request_idx]
+        if costs:
+            self._reserved[wid] = sum(costs.values())
+        else:
+            del self._grants_of[wid]
+            del self._reserved[wid]
+        worker = self.workers.get(wid)
+        if worker is not None:
+            self._changed(worker)
+        return grant
+
+    def _holds(self, item: tuple[float, int, int, Waiting]) -> bool:
+        """Whether a hold deadline in the heap is still the request's own."""
+        entry = item[3]
+        return self.waiting.get(item[2]) is entry and entry.held_until == item[0]
+
+    def _polls(self, item: tuple[float, int, int, Waiting]) -> bool:
+        entry = item[3]
+        return (
+            self.waiting.get(item[2]) is entry
+            and entry.held_until is None
+            and entry.last_poll + self._settings.waiting_timeout == item[0]
+        )
+
+    def _loads(self, item: tuple[float, int, int, float]) -> bool:
+        worker = self.workers.get(item[2])
+        return worker is not None and worker.phase is Phase.LOADING and worker.phase_since == item[3]
+
+    def _push_waiting(self, idx: int, entry: Waiting) -> None:
+        if entry.held_until is not None:
+            heapq.heappush(self._hold_heap, (entry.held_until, next(self._seq), idx, entry))
+        else:
+            moment = entry.last_poll + self._settings.waiting_timeout
+            heapq.heappush(self._poll_heap, (moment, next(self._seq), idx, entry))
+
+    def _put_waiting(self, idx: int, entry: Waiting) -> None:
+        old = self.waiting.get(idx)
+        self.waiting[idx] = entry
+        if old is None or old.request is not entry.request:
+            self._requests = None
+            self._over[idx] = 0.0  # a key already there keeps its place, as in waiting
+            self._fresh[idx] = entry.request
+        was_held = old is not None and old.held_until is not None
+        key = (entry.request.since, idx)
+        if was_held and (entry.held_until is None or old.request.since != entry.request.since):  # type: ignore[union-attr]
+            del self._held_order[bisect.bisect_left(self._held_order, (old.request.since, idx))]  # type: ignore[union-attr]
+            was_held = False
+        if entry.held_until is not None and not was_held:
+            bisect.insort(self._held_order, key)
+        self._push_waiting(idx, entry)
+
+    def _pop_waiting(self, idx: int) -> Waiting | None:
+        entry = self.waiting.pop(idx, None)
+        if entry is None:
+            return None
+        self._requests = None
+        del self._over[idx]
+        self._fresh.pop(idx, None)
+        if entry.held_until is not None:
+            del self._held_order[bisect.bisect_left(self._held_order, (entry.request.since, idx))]
+        return entry
+
+    def _end_hold(self, idx: int, entry: Waiting, last_poll: float | None = None) -> None:
+        del self._held_order[bisect.bisect_left(self._held_order, (entry.request.since, idx))]
+        entry.held_until = None
+        if last_poll is not None:
+            entry.last_poll = last_poll
+        self._push_waiting(idx, entry)
 
     def _grant(self, now: float, request_idx: int, worker_id: int, cost: float, queued_since: float) -> None:
-        self.waiting.pop(request_idx, None)
-        self.grants[request_idx] = Grant(request_idx, worker_id, cost, now, queued_since)
-        self.workers[worker_id].idle_since = None
+        self._pop_waiting(request_idx)
+        worker = self.workers[worker_id]
+        worker.idle_since = None
+        self._add_grant(Grant(request_idx, worker_id, cost, now, queued_since))
         log.info("request %d routed to worker %d after %.1fs", request_idx, worker_id, now - queued_since)
 
     def _serve_held(self, now: float, commands: list[Command]) -> None:
         """Hands workers with room to held requests, the longest-waiting first; ends holds that are over."""
-        ordered = sorted((e.request.since, idx) for idx, e in self.waiting.items() if e.held_until is not None)
-        blocked = False
-        for _, idx in ordered:
+        if not self._held_order:
+            return
+        for _, idx in list(self._held_order):
             entry = self.waiting[idx]
-            if not blocked:
-                worker_id = choose_worker(self.views(), entry.request.cost, self.settings.params)
-                if worker_id is not None:
-                    self._grant(now, idx, worker_id, entry.request.cost, entry.request.since)
-                    commands.append(Answer(idx, worker_id))
-                    continue
-                blocked = True  # served in arrival order, like a queue: no overtaking
-            if entry.held_until is not None and now >= entry.held_until - EPSILON:
-                entry.held_until = None
-                entry.last_poll = now
-                commands.append(Answer(idx, None))
+            worker_id = self._choose(entry.request.cost)
+            if worker_id is None:
+                break  # served in arrival order, like a queue: no overtaking
+            self._grant(now, idx, worker_id, entry.request.cost, entry.request.since)
+            commands.append(Answer(idx, worker_id))
+        over = []
+        heap = self._hold_heap
+        while heap and (not self._holds(heap[0]) or now >= heap[0][0] - EPSILON):
+            item = heapq.heappop(heap)
+            if self._holds(item):
+                over.append((item[3].request.since, item[2]))
+        for _, idx in sorted(over):
+            self._end_hold(idx, self.waiting[idx], last_poll=now)
+            commands.append(Answer(idx, None))
 
     def _expire(self, now: float, commands: list[Command]) -> None:
         s = self.settings
-        for idx, grant in list(self.grants.items()):
-            if now >= grant.at + s.grant_timeout - EPSILON:
-                del self.grants[idx]
+        heap = self._grant_heap
+        while heap and (self.grants.get(heap[0][2]) is not heap[0][3] or now >= heap[0][0] - EPSILON):
+            _, _, idx, grant = heapq.heappop(heap)
+            if self.grants.get(idx) is grant:
+                self._drop_grant(idx)
                 log.debug("grant %d on worker %d not seen in its reports; no longer counted", idx, grant.worker_id)
-        for idx, entry in list(self.waiting.items()):
-            if entry.held_until is None and now >= entry.last_poll + s.waiting_timeout - EPSILON:
-                del self.waiting[idx]
-                log.info("request %d no longer polled; dropped", idx)
-        for worker in self.workers.values():
-            if worker.phase is Phase.LOADING and now >= worker.phase_since + s.load_timeout - EPSILON:
+        heap = self._poll_heap
+        while heap and (not self._polls(heap[0]) or now >= heap[0][0] - EPSILON):
+            item = heapq.heappop(heap)
+            if self._polls(item):
+                self._pop_waiting(item[2])
+                log.info("request %d no longer polled; dropped", item[2])
+        heap = self._load_heap
+        while heap and (not self._loads(heap[0]) or now >= heap[0][0] - EPSILON):
+            item = heapq.heappop(heap)
+            if self._loads(item):
+                worker = self.workers[item[2]]
                 worker.error = f"not ready {s.load_timeout:g}s after starting"
                 self._set_phase(worker, Phase.ERRORED, now)
                 log.warning("worker %d %s", worker.id, worker.error)
-        for worker in self.workers.values():
-            if worker.cur_load + self.reserved(worker.id) > EPSILON or worker.sessions:
-                worker.idle_since = None
-            elif worker.idle_since is None:
-                worker.idle_since = now
+        if self._unclocked:
+            unclocked = self._unclocked
+            self._unclocked = set()
+            for wid in unclocked:
+                worker = self.workers.get(wid)
+                if worker is None:
+                    continue
+                if worker.cur_load + self._reserved.get(wid, 0) > EPSILON or worker.sessions:
+                    if worker.idle_since is not None:
+                        worker.idle_since = None
+                        self._changed(worker)
+                elif worker.idle_since is None:
+                    worker.idle_since = now
+                    self._changed(worker)
 
     def _apply(self, decision: Decision, now: float, commands: list[Command]) -> None:
         for worker_id in decision.destroy:
@@ -536,8 +849,8 @@ class Book:
             commands.append(self._stop(worker, now, keep=True, reason=self._surplus(worker, now)))
         for worker_id in decision.resume:
             worker = self.workers[worker_id]
-            self._set_phase(worker, Phase.LOADING, now)
             worker.idle_since = worker.booted_at = now
+            self._set_phase(worker, Phase.LOADING, now)
             log.info(
                 "worker %d starting again from cold: load %g, workers wanted %d",
                 worker_id,
@@ -547,9 +860,12 @@ class Book:
             commands.append(Resume(worker_id))
         for _ in range(decision.provision):
             worker_id = next(self._ids)
-            self.workers[worker_id] = Worker(
+            worker = self.workers[worker_id] = Worker(
                 id=worker_id, created_at=now, phase_since=now, booted_at=now, idle_since=now
             )
+            self._held[worker_id] = 0.0
+            self._perf[worker_id] = 0.0
+            self._changed(worker)
             self.created.append(worker_id)
             log.info("worker %d provisioning: load %g, workers wanted %d", worker_id, decision.load, decision.target)
             commands.append(Provision(worker_id))
@@ -565,23 +881,31 @@ class Book:
         idle = now - worker.idle_since if worker.idle_since is not None else 0.0
         return f"surplus, idle {idle:.1f}s"
 
-    @staticmethod
-    def _set_phase(worker: Worker, phase: Phase, now: float) -> None:
+    def _set_phase(self, worker: Worker, phase: Phase, now: float) -> None:
         worker.phase = phase
         worker.phase_since = now
+        if phase is Phase.LOADING:
+            moment = now + self._settings.load_timeout
+            heapq.heappush(self._load_heap, (moment, next(self._seq), worker.id, now))
+        self._changed(worker)
 
     def _track_sessions(self, worker: Worker, now: float) -> None:
+        wid = worker.id
+        mine = self._sessions_of.setdefault(wid, {})
         for idx in worker.working:
             grant = self.grants.get(idx)
-            if grant is not None and grant.worker_id == worker.id:
-                del self.grants[idx]
+            if grant is not None and grant.worker_id == wid:
+                self._drop_grant(idx)
             if idx not in self.sessions:
-                self.sessions[idx] = SeenSession(idx, worker.id, now)
-                log.info("session %d open on worker %d", idx, worker.id)
-        for idx, seen in list(self.sessions.items()):
-            if seen.worker_id == worker.id and idx not in worker.working:
-                del self.sessions[idx]
-                log.info("session %d on worker %d ended after %.1fs", idx, worker.id, now - seen.since)
+                self.sessions[idx] = SeenSession(idx, wid, now)
+                mine[idx] = None
+                log.info("session %d open on worker %d", idx, wid)
+        for idx in [idx for idx in mine if idx not in worker.working]:
+            seen = self.sessions.pop(idx)
+            del mine[idx]
+            log.info("session %d on worker %d ended after %.1fs", idx, wid, now - seen.since)
+        if not mine:
+            del self._sessions_of[wid]
 
 
 def replay(

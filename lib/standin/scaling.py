@@ -165,54 +165,119 @@ def worker_perf(workers: Iterable[WorkerView], policy: LocalPolicy) -> float:
 
 def total_load(snapshot: Snapshot, params: EndpointParams) -> float:
     """L: what live and errored workers hold or are promised, plus requests waiting too long."""
-    held = sum(w.load for w in snapshot.workers if w.phase in LIVE or w.phase is Phase.ERRORED)
-    # A request that has waited less than target_queue_time may still be taken
-    # by a worker that frees up; past it, it counts as demand for a new worker.
-    overdue = sum(r.cost for r in snapshot.waiting if _overdue(r, snapshot.now, params))
-    return held + overdue
+    return tally(snapshot.workers, LocalPolicy()).held + overdue_load(snapshot.waiting, snapshot.now, params)
 
 
-def _overdue(request: WaitingRequest, now: float, params: EndpointParams) -> bool:
+def overdue_load(waiting: Iterable[WaitingRequest], now: float, params: EndpointParams) -> float:
+    """The cost of the requests that have waited at least target_queue_time: demand for a new worker."""
+    # A request that has waited less may still be taken by a worker that frees up.
+    return sum(r.cost for r in waiting if is_overdue(r, now, params))
+
+
+def is_overdue(request: WaitingRequest, now: float, params: EndpointParams) -> bool:
     return now - request.since >= params.target_queue_time - EPSILON
 
 
 def inactive_long_enough(snapshot: Snapshot, params: EndpointParams) -> bool:
+    return inactive_since(snapshot.last_activity, snapshot.now, params)
+
+
+def inactive_since(last_activity: float, now: float, params: EndpointParams) -> bool:
     timeout = params.inactivity_timeout
-    return timeout is not None and snapshot.now - snapshot.last_activity >= timeout - EPSILON
+    return timeout is not None and now - last_activity >= timeout - EPSILON
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What ``decide`` reads from the workers, gathered once; the book keeps one up to date as events come."""
+
+    perf: float  # P
+    held: float  # load of live and errored workers
+    live: int  # live workers
+    still_there: bool  # any live or errored worker
+    errored: tuple[int, ...]  # ids of errored workers, in snapshot order
+    cold: tuple[WorkerView, ...]  # cold workers, oldest first
+    idle: tuple[WorkerView, ...]  # live workers holding nothing, in snapshot order
+
+
+def tally(workers: Sequence[WorkerView], policy: LocalPolicy) -> Tally:
+    """The workers' part of the decision, in one pass over them."""
+    reported: list[float] = []
+    held: list[float] = []
+    errored: list[int] = []
+    cold: list[WorkerView] = []
+    idle: list[WorkerView] = []
+    live = 0
+    for w in workers:
+        phase = w.phase
+        if phase is Phase.COLD:
+            cold.append(w)
+            continue
+        if phase is Phase.STOPPING:
+            continue
+        held.append(w.load)
+        if phase is Phase.ERRORED:
+            errored.append(w.id)
+            continue
+        live += 1
+        if phase is Phase.READY and w.max_perf > 0:
+            reported.append(w.max_perf)
+        if _idle(w):
+            idle.append(w)
+    return Tally(
+        perf=sum(reported) / len(reported) if reported else policy.assumed_perf,
+        held=sum(held),
+        live=live,
+        still_there=bool(held),
+        errored=tuple(errored),
+        cold=tuple(sorted(cold, key=lambda w: (w.created_at, w.id))),
+        idle=tuple(idle),
+    )
 
 
 def target_workers(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> int:
     """N: how many live workers the endpoint should run."""
-    perf = worker_perf(snapshot.workers, policy)
-    demand = max(total_load(snapshot, params), params.min_load)
-    wanted = math.ceil(demand / (params.target_util * perf) - EPSILON) if demand > EPSILON else 0
-    if wanted == 0 and not inactive_long_enough(snapshot, params):
-        still_there = any(w.phase in LIVE or w.phase is Phase.ERRORED for w in snapshot.workers)
-        wanted = 1 if still_there else 0
+    t = tally(snapshot.workers, policy)
+    load = t.held + overdue_load(snapshot.waiting, snapshot.now, params)
+    return _target(t, load, snapshot.now, snapshot.last_activity, params)
+
+
+def _target(t: Tally, load: float, now: float, last_activity: float, params: EndpointParams) -> int:
+    demand = max(load, params.min_load)
+    wanted = math.ceil(demand / (params.target_util * t.perf) - EPSILON) if demand > EPSILON else 0
+    if wanted == 0 and not inactive_since(last_activity, now, params):
+        wanted = 1 if t.still_there else 0
     return min(max(wanted, 0), params.max_workers)
 
 
 def decide(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> Decision:
     """What to start and stop so the fleet moves toward the target."""
-    target = target_workers(snapshot, params, policy)
-    perf = worker_perf(snapshot.workers, policy)
-    load = total_load(snapshot, params)
+    t = tally(snapshot.workers, policy)
+    overdue = overdue_load(snapshot.waiting, snapshot.now, params)
+    return decide_from(t, overdue, snapshot.now, snapshot.last_activity, params, policy)
+
+
+def decide_from(
+    t: Tally, overdue: float, now: float, last_activity: float, params: EndpointParams, policy: LocalPolicy
+) -> Decision:
+    """``decide`` from the workers' tally and the overdue load: what a caller keeping both up to date calls."""
+    load = t.held + overdue
+    target = _target(t, load, now, last_activity, params)
     # An errored worker is removed; its capacity no longer counts, so the
     # target above starts a replacement wherever one is still needed.
-    destroy = [w.id for w in snapshot.workers if w.phase is Phase.ERRORED]
-    live = [w for w in snapshot.workers if w.phase in LIVE]
-    cold = sorted((w for w in snapshot.workers if w.phase is Phase.COLD), key=lambda w: (w.created_at, w.id))
-    resume: list[int] = []
+    destroy = list(t.errored)
+    cold = t.cold
+    resume: tuple[int, ...] = ()
     stop: list[int] = []
     provision = 0
 
-    missing = target - len(live)
+    missing = target - t.live
     if missing > 0:
-        resume = [w.id for w in cold[:missing]]
+        resume = tuple(w.id for w in cold[:missing])
         cold = cold[len(resume) :]
         provision = missing - len(resume)
     elif missing < 0:
-        idle = _stoppable(live, snapshot.now, policy)
+        idle = _stoppable(t.idle, now, policy)
         kept_cold = len(cold)
         for worker in idle[:-missing]:
             # Only a loaded worker is worth keeping cold.
@@ -227,9 +292,9 @@ def decide(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> D
     return Decision(
         target=target,
         load=load,
-        perf=perf,
+        perf=t.perf,
         provision=provision,
-        resume=tuple(resume),
+        resume=resume,
         stop=tuple(stop),
         destroy=tuple(destroy),
     )
@@ -268,22 +333,31 @@ def next_change(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy)
     ``snapshot.now``, so a caller that moves its clock there and asks again
     makes progress. None: nothing changes until an event.
     """
-    now = snapshot.now
-    moments: list[float] = []
-    for request in snapshot.waiting:
-        if not _overdue(request, now, params):
-            moments.append(request.since + params.target_queue_time - EPSILON)
-    for worker in snapshot.workers:
-        if worker.phase in LIVE and _idle(worker) and not _idle_long_enough(worker, now, policy):
+    t = tally(snapshot.workers, policy)
+    return change_from(t, snapshot.waiting, snapshot.now, snapshot.last_activity, params, policy)
+
+
+def change_from(
+    t: Tally,
+    waiting: Iterable[WaitingRequest],
+    now: float,
+    last_activity: float,
+    params: EndpointParams,
+    policy: LocalPolicy,
+) -> float | None:
+    """``next_change`` from the workers' tally; ``waiting`` must hold every request not yet overdue at ``now``."""
+    moments = [r.since + params.target_queue_time - EPSILON for r in waiting if not is_overdue(r, now, params)]
+    for worker in t.idle:
+        if not _idle_long_enough(worker, now, policy):
             moments.append(worker.idle_since + policy.scale_down_delay - EPSILON)  # type: ignore[operator]
     timeout = params.inactivity_timeout
     if (
         timeout is not None
         and params.min_load <= EPSILON
-        and not inactive_long_enough(snapshot, params)
-        and any(w.phase in LIVE or w.phase is Phase.ERRORED for w in snapshot.workers)
+        and t.still_there
+        and not inactive_since(last_activity, now, params)
     ):
-        moments.append(snapshot.last_activity + timeout - EPSILON)
+        moments.append(last_activity + timeout - EPSILON)
     if not moments:
         return None
     # On large clock values (epoch seconds) the sum above can round to now or

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from lib.standin.book import Answer, Book, BookSettings, Deleted, Provision, Report, Resume, Stop
-from lib.standin.scaling import EndpointParams, LocalPolicy, Phase
+from lib.standin.scaling import (
+    Decision,
+    EndpointParams,
+    LocalPolicy,
+    Phase,
+    Snapshot,
+    WorkerView,
+    choose_worker,
+    decide,
+    next_change,
+)
 
 T0 = 1000.0
 
@@ -257,3 +270,149 @@ def test_inactivity_counts_from_the_moment_the_last_load_ended():
     wake = book.next_wakeup(T0 + 100.0)
     assert wake is not None and abs(wake - (T0 + 104.0)) < 1e-6
     assert [type(c) for c in book.step(wake)] == [Stop]
+
+
+class CheckedBook(Book):
+    """The book, with each derived figure it keeps checked against a recompute from its public records."""
+
+    def fresh_views(self) -> list[WorkerView]:
+        return [
+            WorkerView(
+                id=w.id,
+                phase=w.phase,
+                created_at=w.created_at,
+                cur_load=w.cur_load,
+                max_perf=w.max_perf,
+                reserved=sum(g.cost for g in self.grants.values() if g.worker_id == w.id),
+                idle_since=w.idle_since,
+                sessions=w.sessions,
+            )
+            for w in self.workers.values()
+        ]
+
+    def fresh_snapshot(self, now: float) -> Snapshot:
+        waiting = tuple(e.request for e in self.waiting.values())
+        return Snapshot(now, tuple(self.fresh_views()), waiting, self.last_activity)
+
+    def _choose(self, cost: float) -> int | None:
+        chosen = super()._choose(cost)
+        assert chosen == choose_worker(self.fresh_views(), cost, self.settings.params)
+        return chosen
+
+    def _decide(self, now: float) -> Decision:
+        decision = super()._decide(now)
+        assert self.views() == self.fresh_views()
+        assert decision == decide(self.fresh_snapshot(now), self.settings.params, self.settings.policy)
+        return decision
+
+    def next_wakeup(self, now: float) -> float | None:
+        s = self.settings
+        moments = [g.at + s.grant_timeout for g in self.grants.values()]
+        for entry in self.waiting.values():
+            moments.append(entry.held_until if entry.held_until is not None else entry.last_poll + s.waiting_timeout)
+        moments.extend(w.phase_since + s.load_timeout for w in self.workers.values() if w.phase is Phase.LOADING)
+        change = next_change(self.fresh_snapshot(now), s.params, s.policy)
+        if change is not None:
+            moments.append(change)
+        wake = super().next_wakeup(now)
+        assert wake == (min(moments) if moments else None)
+        return wake
+
+
+_costs = st.sampled_from([50.0, 100.0, 100.0, 250.0, 0.1])
+
+
+@st.composite
+def event_scripts(draw):
+    return draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    [
+                        "route",
+                        "route",
+                        "route_gone",
+                        "report",
+                        "report",
+                        "deleted",
+                        "started",
+                        "failed",
+                        "stopped",
+                        "want",
+                    ]
+                ),
+                st.floats(min_value=0.0, max_value=8.0),
+                st.integers(min_value=0, max_value=6),
+                st.integers(min_value=0, max_value=6),
+                _costs,
+                st.booleans(),
+            ),
+            max_size=60,
+        )
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    script=event_scripts(),
+    cold_workers=st.integers(min_value=0, max_value=2),
+    target_queue_time=st.sampled_from([0.0, 0.5, 3.0]),
+    inactivity=st.sampled_from([None, 0.0, 4.0]),
+    delay=st.sampled_from([0.0, 1.0, 5.0]),
+    hold=st.sampled_from([0.0, 6.0]),
+)
+def test_kept_figures_give_the_commands_a_recompute_gives(
+    script, cold_workers, target_queue_time, inactivity, delay, hold
+):
+    """On any event script the views, routes, decisions and wake-ups the book keeps equal a recompute from scratch."""
+    params = EndpointParams(
+        max_workers=4, cold_workers=cold_workers, target_queue_time=target_queue_time, inactivity_timeout=inactivity
+    )
+    settings_ = BookSettings(
+        params=params,
+        policy=LocalPolicy(scale_down_delay=delay),
+        grant_timeout=5.0,
+        waiting_timeout=20.0,
+        route_hold=hold,
+        load_timeout=10.0,
+    )
+    book = CheckedBook(settings_, T0)
+    now = T0
+    for method, dt, a, b, cost, flag in script:
+        now += dt
+        ids = sorted(book.workers) or [1]
+        wid = ids[a % len(ids)]
+        known = sorted(set(book.grants) | set(book.waiting) | set(book.sessions)) or [0]
+        idx = known[b % len(known)]
+        if method == "route":
+            book.route(now, cost, idx if flag else 0, hold=a % 2 == 0)
+        elif method == "route_gone":
+            book.route_gone(now, idx)
+        elif method == "report":
+            working = tuple(i for i in known[: b % 3] if i) if flag else ()
+            book.report(
+                now,
+                Report(
+                    wid,
+                    cur_load=cost * len(working),
+                    max_perf=0.0 if a == 6 else 100.0,
+                    working=working,
+                    error="boom" if a == 5 and b == 5 else "",
+                ),
+            )
+        elif method == "deleted":
+            book.deleted(now, wid, [Deleted(idx, success=flag, status="Rejected" if b % 2 else "422")])
+        elif method == "started":
+            book.started(now, wid)
+        elif method == "failed":
+            book.failed(now, wid, "exited")
+        elif method == "stopped":
+            book.stopped(now, wid)
+        elif method == "want":
+            book.settings = replace(settings_, params=replace(params, min_load=100.0 * a))
+        book.step(now)
+        wake = book.next_wakeup(now)
+        if wake is not None and flag and wake - now < 8.0:
+            now = max(now, wake)
+            book.step(now)
+            book.next_wakeup(now)
