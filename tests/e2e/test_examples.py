@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING
 import aiohttp
 import pytest
 
-from lib.bench.recorder import serving
+from lib.bench.recorder import RecordingAutoscaler, serving
 from lib.standin.autoscaler import LocalConfig, serve
 from lib.standin.fleet import FleetSettings
 from lib.standin.scaling import EndpointParams
-from tests.fakes import FakeAutoscaler
 from workers.null import sdk
 
 if TYPE_CHECKING:
@@ -169,7 +168,7 @@ async def held_session(http: aiohttp.ClientSession, worker: RunningWorker):
         return (await response.json())["session"]
 
 
-async def callback_for(autoscaler: FakeAutoscaler, session_id: str, timeout: float, explain):
+async def callback_for(autoscaler: RecordingAutoscaler, session_id: str, timeout: float, explain):
     def found():
         return next((c.body for c in autoscaler.callbacks if c.body.get("session_id") == session_id), None)
 
@@ -182,7 +181,7 @@ async def callback_for(autoscaler: FakeAutoscaler, session_id: str, timeout: flo
 @pytest.mark.slow
 @consumer_kinds
 async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_job_is_done(
-    kind: str, start_worker: StartWorker, autoscaler: FakeAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
+    kind: str, start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """A consumer runs the job named in the session, renews the lease past its 3 s lifetime while the job runs, and releases when it is done."""
     worker = await start_worker()
@@ -214,7 +213,7 @@ async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_
 @pytest.mark.slow
 @consumer_kinds
 async def test_consumer_requeues_a_failed_job_and_still_releases_the_worker(
-    kind: str, start_worker: StartWorker, autoscaler: FakeAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
+    kind: str, start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """When the job fails the consumer requeues it and releases the worker at once instead of holding it until the lease lapses."""
     worker = await start_worker()
@@ -239,7 +238,7 @@ async def test_consumer_requeues_a_failed_job_and_still_releases_the_worker(
 @pytest.mark.slow
 @consumer_kinds
 async def test_a_killed_consumer_stops_renewing_and_the_lease_lapses(
-    kind: str, start_worker: StartWorker, autoscaler: FakeAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
+    kind: str, start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """SIGKILL to the consumer mid-job ends its renewals, so the worker frees itself when the lease runs out."""
     worker = await start_worker()

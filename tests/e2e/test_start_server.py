@@ -30,8 +30,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from lib.bench.recorder import RecordingAutoscaler
 from lib.standin.process import WorkerPorts, free_port
-from tests.fakes import FakeAutoscaler
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "start_server.sh"
@@ -190,7 +190,7 @@ async def booted(env: dict[str, str]) -> AsyncIterator[Boot]:
 
 
 async def wait_for_report(
-    autoscaler: FakeAutoscaler,
+    autoscaler: RecordingAutoscaler,
     boot: Boot,
     predicate: Callable[[dict[str, Any]], bool],
     what: str,
@@ -221,7 +221,7 @@ def ready_report(container_id: str) -> Callable[[dict[str, Any]], bool]:
     return lambda r: r.get("id") == int(container_id) and r.get("max_perf") == 100.0 and r.get("error_msg") == ""
 
 
-def error_reports(autoscaler: FakeAutoscaler, container_id: str) -> list[dict[str, Any]]:
+def error_reports(autoscaler: RecordingAutoscaler, container_id: str) -> list[dict[str, Any]]:
     return [r.body for r in autoscaler.reports if r.body.get("id") == int(container_id) and r.body.get("error_msg")]
 
 
@@ -232,7 +232,7 @@ async def failed_boot(env: dict[str, str], timeout: float = 60.0) -> Boot:
     return boot
 
 
-def assert_reported(autoscaler: FakeAutoscaler, env: dict[str, str], boot: Boot, expected: str) -> dict[str, Any]:
+def assert_reported(autoscaler: RecordingAutoscaler, env: dict[str, str], boot: Boot, expected: str) -> dict[str, Any]:
     reports = error_reports(autoscaler, env["CONTAINER_ID"])
     assert len(reports) == 1, f"expected one error report, got {reports}; output:\n{boot.tail()}"
     assert expected in reports[0]["error_msg"], f"{reports[0]['error_msg']!r} lacks {expected!r}"
@@ -269,7 +269,7 @@ def test_script_is_executable_with_strict_mode() -> None:
     ids=["backend-not-a-name", "backend-not-in-checkout", "port-out-of-range", "use-ssl-not-lowercase"],
 )
 async def test_bad_setting_is_reported_verbatim_and_exits_non_zero(
-    autoscaler: FakeAutoscaler, tmp_path: Path, overrides: dict[str, str], expected: str
+    autoscaler: RecordingAutoscaler, tmp_path: Path, overrides: dict[str, str], expected: str
 ) -> None:
     """A bad BACKEND, WORKER_PORT or USE_SSL reaches the autoscaler as error_msg, quotes and backslashes intact."""
     env = script_env(tmp_path, autoscaler.url, **overrides)
@@ -278,7 +278,7 @@ async def test_bad_setting_is_reported_verbatim_and_exits_non_zero(
     assert not Path(env["ENV_PATH"]).exists(), "a refused boot created the venv"
 
 
-async def test_error_report_carries_every_worker_status_field(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+async def test_error_report_carries_every_worker_status_field(autoscaler: RecordingAutoscaler, tmp_path: Path) -> None:
     """The error report has the framework's WorkerStatusData fields: the id, the token, the public URL, zero load."""
     from vastai.serverless.server.lib.data_types import WorkerStatusData
 
@@ -307,7 +307,7 @@ async def test_error_report_carries_every_worker_status_field(autoscaler: FakeAu
     assert numbers and all(v == 0 for v in numbers.values()), numbers
 
 
-async def test_report_addr_is_a_fallback_list(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+async def test_report_addr_is_a_fallback_list(autoscaler: RecordingAutoscaler, tmp_path: Path) -> None:
     """With REPORT_ADDR "down,up" the error still arrives, at the first address that answers."""
     down = f"http://127.0.0.1:{free_port()}"
     env = script_env(tmp_path, f"{down}/,{autoscaler.url}/", BACKEND="nosuch")
@@ -316,7 +316,9 @@ async def test_report_addr_is_a_fallback_list(autoscaler: FakeAutoscaler, tmp_pa
     assert f"could not report the error to {down}/worker_status/" in boot.output
 
 
-async def test_error_is_reported_with_python3_when_curl_is_missing(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+async def test_error_is_reported_with_python3_when_curl_is_missing(
+    autoscaler: RecordingAutoscaler, tmp_path: Path
+) -> None:
     """Without curl on PATH the error report goes out through python3."""
     if shutil.which("python3") is None:
         pytest.skip("python3 is not on PATH")
@@ -325,7 +327,9 @@ async def test_error_is_reported_with_python3_when_curl_is_missing(autoscaler: F
     assert_reported(autoscaler, env, boot, "workers/nosuch/worker.py")
 
 
-async def test_error_without_container_id_is_logged_not_reported(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+async def test_error_without_container_id_is_logged_not_reported(
+    autoscaler: RecordingAutoscaler, tmp_path: Path
+) -> None:
     """Without CONTAINER_ID nothing is sent (the autoscaler could not place it) and the log says so."""
     env = script_env(tmp_path, autoscaler.url, BACKEND="nosuch", CONTAINER_ID=None)
     boot = await failed_boot(env)
@@ -333,7 +337,7 @@ async def test_error_without_container_id_is_logged_not_reported(autoscaler: Fak
     assert "not reported to the autoscaler: CONTAINER_ID=''" in boot.output
 
 
-async def test_sdk_version_other_than_the_pin_is_refused(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+async def test_sdk_version_other_than_the_pin_is_refused(autoscaler: RecordingAutoscaler, tmp_path: Path) -> None:
     """SDK_VERSION naming another vastai than requirements.txt pins stops the boot before any install."""
     pin = vastai_pin()
     env = script_env(tmp_path, autoscaler.url, SDK_VERSION="0.0.1")
@@ -343,7 +347,9 @@ async def test_sdk_version_other_than_the_pin_is_refused(autoscaler: FakeAutosca
     assert not Path(env["ENV_PATH"]).exists()
 
 
-async def test_missing_checkout_without_pyworker_repo_is_reported(autoscaler: FakeAutoscaler, tmp_path: Path) -> None:
+async def test_missing_checkout_without_pyworker_repo_is_reported(
+    autoscaler: RecordingAutoscaler, tmp_path: Path
+) -> None:
     """With no checkout in SERVER_DIR and no PYWORKER_REPO, the report names PYWORKER_REPO."""
     env = script_env(tmp_path, autoscaler.url, SERVER_DIR=str(tmp_path / "server"))
     boot = await failed_boot(env)
@@ -352,7 +358,7 @@ async def test_missing_checkout_without_pyworker_repo_is_reported(autoscaler: Fa
 
 @needs_git
 async def test_failed_clone_is_reported_logged_and_leaves_no_partial_checkout(
-    autoscaler: FakeAutoscaler, tmp_path: Path
+    autoscaler: RecordingAutoscaler, tmp_path: Path
 ) -> None:
     """A PYWORKER_REPO that cannot be cloned is reported with git's reason, written to the log, and leaves SERVER_DIR
     absent.
@@ -369,7 +375,7 @@ async def test_failed_clone_is_reported_logged_and_leaves_no_partial_checkout(
 
 @needs_git
 async def test_a_token_in_pyworker_repo_stays_out_of_the_report_and_the_log(
-    autoscaler: FakeAutoscaler, tmp_path: Path
+    autoscaler: RecordingAutoscaler, tmp_path: Path
 ) -> None:
     """A PYWORKER_REPO with user:token in it is shown as ***@ in the error report and the log."""
     repo = f"http://user:s3cret-token@127.0.0.1:{free_port()}/null-pyworker.git"
@@ -416,7 +422,7 @@ def fixture_worker_line(boot: Boot) -> dict[str, Any]:
 @pytest.mark.slow
 @needs_git
 async def test_first_boot_clones_the_ref_makes_the_venv_and_execs_the_worker_then_reboots_offline(
-    autoscaler: FakeAutoscaler, tmp_path: Path
+    autoscaler: RecordingAutoscaler, tmp_path: Path
 ) -> None:
     """First boot clones PYWORKER_REF, creates the venv, installs, and execs the worker with Vast's defaults; a reboot
     runs git and pip not at all.
@@ -468,7 +474,7 @@ async def test_first_boot_clones_the_ref_makes_the_venv_and_execs_the_worker_the
 @pytest.mark.slow
 @needs_git
 async def test_failed_requirements_install_is_reported_with_pips_reason(
-    autoscaler: FakeAutoscaler, tmp_path: Path
+    autoscaler: RecordingAutoscaler, tmp_path: Path
 ) -> None:
     """A requirements.txt pip cannot satisfy is reported with pip's last words, and the next boot tries the install
     again.
@@ -494,7 +500,7 @@ async def test_failed_requirements_install_is_reported_with_pips_reason(
 
 @pytest.mark.slow
 async def test_worker_comes_up_from_the_checkout_and_venv_twice_in_a_row(
-    autoscaler: FakeAutoscaler, tmp_path: Path
+    autoscaler: RecordingAutoscaler, tmp_path: Path
 ) -> None:
     """With this checkout as SERVER_DIR and the test venv as ENV_PATH the null worker reports ready, stops on SIGTERM
     with 0, and does it again on reboot without git or pip.
@@ -671,7 +677,7 @@ def make_checkout(path: Path) -> None:
 
 
 def ssl_env(
-    tmp_path: Path, autoscaler: FakeAutoscaler, console: ConsoleStandin, **overrides: str | None
+    tmp_path: Path, autoscaler: RecordingAutoscaler, console: ConsoleStandin, **overrides: str | None
 ) -> dict[str, str]:
     """An instance with USE_SSL=true whose console is the stand-in and whose boot ends in the fixture worker."""
     server = tmp_path / "server"
@@ -709,7 +715,7 @@ def assert_installed_pair(env: dict[str, str], ca: ConsoleCA) -> None:
 
 
 async def test_ssl_boot_has_the_console_sign_a_certificate_and_a_reboot_keeps_it(
-    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+    autoscaler: RecordingAutoscaler, console: ConsoleStandin, tmp_path: Path
 ) -> None:
     """With USE_SSL=true and no certificate, the CSR is posted to sign_cert for this container, the signed pair is
     installed, and a reboot reuses it without asking.
@@ -735,7 +741,7 @@ async def test_ssl_boot_has_the_console_sign_a_certificate_and_a_reboot_keeps_it
 
 
 async def test_console_errors_are_retried_with_a_growing_pause(
-    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+    autoscaler: RecordingAutoscaler, console: ConsoleStandin, tmp_path: Path
 ) -> None:
     """A console that answers 503 twice is asked a third time, after pauses of CERT_RETRY_DELAY and twice that, and the
     boot goes on.
@@ -752,7 +758,7 @@ async def test_console_errors_are_retried_with_a_growing_pause(
 
 
 async def test_certificate_for_another_key_is_refused_and_reported(
-    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+    autoscaler: RecordingAutoscaler, console: ConsoleStandin, tmp_path: Path
 ) -> None:
     """A signed certificate whose public key is not the instance's is not installed, and the boot fails with the reason
     reported.
@@ -769,7 +775,7 @@ async def test_certificate_for_another_key_is_refused_and_reported(
 
 
 async def test_ssl_by_default_with_an_unreachable_console_is_reported(
-    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+    autoscaler: RecordingAutoscaler, console: ConsoleStandin, tmp_path: Path
 ) -> None:
     """USE_SSL defaults to true as on Vast; when the console cannot be reached the boot reports curl's reason and names
     CONSOLE_URL.
@@ -784,7 +790,7 @@ async def test_ssl_by_default_with_an_unreachable_console_is_reported(
 
 
 async def test_ssl_boot_without_curl_asks_the_console_with_python3(
-    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+    autoscaler: RecordingAutoscaler, console: ConsoleStandin, tmp_path: Path
 ) -> None:
     """Without curl on PATH the certificate request goes out through python3 and the pair is installed."""
     if shutil.which("python3") is None:
@@ -797,7 +803,7 @@ async def test_ssl_boot_without_curl_asks_the_console_with_python3(
 
 
 async def test_a_certificate_that_does_not_match_its_key_is_replaced(
-    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+    autoscaler: RecordingAutoscaler, console: ConsoleStandin, tmp_path: Path
 ) -> None:
     """An installed certificate that is not for the installed key (a boot cut short between the two) is replaced by a
     signed pair.
@@ -815,7 +821,7 @@ async def test_a_certificate_that_does_not_match_its_key_is_replaced(
 
 
 async def test_ssl_without_container_id_is_refused_before_asking(
-    autoscaler: FakeAutoscaler, console: ConsoleStandin, tmp_path: Path
+    autoscaler: RecordingAutoscaler, console: ConsoleStandin, tmp_path: Path
 ) -> None:
     """With USE_SSL=true and no CONTAINER_ID there is nothing to sign for: the boot stops, the console unasked."""
     env = ssl_env(tmp_path, autoscaler, console, CONTAINER_ID=None)
