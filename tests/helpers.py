@@ -5,6 +5,8 @@
 - ``post``, ``open_session``, ``open_desk_session``, ``status_of``: requests and
   their answers as ``(status, json)``.
 - ``callbacks_for``, ``deleted_entries``: what the recording autoscaler was sent.
+- ``wait_until``: polls a condition against a deadline, for state nothing
+  records an event for.
 - ``running_worker``, ``RunningWorker``: a real worker process against the
   recording autoscaler, stopped on the way out.
 - ``FakeConsumer``: a consumer's health endpoint that can be made to die.
@@ -14,6 +16,7 @@ Child processes of any other kind are ``lib.standin.process.ChildProcess``.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -138,6 +141,27 @@ def deleted_entries(autoscaler: RecordingAutoscaler, request_idx: int) -> list[d
     return [r for d in autoscaler.deleted for r in d.body["requests"] if r["request_idx"] == request_idx]
 
 
+# -- waiting --------------------------------------------------------------------------------
+
+
+async def wait_until(
+    condition: Callable[[], Any], timeout: float, what: str, explain: Callable[[], str] | None = None
+) -> Any:
+    """Polls ``condition`` until it is truthy and returns its value (for state nothing records an event for).
+
+    On timeout the failure names ``what``, followed by ``explain()`` if given.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f"\n{explain()}" if explain is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+        await asyncio.sleep(0.05)
+
+
 # -- a real worker process -----------------------------------------------------------------
 
 _container_ids = itertools.count(1001)
@@ -164,13 +188,16 @@ class RunningWorker:
     def grant(self, **kwargs: Any) -> dict[str, Any]:
         return self.autoscaler.grant(self.url, **kwargs)
 
-    def create_body(self, lifetime: float = 60, on_close: bool = True, **grant_kwargs: Any) -> dict[str, Any]:
+    def create_body(
+        self, lifetime: float = 60, on_close: bool = True, job: str = "job-1", **grant_kwargs: Any
+    ) -> dict[str, Any]:
+        """A /session/create body with a fresh grant; with ``on_close``, a callback naming ``job``."""
         return {
             "auth_data": self.grant(**grant_kwargs),
             "payload": {
                 "lifetime": lifetime,
                 "on_close_route": self.autoscaler.on_close_url if on_close else None,
-                "on_close_payload": {"job": "job-1"} if on_close else None,
+                "on_close_payload": {"job": job} if on_close else None,
             },
         }
 

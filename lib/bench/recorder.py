@@ -84,8 +84,10 @@ class RecordingAutoscaler:
     def grant(self, worker_url: str, **kwargs: Any) -> dict[str, Any]:
         return self.signer.grant(worker_url, **kwargs)
 
-    async def wait_for(self, what: Callable[[], Any], timeout: float = 15.0, message: str = "") -> Any:
-        """Waits until ``what()`` is truthy and returns it."""
+    async def wait_for(
+        self, what: Callable[[], Any], timeout: float = 15.0, message: str | Callable[[], str] = ""
+    ) -> Any:
+        """Waits until ``what()`` is truthy and returns it; ``message`` (or, if callable, its result) names it."""
 
         async def until() -> Any:
             async with self._changed:
@@ -98,7 +100,8 @@ class RecordingAutoscaler:
         try:
             return await asyncio.wait_for(until(), timeout)
         except asyncio.TimeoutError:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message or what}") from None
+            described = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout}s waiting for {described or what}") from None
 
     def reports_for(self, container_id: int, since: float = 0.0) -> list[dict[str, Any]]:
         return [r.body for r in self.reports if r.body.get("id") == container_id and r.at >= since]

@@ -225,6 +225,11 @@ class ChildProcess:
     def lines(self) -> list[str]:
         return list(self.output)
 
+    @property
+    def text(self) -> str:
+        """Every kept output line, as one string."""
+        return "\n".join(self.output)
+
     def tail(self, n: int = 40) -> str:
         return "\n".join(list(self.output)[-n:])
 
@@ -262,14 +267,24 @@ class ChildProcess:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    async def wait(self, timeout: float | None = None) -> int:
-        """The exit code, once the output is read to its end; raises ChildTimeout with the tail."""
+    def killpg(self) -> None:
+        """SIGKILL to the process group it leads: itself and whatever it started there."""
+        assert self.proc is not None
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def wait(self, timeout: float | None = None, drain: float = 2.0) -> int:
+        """The exit code, once the output is read to its end; raises ChildTimeout with the tail.
+
+        ``drain`` bounds the wait for the end of the output after the exit
+        (a grandchild such as ``tee`` may still be writing it).
+        """
         assert self.proc is not None
         try:
             code = await asyncio.wait_for(self.proc.wait(), timeout)
         except asyncio.TimeoutError:
             raise ChildTimeout(f"{self.name} still running {timeout}s later; output:\n{self.tail()}") from None
-        await self._drain(2.0)
+        await self._drain(drain)
         return code
 
     async def _drain(self, timeout: float) -> None:
@@ -294,19 +309,14 @@ class ChildProcess:
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), grace)
         if self.running and self.kill_group:
-            self._sigkill_group()
+            self.killpg()
         elif self.running:
             self.kill()
         code = await self.proc.wait()
         if self.kill_group:
-            self._sigkill_group()  # what it started and left behind
+            self.killpg()  # what it started and left behind
         await self._drain(1.0)
         return code
-
-    def _sigkill_group(self) -> None:
-        assert self.proc is not None
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
 
     async def __aenter__(self) -> ChildProcess:
         return await self.start()

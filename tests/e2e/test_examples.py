@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -25,11 +24,10 @@ import pytest
 from lib.bench.recorder import RecordingAutoscaler, serving
 from lib.standin.autoscaler import LocalConfig, serve
 from lib.standin.fleet import FleetSettings
+from lib.standin.process import ChildProcess
 from lib.standin.scaling import EndpointParams
+from tests.helpers import RunningWorker, StartWorker, callbacks_for, open_session, status_of, wait_until
 from workers.null import sdk
-
-if TYPE_CHECKING:
-    from tests.conftest import RunningWorker, StartWorker
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -90,92 +88,35 @@ class Jobs:
         return path.read_text().split() if path.exists() else []
 
 
-@dataclasses.dataclass
-class Consumer:
-    proc: asyncio.subprocess.Process
-    lines: list[str]
-
-    def tail(self, n: int = 30) -> str:
-        return "\n".join(self.lines[-n:])
-
-
 @asynccontextmanager
 async def consumers() -> AsyncIterator:
-    """Starts consumer processes on demand; kills each one's process group on the way out."""
-    started: list[Consumer] = []
-    readers: list[asyncio.Task[None]] = []
+    """Starts consumer processes on demand; stops each one and its process group on the way out."""
+    started: list[ChildProcess] = []
 
-    async def start(kind: str, control_port: int, jobs: Jobs, lease: float) -> Consumer:
+    async def start(kind: str, control_port: int, jobs: Jobs, lease: float) -> ChildProcess:
         env = dict(os.environ, NULL_CONTROL_PORT=str(control_port), LEASE_SECONDS=str(lease), PYTHONUNBUFFERED="1")
-        proc = await asyncio.create_subprocess_exec(
-            *CONSUMERS[kind],
-            *jobs.args,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-        consumer = Consumer(proc, [])
-
-        async def read() -> None:
-            assert proc.stdout is not None
-            async for raw in proc.stdout:
-                consumer.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-        readers.append(asyncio.ensure_future(read()))
+        # The consumer loops forever by design; its group holds the job and the lease keeper too.
+        consumer = ChildProcess([*CONSUMERS[kind], *jobs.args], env=env, tail_lines=None)
         started.append(consumer)
-        return consumer
+        return await consumer.start()
 
     try:
         yield start
     finally:
         for consumer in started:
-            # The consumer loops forever by design; its group holds the job and the lease keeper too.
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(consumer.proc.pid, signal.SIGKILL)
-            await consumer.proc.wait()
-        for reader in readers:
-            with suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(reader, 5.0)
-
-
-async def poll_until(condition, timeout: float, what: str, explain) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{explain()}")
-        await asyncio.sleep(0.05)
-
-
-async def open_session(http: aiohttp.ClientSession, worker: RunningWorker, job: str, lifetime: float) -> str:
-    body = {
-        "auth_data": worker.grant(),
-        "payload": {
-            "lifetime": lifetime,
-            "on_close_route": worker.autoscaler.on_close_url,
-            "on_close_payload": {"job": job},
-        },
-    }
-    async with http.post(f"{worker.url}/session/create", json=body) as response:
-        answer = await response.json()
-    assert response.status == 201, (response.status, answer, worker.explain())
-    return answer["session_id"]
+            await consumer.stop(5.0)
 
 
 async def held_session(http: aiohttp.ClientSession, worker: RunningWorker):
-    async with http.get(f"{worker.control}/status") as response:
-        return (await response.json())["session"]
+    return (await status_of(http, worker))["session"]
 
 
-async def callback_for(autoscaler: RecordingAutoscaler, session_id: str, timeout: float, explain):
-    def found():
-        return next((c.body for c in autoscaler.callbacks if c.body.get("session_id") == session_id), None)
-
-    try:
-        return await autoscaler.wait_for(found, timeout, f"the on-close callback of {session_id}")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{explain()}") from None
+async def callback_of(autoscaler: RecordingAutoscaler, session_id: str, timeout: float, explain) -> dict:
+    """The body of the on-close callback that names ``session_id``, once it arrives."""
+    found = await autoscaler.wait_for(
+        lambda: callbacks_for(autoscaler, session_id), timeout, lambda: f"the callback of {session_id}\n{explain()}"
+    )
+    return found[0].body
 
 
 @pytest.mark.slow
@@ -183,7 +124,8 @@ async def callback_for(autoscaler: RecordingAutoscaler, session_id: str, timeout
 async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_job_is_done(
     kind: str, start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """A consumer runs the job named in the session, renews the lease past its 3 s lifetime while the job runs, and releases when it is done."""
+    """A consumer runs the job named in the session, renews the lease past its 3 s lifetime while the job runs,
+    and releases when it is done."""
     worker = await start_worker()
     jobs = Jobs.create(tmp_path / "jobs")
     async with consumers() as start:
@@ -193,8 +135,8 @@ async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_
             return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
 
         opened_at = time.monotonic()
-        session_id = await open_session(http, worker, "job-7", lifetime=3)
-        await poll_until(lambda: jobs.listed("started") == ["job-7"], 15, "the job to start", explain)
+        session_id = await open_session(http, worker, worker.create_body(lifetime=3, job="job-7"))
+        await wait_until(lambda: jobs.listed("started") == ["job-7"], 15, "the job to start", explain)
         while time.monotonic() - opened_at < 6:
             held = await held_session(http, worker)
             assert held is not None and held["session_id"] == session_id, (
@@ -202,10 +144,10 @@ async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_
             )
             await asyncio.sleep(0.25)
         jobs.finish("job-7")
-        callback = await callback_for(autoscaler, session_id, 10, explain)
+        callback = await callback_of(autoscaler, session_id, 10, explain)
         assert callback == {"job": "job-7", "session_id": session_id}
         assert await held_session(http, worker) is None
-        await poll_until(lambda: "job job-7: done" in consumer.lines, 5, "the consumer's done line", explain)
+        await wait_until(lambda: "job job-7: done" in consumer.lines, 5, "the consumer's done line", explain)
     assert jobs.listed("requeued") == []
     assert "released by consumer (/release)" in worker.process.tail(200), worker.explain()
 
@@ -215,7 +157,8 @@ async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_
 async def test_consumer_requeues_a_failed_job_and_still_releases_the_worker(
     kind: str, start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """When the job fails the consumer requeues it and releases the worker at once instead of holding it until the lease lapses."""
+    """When the job fails the consumer requeues it and releases the worker at once instead of holding it until
+    the lease lapses."""
     worker = await start_worker()
     jobs = Jobs.create(tmp_path / "jobs")
     jobs.finish("job-8", "fail")
@@ -225,11 +168,11 @@ async def test_consumer_requeues_a_failed_job_and_still_releases_the_worker(
         def explain() -> str:
             return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
 
-        session_id = await open_session(http, worker, "job-8", lifetime=60)
-        callback = await callback_for(autoscaler, session_id, 15, explain)
+        session_id = await open_session(http, worker, worker.create_body(lifetime=60, job="job-8"))
+        callback = await callback_of(autoscaler, session_id, 15, explain)
         assert callback == {"job": "job-8", "session_id": session_id}
         assert jobs.listed("requeued") == ["job-8"]
-        await poll_until(
+        await wait_until(
             lambda: "job job-8: failed, requeued" in consumer.lines, 5, "the consumer's failure line", explain
         )
     assert "released by consumer (/release)" in worker.process.tail(200), worker.explain()
@@ -249,11 +192,11 @@ async def test_a_killed_consumer_stops_renewing_and_the_lease_lapses(
         def explain() -> str:
             return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
 
-        session_id = await open_session(http, worker, "job-9", lifetime=3)
-        await poll_until(lambda: jobs.listed("started") == ["job-9"], 15, "the job to start", explain)
-        consumer.proc.kill()  # the consumer only: its job and lease keeper are left behind
+        session_id = await open_session(http, worker, worker.create_body(lifetime=3, job="job-9"))
+        await wait_until(lambda: jobs.listed("started") == ["job-9"], 15, "the job to start", explain)
+        consumer.kill()  # the consumer only: its job and lease keeper are left behind
         killed_at = time.monotonic()
-        callback = await callback_for(autoscaler, session_id, 15, explain)
+        callback = await callback_of(autoscaler, session_id, 15, explain)
         assert callback == {"job": "job-9", "session_id": session_id}
         assert time.monotonic() - killed_at <= 3 + 1 + 2, "the lease outlived the consumer by more than one lease"
         assert await held_session(http, worker) is None
@@ -270,7 +213,8 @@ def load_dispatcher() -> ModuleType:
 
 @pytest.mark.slow
 async def test_dispatcher_reserves_one_worker_per_job_and_learns_when_the_consumers_end_them(tmp_path: Path) -> None:
-    """Through the SDK and the local stand-in, the dispatcher example reserves a worker for each of 3 jobs, the consumer beside each worker runs its job and releases it, and the dispatcher hears every session end."""
+    """Through the SDK and the local stand-in, the dispatcher example reserves a worker for each of 3 jobs, the
+    consumer beside each worker runs its job and releases it, and the dispatcher hears every session end."""
 
     dispatcher = load_dispatcher()
     jobs = Jobs.create(tmp_path / "jobs")
@@ -289,7 +233,7 @@ async def test_dispatcher_reserves_one_worker_per_job_and_learns_when_the_consum
         standin = await stack.enter_async_context(serve(config))
         callback_url = await stack.enter_async_context(serving(dispatcher.callback_app(ended, "/session-ended")))
         start = await stack.enter_async_context(consumers())
-        attached: dict[int, Consumer] = {}
+        attached: dict[int, ChildProcess] = {}
 
         async def attach_consumers() -> None:
             # What the template's on-start script does on Vast: a consumer beside each worker.

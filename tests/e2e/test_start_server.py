@@ -31,9 +31,8 @@ import pytest
 from aiohttp import web
 
 from lib.bench.recorder import RecordingAutoscaler
-from lib.standin.process import WorkerPorts, free_port
+from lib.standin.process import REPO_ROOT, ChildProcess, WorkerPorts, free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "start_server.sh"
 REQUIREMENTS = REPO_ROOT / "requirements.txt"
 # The venv running the tests already satisfies requirements.txt, so a boot
@@ -126,72 +125,28 @@ def path_without(tmp_path: Path, names: Iterable[str]) -> str:
     return str(bin_dir)
 
 
-@dataclasses.dataclass
-class Boot:
-    """One run of start_server.sh (and, after its exec, the worker) with its output."""
-
-    proc: asyncio.subprocess.Process
-    lines: list[str]
-    reader: asyncio.Task[None]
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.lines[-n:])
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    async def exit_code(self, timeout: float = 60.0) -> int:
-        """Waits for the exit and for the end of its output (tee has written the log by then)."""
-        try:
-            code = await asyncio.wait_for(self.proc.wait(), timeout)
-            await asyncio.wait_for(asyncio.shield(self.reader), 10.0)
-        except asyncio.TimeoutError:
-            raise AssertionError(f"start_server.sh still running after {timeout}s; output:\n{self.tail()}") from None
-        return code
-
-
 @asynccontextmanager
-async def booted(env: dict[str, str]) -> AsyncIterator[Boot]:
-    """Runs the script; stops it with SIGTERM (then SIGKILL of its process group) on the way out."""
-    proc = await asyncio.create_subprocess_exec(
-        str(SCRIPT),
-        cwd=str(REPO_ROOT),
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
-    )
-    lines: list[str] = []
+async def booted(env: dict[str, str]) -> AsyncIterator[ChildProcess]:
+    """Runs the script (and, after its exec, the worker), every output line kept.
 
-    async def read() -> None:
-        assert proc.stdout is not None
-        async for raw in proc.stdout:
-            lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    boot = Boot(proc, lines, asyncio.ensure_future(read()))
+    Stopped on the way out with SIGTERM, then SIGKILL of its process group,
+    which holds only what the script started (tee, a clone, pip).
+    """
+    boot = ChildProcess([str(SCRIPT)], env=env, cwd=REPO_ROOT, tail_lines=None)
     try:
-        yield boot
+        yield await boot.start()
     finally:
-        if proc.returncode is None:
-            with suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 10.0)
-            except asyncio.TimeoutError:
-                pass
-        # The script's session holds only what it started (tee, a clone, pip).
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        with suppress(asyncio.TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(boot.reader, 5.0)
+        await boot.stop(10.0)
+
+
+async def exit_code(boot: ChildProcess, timeout: float = 60.0) -> int:
+    """Waits for the exit and for the end of its output (tee has written the log by then)."""
+    return await boot.wait(timeout, drain=10.0)
 
 
 async def wait_for_report(
     autoscaler: RecordingAutoscaler,
-    boot: Boot,
+    boot: ChildProcess,
     predicate: Callable[[dict[str, Any]], bool],
     what: str,
     since: float,
@@ -214,7 +169,7 @@ async def wait_for_report(
                     await task
     if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
         return waiter.result()
-    raise AssertionError(f"no {what} (exit code {boot.proc.returncode}); output:\n{boot.tail()}")
+    raise AssertionError(f"no {what} (exit code {boot.returncode}); output:\n{boot.tail()}")
 
 
 def ready_report(container_id: str) -> Callable[[dict[str, Any]], bool]:
@@ -225,14 +180,16 @@ def error_reports(autoscaler: RecordingAutoscaler, container_id: str) -> list[di
     return [r.body for r in autoscaler.reports if r.body.get("id") == int(container_id) and r.body.get("error_msg")]
 
 
-async def failed_boot(env: dict[str, str], timeout: float = 60.0) -> Boot:
+async def failed_boot(env: dict[str, str], timeout: float = 60.0) -> ChildProcess:
     async with booted(env) as boot:
-        code = await boot.exit_code(timeout)
+        code = await exit_code(boot, timeout)
         assert code != 0, f"start_server.sh exited 0; output:\n{boot.tail()}"
     return boot
 
 
-def assert_reported(autoscaler: RecordingAutoscaler, env: dict[str, str], boot: Boot, expected: str) -> dict[str, Any]:
+def assert_reported(
+    autoscaler: RecordingAutoscaler, env: dict[str, str], boot: ChildProcess, expected: str
+) -> dict[str, Any]:
     reports = error_reports(autoscaler, env["CONTAINER_ID"])
     assert len(reports) == 1, f"expected one error report, got {reports}; output:\n{boot.tail()}"
     assert expected in reports[0]["error_msg"], f"{reports[0]['error_msg']!r} lacks {expected!r}"
@@ -313,7 +270,7 @@ async def test_report_addr_is_a_fallback_list(autoscaler: RecordingAutoscaler, t
     env = script_env(tmp_path, f"{down}/,{autoscaler.url}/", BACKEND="nosuch")
     boot = await failed_boot(env)
     assert_reported(autoscaler, env, boot, "workers/nosuch/worker.py")
-    assert f"could not report the error to {down}/worker_status/" in boot.output
+    assert f"could not report the error to {down}/worker_status/" in boot.text
 
 
 async def test_error_is_reported_with_python3_when_curl_is_missing(
@@ -334,7 +291,7 @@ async def test_error_without_container_id_is_logged_not_reported(
     env = script_env(tmp_path, autoscaler.url, BACKEND="nosuch", CONTAINER_ID=None)
     boot = await failed_boot(env)
     assert autoscaler.reports == []
-    assert "not reported to the autoscaler: CONTAINER_ID=''" in boot.output
+    assert "not reported to the autoscaler: CONTAINER_ID=''" in boot.text
 
 
 async def test_sdk_version_other_than_the_pin_is_refused(autoscaler: RecordingAutoscaler, tmp_path: Path) -> None:
@@ -413,7 +370,7 @@ def make_remote_repo(path: Path, requirements: str) -> None:
     subprocess.run([*git, "commit", "--quiet", "-am", "head"], check=True)
 
 
-def fixture_worker_line(boot: Boot) -> dict[str, Any]:
+def fixture_worker_line(boot: ChildProcess) -> dict[str, Any]:
     lines = [line for line in boot.lines if line.startswith("FIXTURE-WORKER ")]
     assert len(lines) == 1, f"the fixture worker did not run once; output:\n{boot.tail()}"
     return json.loads(lines[0][len("FIXTURE-WORKER ") :])
@@ -442,10 +399,10 @@ async def test_first_boot_clones_the_ref_makes_the_venv_and_execs_the_worker_the
     )
 
     async with booted(env) as first:
-        assert await first.exit_code(120) == 0, first.tail()
+        assert await exit_code(first, 120) == 0, first.tail()
     started = fixture_worker_line(first)
     assert started["ref"] == "v1"
-    assert started["pid"] == first.proc.pid, "the worker is not the script's process: no exec"
+    assert started["pid"] == first.pid, "the worker is not the script's process: no exec"
     assert Path(started["cwd"]) == tmp_path / "workspace"
     assert Path(started["prefix"]).resolve() == env_path.resolve()
     assert started["env"] == {
@@ -457,17 +414,17 @@ async def test_first_boot_clones_the_ref_makes_the_venv_and_execs_the_worker_the
         "PYTHONPATH": f"{server_dir}:/elsewhere",
         "CONTAINER_ID": env["CONTAINER_ID"],
     }
-    assert re.search(r"creating the venv ENV_PATH=\S+ with python3(\.10)? \(Python 3\.\d+", first.output), first.output
+    assert re.search(r"creating the venv ENV_PATH=\S+ with python3(\.10)? \(Python 3\.\d+", first.text), first.text
     digest = hashlib.sha256((server_dir / "requirements.txt").read_bytes()).hexdigest()
     assert (env_path / ".null-pyworker-requirements.sha256").read_text() == digest + "\n"
     assert autoscaler.reports == []
 
     env["PATH"] = f"{network_tool_stubs(tmp_path)}{os.pathsep}{env['PATH']}"
     async with booted(env) as second:
-        assert await second.exit_code(60) == 0, second.tail()
+        assert await exit_code(second, 60) == 0, second.tail()
     assert fixture_worker_line(second)["ref"] == "v1"
     assert network_calls(tmp_path) == ""
-    assert "reboot, no network" in second.output
+    assert "reboot, no network" in second.text
     assert log_file(env).read_text(errors="replace").splitlines() == first.lines + second.lines
 
 
@@ -495,7 +452,7 @@ async def test_failed_requirements_install_is_reported_with_pips_reason(
     assert not (tmp_path / "venv" / ".null-pyworker-requirements.sha256").exists()
 
     again = await failed_boot(env, timeout=120)
-    assert "installing" in again.output and "reboot, no network" not in again.output
+    assert "installing" in again.text and "reboot, no network" not in again.text
 
 
 @pytest.mark.slow
@@ -549,10 +506,10 @@ async def test_worker_comes_up_from_the_checkout_and_venv_twice_in_a_row(
                 assert "Requirement already satisfied" in pip_log
             else:
                 assert (tmp_path / "pip.log").read_text() == pip_log, "pip ran on reboot"
-                assert "reboot, no network" in boot.output
-            boot.proc.send_signal(signal.SIGTERM)
+                assert "reboot, no network" in boot.text
+            boot.send_signal(signal.SIGTERM)
             stopping = time.monotonic()
-            code = await boot.exit_code(10)
+            code = await exit_code(boot, 10)
             assert code == 0, f"exit code {code} after SIGTERM; output:\n{boot.tail()}"
             print(f"boot {boot_number}: ready, then stopped {time.monotonic() - stopping:.2f}s after SIGTERM")
         outputs.extend(boot.lines)
@@ -722,7 +679,7 @@ async def test_ssl_boot_has_the_console_sign_a_certificate_and_a_reboot_keeps_it
     """
     env = ssl_env(tmp_path, autoscaler, console)
     async with booted(env) as boot:
-        assert await boot.exit_code() == 0, boot.tail()
+        assert await exit_code(boot) == 0, boot.tail()
     assert fixture_worker_line(boot) == {"USE_SSL": "true"}
     assert len(console.requests) == 1, console.requests
     request = console.requests[0]
@@ -734,10 +691,10 @@ async def test_ssl_boot_has_the_console_sign_a_certificate_and_a_reboot_keeps_it
     cert_bytes = Path(env["INSTANCE_CERT"]).read_bytes()
 
     async with booted(env) as again:
-        assert await again.exit_code() == 0, again.tail()
+        assert await exit_code(again) == 0, again.tail()
     assert len(console.requests) == 1, "the reboot asked the console again"
     assert Path(env["INSTANCE_CERT"]).read_bytes() == cert_bytes
-    assert f"using the instance certificate {env['INSTANCE_CERT']}" in again.output
+    assert f"using the instance certificate {env['INSTANCE_CERT']}" in again.text
 
 
 async def test_console_errors_are_retried_with_a_growing_pause(
@@ -749,10 +706,10 @@ async def test_console_errors_are_retried_with_a_growing_pause(
     console.failures = 2
     env = ssl_env(tmp_path, autoscaler, console)
     async with booted(env) as boot:
-        assert await boot.exit_code() == 0, boot.tail()
+        assert await exit_code(boot) == 0, boot.tail()
     assert len(console.requests) == 3
-    assert "attempt 1 failed: curl: (22) The requested URL returned error: 503; trying again in 0.05s" in boot.output
-    assert "attempt 2 failed: curl: (22) The requested URL returned error: 503; trying again in 0.1s" in boot.output
+    assert "attempt 1 failed: curl: (22) The requested URL returned error: 503; trying again in 0.05s" in boot.text
+    assert "attempt 2 failed: curl: (22) The requested URL returned error: 503; trying again in 0.1s" in boot.text
     assert_installed_pair(env, console.ca)
     assert autoscaler.reports == []
 
@@ -771,7 +728,7 @@ async def test_certificate_for_another_key_is_refused_and_reported(
     assert "set USE_SSL=false" in report["error_msg"]
     assert len(console.requests) == 2
     assert not (tmp_path / "etc").exists() or list((tmp_path / "etc").iterdir()) == []
-    assert "FIXTURE-WORKER" not in boot.output
+    assert "FIXTURE-WORKER" not in boot.text
 
 
 async def test_ssl_by_default_with_an_unreachable_console_is_reported(
@@ -797,7 +754,7 @@ async def test_ssl_boot_without_curl_asks_the_console_with_python3(
         pytest.skip("python3 is not on PATH")
     env = ssl_env(tmp_path, autoscaler, console, PATH=path_without(tmp_path, ["curl"]))
     async with booted(env) as boot:
-        assert await boot.exit_code() == 0, boot.tail()
+        assert await exit_code(boot) == 0, boot.tail()
     assert len(console.requests) == 1
     assert_installed_pair(env, console.ca)
 
@@ -814,8 +771,8 @@ async def test_a_certificate_that_does_not_match_its_key_is_replaced(
     shutil.copy(console.ca.server_cert, env["INSTANCE_CERT"])
     openssl("genrsa", "-out", env["INSTANCE_KEY"], "2048")
     async with booted(env) as boot:
-        assert await boot.exit_code() == 0, boot.tail()
-    assert f"the instance certificate {env['INSTANCE_CERT']} does not match the key" in boot.output
+        assert await exit_code(boot) == 0, boot.tail()
+    assert f"the instance certificate {env['INSTANCE_CERT']} does not match the key" in boot.text
     assert len(console.requests) == 1
     assert_installed_pair(env, console.ca)
 
@@ -826,5 +783,5 @@ async def test_ssl_without_container_id_is_refused_before_asking(
     """With USE_SSL=true and no CONTAINER_ID there is nothing to sign for: the boot stops, the console unasked."""
     env = ssl_env(tmp_path, autoscaler, console, CONTAINER_ID=None)
     boot = await failed_boot(env)
-    assert "USE_SSL=true needs the certificate signed for CONTAINER_ID" in boot.output
+    assert "USE_SSL=true needs the certificate signed for CONTAINER_ID" in boot.text
     assert console.requests == []

@@ -38,6 +38,7 @@ from tests.helpers import (
     post,
     running_worker,
     status_of,
+    wait_until,
 )
 
 MAX_LIFETIME = 600.0
@@ -51,18 +52,6 @@ STOP_DEADLINE = 10.0  # the issue's target is 5 s; this bound only catches a han
 def forger() -> GrantSigner:
     """Signs grants with a key the recording autoscaler does not serve."""
     return GrantSigner()
-
-
-async def wait_until(condition: Callable[[], Any], timeout: float, message: str) -> Any:
-    """Polls ``condition`` against a deadline (for state no fake records an event for)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        await asyncio.sleep(0.05)
 
 
 def output_lines(worker: RunningWorker, pattern: str) -> list[str]:
@@ -477,7 +466,7 @@ async def test_dying_consumer_behind_backend_health_url_makes_the_worker_report_
     consumer = FakeConsumer(healthy=False)
     async with serving(consumer.app()) as consumer_url:
         worker = await start_worker({"BACKEND_HEALTH_URL": consumer_url + "/health"}, ready=False)
-        await wait_until(lambda: consumer.checks >= 1, 15, f"the first health check; {worker.explain()}")
+        await wait_until(lambda: consumer.checks >= 1, 15, "the first health check", worker.explain)
         assert (await status_of(http, worker))["ready"] is False
         assert not [r for r in worker.reports() if r["max_perf"] == 100.0], (
             f"ready before a healthy check; {worker.explain()}"
