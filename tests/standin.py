@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
 from lib.standin.autoscaler import LocalConfig, LocalServerless
 from lib.standin.fleet import Fleet, FleetSettings
-from lib.standin.process import REPO_ROOT, ChildProcess, python_env
 from lib.standin.scaling import EndpointParams, LocalPolicy
 from workers.null import sdk
 
@@ -49,17 +47,6 @@ async def wait_fleet(fleet: Fleet, predicate: Callable[[Fleet], Any], timeout: f
         return await fleet.wait_for(predicate, timeout)
     except asyncio.TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{explain(fleet)}") from None
-
-
-class CommandRun(ChildProcess):
-    """``python *args`` run from the checkout, every output line kept (``ChildProcess.python``, as a class)."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
-        super().__init__([sys.executable, *args], env=python_env(env), cwd=REPO_ROOT, tail_lines=None)
-
-    async def cleanup(self) -> None:
-        """SIGTERM, then SIGKILL to the whole group; for ``finally``."""
-        await self.stop(10.0)
 
 
 def process_gone(pid: int) -> bool:

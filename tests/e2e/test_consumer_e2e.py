@@ -26,14 +26,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import RunningWorker
-from tests.standin import CommandRun, process_gone
+from lib.standin.process import ChildProcess
+from tests.helpers import RunningWorker, open_session, status_of
+from tests.standin import process_gone
 from workers.null.queues.base import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, JobEvent, Queue
 
 pytestmark = pytest.mark.slow
 
 ACK_WAIT = 1.5  # the renewal window: renewals every 0.5 s
 CLAIM_TIMEOUT = 1.0
+LIFETIME = 30.0  # a session's own lifetime, past which only the consumer's renewals keep it
 
 
 # -- the queue servers --------------------------------------------------------------------
@@ -133,9 +135,9 @@ class Consumers:
     queue_url: str
     tmp_path: Path
     runs_file: Path
-    started: list[CommandRun] = field(default_factory=list)
+    started: list[ChildProcess] = field(default_factory=list)
 
-    async def start(self, worker_control_port: int, *flags: str) -> CommandRun:
+    async def start(self, worker_control_port: int, *flags: str) -> ChildProcess:
         script = self.tmp_path / "job.py"
         script.write_text(textwrap.dedent(JOB))
         args = [
@@ -152,7 +154,7 @@ class Consumers:
             "--", sys.executable, str(script),
         ]  # fmt: skip
         env = {**os.environ, "RUNS_FILE": str(self.runs_file)}
-        run = await CommandRun(*args, env=env).start()
+        run = await ChildProcess.python(*args, env=env, tail_lines=None).start()
         self.started.append(run)
         await run.wait_for_line(r"waiting for a session", 20)
         return run
@@ -179,39 +181,18 @@ async def consumers(queue_url: str, tmp_path: Path) -> AsyncIterator[Consumers]:
         yield found
     finally:
         for run in found.started:
-            await run.cleanup()
+            await run.stop(10.0)
 
 
 # -- helpers ------------------------------------------------------------------------------
 
 
-async def open_session(http: aiohttp.ClientSession, worker: RunningWorker, lifetime: float = 30.0) -> tuple[str, dict]:
-    body = worker.create_body(lifetime=lifetime)
-    async with http.post(worker.url + "/session/create", json=body) as resp:
-        answer = await resp.json()
-        assert resp.status == 201, f"create answered {resp.status} {answer}; {worker.explain()}"
-    return answer["session_id"], body["auth_data"]
-
-
 async def worker_session(http: aiohttp.ClientSession, worker: RunningWorker) -> dict | None:
-    async with http.get(worker.control + "/status") as resp:
-        return (await resp.json())["session"]
+    return (await status_of(http, worker))["session"]
 
 
 async def wait_line(worker: RunningWorker, pattern: str, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in worker.process.output:
-            if re.search(pattern, line):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no worker line matching {pattern!r} within {timeout}s; {worker.explain()}")
-        await asyncio.sleep(0.05)
-
-
-def kill_group(run: CommandRun) -> None:
-    assert run.proc is not None
-    os.killpg(run.proc.pid, signal.SIGKILL)
+    return (await worker.process.wait_for_line(pattern, timeout))[0].string
 
 
 # -- the lease mapping --------------------------------------------------------------------
@@ -225,10 +206,10 @@ async def test_job_is_run_renewed_acked_and_then_the_worker_released(start_worke
     await consumers.start(other.ports.control, "--claim-timeout", str(ACK_WAIT * 2))
     await dispatch.publish("j1", sleep=ACK_WAIT * 2)
     # A lease shorter than the job: only the consumer's /extend keeps it.
-    session_id, _ = await open_session(http, worker, lifetime=1.0)
+    session_id = await open_session(http, worker, worker.create_body(lifetime=1.0))
     await dispatch.wait_kind(STARTED, "j1")
     # Another worker asking while j1 runs past AckWait finds nothing: the claim was kept alive.
-    await open_session(http, other)
+    await open_session(http, other, other.create_body(lifetime=LIFETIME))
     await wait_line(other, r"released by consumer", timeout=ACK_WAIT * 2 + 5)
     done = await dispatch.wait_kind(FINISHED, "j1")
     assert done.outcome == DONE, done
@@ -250,7 +231,7 @@ async def test_no_job_within_claim_timeout_releases_the_worker_at_once(start_wor
     worker = await start_worker()
     await consumers.start(worker.ports.control)
     opened = time.monotonic()
-    session_id, _ = await open_session(http, worker, lifetime=30.0)
+    session_id = await open_session(http, worker, worker.create_body(lifetime=30.0))
     await wait_line(worker, rf"session {re.escape(session_id)} released by consumer", timeout=10)
     assert time.monotonic() - opened < CLAIM_TIMEOUT + 3
     released = await dispatch.wait_kind(RELEASED, "", 0)
@@ -264,11 +245,11 @@ async def test_poison_job_is_dead_lettered_after_max_attempts(start_worker, http
     await consumers.start(worker.ports.control)
     await dispatch.publish("poison", exit=1)
     for attempt in (1, 2):
-        await open_session(http, worker)
+        await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
         await dispatch.wait_kind(RELEASED, "poison", attempt)
     outcomes = [(e.attempt, e.outcome) for e in dispatch.of("poison", FINISHED)]
     assert outcomes == [(1, RETRY), (2, DEAD)]
-    session_id, _ = await open_session(http, worker)
+    session_id = await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
     await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
     assert [r[:2] for r in consumers.runs()] == [("poison", 1), ("poison", 2)]
     assert [(j.id, j.attempt) for j in await dispatch.queue.dead_letters()] == [("poison", 2)]
@@ -286,10 +267,10 @@ async def test_consumer_killed_mid_job_lets_the_lease_lapse_and_the_job_is_redel
     worker = await start_worker()
     first = await consumers.start(worker.ports.control)
     await dispatch.publish("j1", sleep=60)
-    session_id, _ = await open_session(http, worker, lifetime=30.0)
+    session_id = await open_session(http, worker, worker.create_body(lifetime=30.0))
     await consumers.wait_runs(1)
     killed_at = time.monotonic()
-    kill_group(first)
+    first.killpg()
     await wait_line(worker, rf"session {re.escape(session_id)} expired", timeout=ACK_WAIT + 5)
     assert time.monotonic() - killed_at < ACK_WAIT + 3  # the lease was the window, not the 30 s lifetime
     pid = consumers.runs()[0][3]
@@ -298,7 +279,7 @@ async def test_consumer_killed_mid_job_lets_the_lease_lapse_and_the_job_is_redel
         assert time.monotonic() < deadline, "the job's process outlived its consumer"
         await asyncio.sleep(0.05)
     await consumers.start(worker.ports.control)
-    await open_session(http, worker)
+    await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
     again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=ACK_WAIT + 15)
     assert again.outcome == DONE
     assert [r[:2] for r in consumers.runs()] == [("j1", 1), ("j1", 2)]
@@ -309,7 +290,7 @@ class KillOnRelease:
 
     def __init__(self, worker_control: str):
         self.worker_control = worker_control
-        self.victim: CommandRun | None = None
+        self.victim: ChildProcess | None = None
         self.killed = asyncio.Event()
         self.http: aiohttp.ClientSession | None = None
 
@@ -321,7 +302,7 @@ class KillOnRelease:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/release":
             assert self.victim is not None
-            kill_group(self.victim)
+            self.victim.killpg()
             self.killed.set()
             raise web.HTTPServiceUnavailable()
         assert self.http is not None
@@ -345,13 +326,13 @@ async def test_ack_then_crash_before_release_runs_nothing_twice_and_the_lease_fr
         url = await stack.enter_async_context(serving(proxy.app()))
         proxy.victim = await consumers.start(int(url.rsplit(":", 1)[1]))
         await dispatch.publish("j1")
-        session_id, _ = await open_session(http, worker, lifetime=30.0)
+        session_id = await open_session(http, worker, worker.create_body(lifetime=30.0))
         await asyncio.wait_for(proxy.killed.wait(), 20)
         await wait_line(worker, rf"session {re.escape(session_id)} expired", timeout=ACK_WAIT + 5)
     # The lease lapsed a window after the last renewal, so AckWait has passed too: a fresh consumer
     # would be handed the job now, had the ack not held.
     await consumers.start(worker.ports.control)
-    second, _ = await open_session(http, worker)
+    second = await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
     await wait_line(worker, rf"session {re.escape(second)} released by consumer")
     assert [r[:2] for r in consumers.runs()] == [("j1", 1)]
     assert [e.outcome for e in dispatch.of("j1", FINISHED)] == [DONE]
@@ -364,14 +345,16 @@ async def test_lease_ended_by_the_dispatcher_stops_the_job_without_ack(start_wor
     worker = await start_worker()
     await consumers.start(worker.ports.control)
     await dispatch.publish("j1", sleep=60)
-    session_id, grant = await open_session(http, worker)
+    body = worker.create_body(lifetime=LIFETIME)
+    session_id = await open_session(http, worker, body)
     await consumers.wait_runs(1)
-    async with http.post(worker.url + "/session/end", json={"session_id": session_id, "session_auth": grant}) as resp:
+    end = {"session_id": session_id, "session_auth": body["auth_data"]}
+    async with http.post(worker.url + "/session/end", json=end) as resp:
         assert resp.status == 200, await resp.text()
     stopped = await dispatch.wait_kind(FINISHED, "j1", 1, timeout=ACK_WAIT + 5)
     assert stopped.outcome == ABANDONED and "lease" in stopped.detail, stopped
     assert process_gone(consumers.runs()[0][3])
-    await open_session(http, worker)
+    await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
     again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=ACK_WAIT + 15)
     assert again.outcome == DONE
 
@@ -381,7 +364,7 @@ async def test_sigterm_mid_job_hands_it_back_releases_and_exits_0(start_worker, 
     worker = await start_worker()
     first = await consumers.start(worker.ports.control, "--ack-wait", "20")
     await dispatch.publish("j1", sleep=60)
-    session_id, _ = await open_session(http, worker)
+    session_id = await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
     await dispatch.wait_kind(STARTED, "j1")
     first.send_signal(signal.SIGTERM)
     assert await first.wait(15) == 0, first.tail()
@@ -391,7 +374,7 @@ async def test_sigterm_mid_job_hands_it_back_releases_and_exits_0(start_worker, 
     # Handed back, not left to the 20 s AckWait: the next session gets it at once.
     await consumers.start(worker.ports.control, "--ack-wait", "20")
     handed_back = time.monotonic()
-    await open_session(http, worker)
+    await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
     again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=15)
     assert again.outcome == DONE and time.monotonic() - handed_back < 10
 
@@ -406,9 +389,9 @@ async def test_missing_stream_is_retried_until_it_exists(start_worker, http, que
     worker = await start_worker()
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(JOB))
-    run = await CommandRun(
+    run = await ChildProcess.python(
         "-m", "workers.null.consumer", "--queue", queue_url, "--control-port", str(worker.ports.control),
-        "--health-port", "0", "--ack-wait", str(ACK_WAIT), "--", sys.executable, str(script),
+        "--health-port", "0", "--ack-wait", str(ACK_WAIT), "--", sys.executable, str(script), tail_lines=None,
     ).start()  # fmt: skip
     try:
         [match] = await run.wait_for_line(r"health endpoint on (http://\S+)", 20)
@@ -426,7 +409,7 @@ async def test_missing_stream_is_retried_until_it_exists(start_worker, http, que
             assert resp.status == 200
         assert len(run.matches(r"queue unreachable")) == 1
     finally:
-        await run.cleanup()
+        await run.stop(10.0)
 
 
 @pytest.mark.parametrize(
@@ -441,9 +424,10 @@ async def test_missing_stream_is_retried_until_it_exists(start_worker, http, que
 )
 async def test_bad_queue_url_is_one_line_and_exit_2(url, needle):
     """A --queue URL the consumer cannot use: one line naming it, exit 2, no traceback."""
-    run = await CommandRun("-m", "workers.null.consumer", "--queue", url, "--", sys.executable, "-c", "pass").start()
+    argv = ["-m", "workers.null.consumer", "--queue", url, "--", sys.executable, "-c", "pass"]
+    run = await ChildProcess.python(*argv, tail_lines=None).start()
     try:
         assert await run.wait(20) == 2, run.tail()
         assert len(run.lines) == 1 and needle in run.lines[0].lower(), run.tail()
     finally:
-        await run.cleanup()
+        await run.stop(10.0)

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from lib.standin.autoscaler import serve
+from lib.standin.process import ChildProcess
 from lib.standin.queueservers import nats_server
-from tests.standin import CommandRun, explain, fast_config, process_gone, sdk_client, wait_fleet
+from tests.standin import explain, fast_config, process_gone, sdk_client, wait_fleet
 from workers.null import sdk
 from workers.null.demo import consumer_command
 from workers.null.dispatcher import Dispatcher, DispatchOptions
@@ -52,7 +53,12 @@ async def publish(queue: Any, n: int, seconds: float, prefix: str = "job") -> li
     return ids
 
 
-def summary_of(run: CommandRun) -> tuple[int, ...]:
+def dispatcher(*args: str) -> ChildProcess:
+    """``python -m workers.null.dispatcher *args``, every output line kept."""
+    return ChildProcess.python("-m", "workers.null.dispatcher", *args, tail_lines=None)
+
+
+def summary_of(run: ChildProcess) -> tuple[int, ...]:
     found = run.matches(SUMMARY.pattern)
     assert found, f"no summary line; output:\n{run.tail()}"
     return tuple(int(x) for x in found[-1].groups())
@@ -124,8 +130,8 @@ async def test_a_killed_dispatcher_leaks_nothing_and_a_restarted_one_opens_no_se
         port = local.url.rsplit(":", 1)[1]
         flags = ["--queue", url, "--instance", "local", "--local-port", port, "--plain", "--max-sessions", "3"]
         flags += ["--ack-wait", str(ACK_WAIT), "--health-every", "1", "--reconcile", "1"]
-        first = await CommandRun("-m", "workers.null.dispatcher", *flags).start()
-        second = CommandRun("-m", "workers.null.dispatcher", *flags)
+        first = await dispatcher(*flags).start()
+        second = dispatcher(*flags)
         try:
             await first.wait_for_line(r"dispatching:", 30)
             ids = await publish(queue, 3, 5.0)
@@ -151,8 +157,8 @@ async def test_a_killed_dispatcher_leaks_nothing_and_a_restarted_one_opens_no_se
             with suppress(asyncio.CancelledError):
                 await collector
             await events.aclose()
-            await first.cleanup()
-            await second.cleanup()
+            await first.stop(10.0)
+            await second.stop(10.0)
 
 
 @pytest.mark.slow
@@ -161,7 +167,7 @@ async def test_the_demo_with_chaos_runs_every_job_once_to_done_and_prints_the_su
     job_log = tmp_path / "jobs.jsonl"
     argv = ["--instance", "local", "--jobs", "3", "--job-seconds", "3", "--chaos", "1", "--max-sessions", "3"]
     argv += ["--cold-start", "0.2", "--inactivity-timeout", "1", "--plain", "--job-log", str(job_log)]
-    run = await CommandRun("-m", "workers.null.dispatcher", *argv).start()
+    run = await dispatcher(*argv).start()
     try:
         code = await run.wait(150)
         done, total, failed, lost, twice = summary_of(run)
@@ -176,26 +182,26 @@ async def test_the_demo_with_chaos_runs_every_job_once_to_done_and_prints_the_su
         assert all(outcomes.count("done") == 1 for outcomes in by_job.values()), rows
         assert any("lost" in outcomes or "abandoned" in outcomes for outcomes in by_job.values()), rows
     finally:
-        await run.cleanup()
+        await run.stop(10.0)
 
 
 @pytest.mark.slow
 async def test_a_job_unfinished_by_the_deadline_is_lost_and_the_demo_exits_1():
     """A job still running at --deadline counts as lost: the summary says so and the exit code is 1."""
     argv = ["--instance", "local", "--jobs", "1", "--job-seconds", "60", "--deadline", "2", "--plain"]
-    run = await CommandRun("-m", "workers.null.dispatcher", *argv, "--cold-start", "0").start()
+    run = await dispatcher(*argv, "--cold-start", "0").start()
     try:
         assert await run.wait(60) == 1, run.tail()
         assert summary_of(run) == (0, 1, 0, 1, 0)
     finally:
-        await run.cleanup()
+        await run.stop(10.0)
 
 
 @pytest.mark.slow
 async def test_ctrl_c_in_the_demo_leaves_no_worker_consumer_or_nats_server_running():
     """Ctrl-C while jobs run stops every worker, consumer, job and the nats-server, and exits 130."""
     argv = ["--instance", "local", "--jobs", "2", "--job-seconds", "60", "--plain", "--cold-start", "0"]
-    run = await CommandRun("-m", "workers.null.dispatcher", *argv).start()
+    run = await dispatcher(*argv).start()
     try:
         await run.wait_for_line(r"job \S+ attempt 1 started", 90, count=2)
         assert run.proc is not None
@@ -206,7 +212,7 @@ async def test_ctrl_c_in_the_demo_leaves_no_worker_consumer_or_nats_server_runni
         left = [pid for pid in started if not process_gone(pid)]
         assert not left, f"still running: {left}\n{run.tail()}"
     finally:
-        await run.cleanup()
+        await run.stop(10.0)
 
 
 async def test_setup_creates_the_stream_and_without_it_the_dispatcher_exits_2_naming_setup():
@@ -215,10 +221,10 @@ async def test_setup_creates_the_stream_and_without_it_the_dispatcher_exits_2_na
 
     async with nats_server() as nats_url:
         url = f"{nats_url}/fresh"
-        missing = await CommandRun("-m", "workers.null.dispatcher", "--queue", url, "--instance", "local").start()
+        missing = await dispatcher("--queue", url, "--instance", "local").start()
         assert await missing.wait(30) == 2, missing.tail()
         assert missing.matches(r"setup"), missing.tail()
-        made = await CommandRun("-m", "workers.null.dispatcher", "--queue", url, "setup").start()
+        made = await dispatcher("--queue", url, "setup").start()
         assert await made.wait(30) == 0, made.tail()
         queue = open_queue(url, ack_wait=ACK_WAIT, max_deliver=5)
         await queue.connect()
@@ -227,6 +233,6 @@ async def test_setup_creates_the_stream_and_without_it_the_dispatcher_exits_2_na
         finally:
             await queue.close()
     nowhere = f"nats://127.0.0.1:{free_port()}/jobs"
-    gone = await CommandRun("-m", "workers.null.dispatcher", "--queue", nowhere, "setup").start()
+    gone = await dispatcher("--queue", nowhere, "setup").start()
     assert await gone.wait(30) == 2, gone.tail()
     assert len([line for line in gone.lines if line.strip()]) == 1, gone.tail()

@@ -14,16 +14,13 @@ import pytest
 
 from lib.standin import autoscaler as serverless
 from lib.standin.autoscaler import DEFAULT_ENDPOINT, serve
+from lib.standin.process import ChildProcess
 from lib.standin.scaling import Phase
-from tests.standin import CommandRun, explain, fast_config, process_gone, sdk_client, wait_fleet
+from tests.helpers import post
+from tests.standin import explain, fast_config, process_gone, sdk_client, wait_fleet
 
 # Long enough that no worker process starts during the tests that only talk HTTP.
 NO_START = dict(provisioning_delay=120.0)
-
-
-async def post(http: aiohttp.ClientSession, url: str, body) -> tuple:
-    async with http.post(url, json=body) as response:
-        return response.status, await response.json(content_type=None)
 
 
 async def test_sdk_finds_the_endpoint_with_its_key_and_parameters():
@@ -40,7 +37,8 @@ async def test_sdk_finds_the_endpoint_with_its_key_and_parameters():
 
 
 async def test_route_without_a_free_worker_answers_a_request_index_to_poll_with():
-    """With no worker ready, /route/ answers after route_hold with Vast's waiting fields and no url, then the same index."""
+    """With no worker ready, /route/ answers after route_hold with Vast's waiting fields and no url, then the
+    same index."""
     async with serve(fast_config(route_hold=0.3, **NO_START)) as standin, aiohttp.ClientSession() as http:
         body = {
             "endpoint": DEFAULT_ENDPOINT,
@@ -228,7 +226,8 @@ async def test_last_worker_stops_only_once_inactivity_timeout_has_passed():
 
 @pytest.mark.slow
 async def test_cold_worker_is_restarted_instead_of_provisioning_a_new_one():
-    """With cold_workers 1 the idle worker is stopped but kept, and the next session restarts it, skipping the cold start."""
+    """With cold_workers 1 the idle worker is stopped but kept, and the next session restarts it, skipping the
+    cold start."""
     async with serve(fast_config(cold_workers=1, inactivity_timeout=0.5, provisioning_delay=3.0)) as standin:
         fleet = standin.fleet
         client = sdk_client(standin)
@@ -282,7 +281,7 @@ async def test_worker_that_reports_an_error_or_dies_is_replaced():
 @pytest.mark.slow
 async def test_ctrl_c_on_the_standalone_stand_in_stops_every_worker():
     """SIGINT to python -m lib.standin stops its workers and exits 0."""
-    run = CommandRun(
+    run = ChildProcess.python(
         "-m",
         "lib.standin",
         "--port",
@@ -293,6 +292,7 @@ async def test_ctrl_c_on_the_standalone_stand_in_stops_every_worker():
         "0",
         "--target-queue-time",
         "0",
+        tail_lines=None,
     )
     try:
         await run.start()
@@ -305,7 +305,7 @@ async def test_ctrl_c_on_the_standalone_stand_in_stops_every_worker():
         assert all(process_gone(pid) for pid in pids), run.tail()
         assert run.matches(r"stopped$"), run.tail()
     finally:
-        await run.cleanup()
+        await run.stop(10.0)
         # Should the stand-in have been killed, its workers (own process groups) outlive it.
         for match in run.matches(r"worker \d+ loading: pid (\d+)"):
             with suppress(ProcessLookupError):
