@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import sys
 import time
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 from lib.bench.measure import percentile
 from lib.standin.autoscaler import LocalConfig, serve
 from lib.standin.fleet import FleetSettings
+from lib.standin.process import ChildProcess
 from lib.standin.queueservers import nats_server
 from lib.standin.scaling import EndpointParams, LocalPolicy
 from workers.null import sdk
@@ -140,28 +138,24 @@ TO_ZERO = re.compile(r"back to 0 after ([\d.]+)s", re.M)
 
 async def chaos(jobs: int, kills: int, job_seconds: float) -> dict[str, Any]:
     """The local demo as a user runs it, with ``kills`` workers SIGKILLed mid-job: its summary, parsed."""
-    argv = [
-        sys.executable, "-m", "workers.null.dispatcher", "--instance", "local", "--jobs", str(jobs),
+    args = [
+        "-m", "workers.null.dispatcher", "--instance", "local", "--jobs", str(jobs),
         "--job-seconds", str(job_seconds), "--chaos", str(kills), "--plain",
     ]  # fmt: skip
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True
-    )
+    demo = ChildProcess.python(*args, tail_lines=None)
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), 600)
+        await demo.start()
+        code = await demo.wait(600)
     finally:
-        if process.returncode is None:
-            with suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-    text = output.decode(errors="replace")
+        await demo.stop()
+    text = demo.text
     summary, billed, to_zero = SUMMARY.search(text), BILLED.search(text), TO_ZERO.search(text)
     if summary is None or billed is None:
-        raise RuntimeError(f"the demo printed no summary (exit {process.returncode}):\n{text[-2000:]}")
+        raise RuntimeError(f"the demo printed no summary (exit {code}):\n{text[-2000:]}")
     done, total, failed, lost, twice = (int(g) for g in summary.groups())
     return {
-        "command": " ".join(argv[1:]),
-        "exit_code": process.returncode,
+        "command": " ".join(args),
+        "exit_code": code,
         "jobs": total,
         "kills": kills,
         "done": done,

@@ -15,13 +15,11 @@ ends.
 from __future__ import annotations
 
 import asyncio
-import collections
 import glob
 import importlib.util
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
-from lib.standin.process import free_port
+from lib.standin.process import ChildProcess, free_port
 
 READY_TIMEOUT = 10.0
 STOP_GRACE = 5.0
@@ -66,64 +64,33 @@ def valkey_server_binary() -> str:
     )
 
 
-class _Server:
-    """One server process and the tail of its output, for error messages."""
+class _Server(ChildProcess):
+    """One server process and the tail of its output, for error messages.
+
+    In a process group of its own: a Ctrl-C reaches us, and we stop it in order.
+    """
 
     def __init__(self, name: str, argv: list[str], cwd: str) -> None:
-        self.name = name
-        self.argv = argv
-        self.cwd = cwd
-        self.proc: asyncio.subprocess.Process | None = None
-        self.output: collections.deque[str] = collections.deque(maxlen=40)
-        self._reader: asyncio.Future | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            cwd=self.cwd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C reaches us, and we stop it in order
-        )
-        self._reader = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            self.output.append(raw.decode(errors="replace").rstrip())
+        super().__init__(argv, cwd=cwd, tail_lines=40)
+        self.server_name = name
 
     def failed(self, problem: str) -> RuntimeError:
         tail = "\n".join(self.output) or "(no output)"
-        return RuntimeError(f"{self.name} {problem}; its last output:\n{tail}")
+        return RuntimeError(f"{self.server_name} {problem}; its last output:\n{tail}")
 
     @property
     def exited(self) -> bool:
         return self.proc is not None and self.proc.returncode is not None
 
-    async def stop(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE)
-            except asyncio.TimeoutError:
-                with suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        if self._reader is not None:
-            with suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._reader, 1.0)
+    async def stop(self, grace: float = STOP_GRACE) -> int | None:
+        return await super().stop(grace)
 
 
 async def _until(predicate, server: _Server, what: str) -> None:  # noqa: ANN001
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         if server.exited:
-            raise server.failed(f"exited with code {server.proc.returncode} before {what}")
+            raise server.failed(f"exited with code {server.returncode} before {what}")
         result = await predicate()
         if result:
             return
