@@ -53,6 +53,26 @@ class NotOwned(QueueError):
     """The claim lapsed and the job went (or may go) to another consumer: do not ack it."""
 
 
+def describe(exc: BaseException, prefix: str = "") -> str:
+    """A client error in one line: its message's first line (less the client's ``prefix``), else its type."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.removeprefix(prefix).splitlines()[0]
+
+
+def not_connected(what: str, server: str) -> QueueUnavailable:
+    return QueueUnavailable(f"cannot {what}: not connected to {server} (call connect() first)")
+
+
+def server_failed(what: str, server: str, exc: BaseException, prefix: str = "") -> QueueUnavailable:
+    return QueueUnavailable(f"cannot {what} on {server}: {describe(exc, prefix)}")
+
+
+def check_job_id(job_id: str) -> None:
+    """A job is published under its own id, which must not be empty."""
+    if not job_id:
+        raise QueueError("a job needs a non-empty id: pass the id the job is known by")
+
+
 @dataclass(frozen=True)
 class Job:
     id: str  # stable across redeliveries; the publisher's id, unique per job

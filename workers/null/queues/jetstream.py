@@ -55,6 +55,10 @@ from workers.null.queues.base import (
     Queue,
     QueueError,
     QueueUnavailable,
+    check_job_id,
+    describe,
+    not_connected,
+    server_failed,
 )
 
 log = logging.getLogger(__name__)
@@ -190,7 +194,7 @@ class JetStreamQueue(Queue):
             cause = last_error[0] if last_error else exc
             raise QueueUnavailable(
                 f"cannot reach NATS at {self.address.server} within {self.connect_timeout:g}s "
-                f"({_describe(cause)}): check the address and that nats-server runs with -js"
+                f"({describe(cause, 'nats: ')}): check the address and that nats-server runs with -js"
             ) from None
         self._nc = nc
         self._js = nc.jetstream(timeout=REPLY_TIMEOUT)
@@ -219,14 +223,14 @@ class JetStreamQueue(Queue):
     def _translate(self, what: str) -> Iterator[None]:
         """Client and server errors as QueueUnavailable naming the address."""
         if self._nc is None:
-            raise QueueUnavailable(f"cannot {what}: not connected to {self.address.server} (call connect() first)")
+            raise not_connected(what, self.address.server)
         try:
             yield
         except QueueError:
             raise
         except nats.js.errors.NotFoundError as exc:
             raise QueueUnavailable(
-                f"cannot {what}: {_describe(exc)} on {self.address.server} (stream {self.stream!r}, "
+                f"cannot {what}: {describe(exc, 'nats: ')} on {self.address.server} (stream {self.stream!r}, "
                 f"consumer {self.consumer!r}): {SETUP_HINT}"
             ) from None
         except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
@@ -235,7 +239,7 @@ class JetStreamQueue(Queue):
                 f"missing, or the server runs without -js): {SETUP_HINT}"
             ) from None
         except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
-            raise QueueUnavailable(f"cannot {what} on {self.address.server}: {_describe(exc)}") from None
+            raise server_failed(what, self.address.server, exc, "nats: ") from None
 
     # -- setup --------------------------------------------------------------
 
@@ -306,8 +310,7 @@ class JetStreamQueue(Queue):
     # -- jobs ---------------------------------------------------------------
 
     async def publish(self, job_id: str, body: bytes) -> bool:
-        if not job_id:
-            raise QueueError("a job needs a non-empty id: pass the id the job is known by")
+        check_job_id(job_id)
         with self._translate(f"publish job {job_id}"):
             ack = await self._js.publish(self.subject, body, stream=self.stream, headers={MSG_ID: job_id})
         return not ack.duplicate
@@ -435,11 +438,6 @@ class JetStreamQueue(Queue):
             return closer
 
         return opener
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.removeprefix("nats: ").splitlines()[0]
 
 
 @contextmanager

@@ -60,6 +60,10 @@ from workers.null.queues.base import (
     Queue,
     QueueError,
     QueueUnavailable,
+    check_job_id,
+    describe,
+    not_connected,
+    server_failed,
 )
 
 log = logging.getLogger(__name__)
@@ -246,7 +250,7 @@ class RedisStreamQueue(Queue):
             await client.aclose()
             raise QueueUnavailable(
                 f"cannot reach Redis at {self.address.server} within {self.connect_timeout:g}s "
-                f"({_describe(exc)}): check the address and that the server runs"
+                f"({describe(exc)}): check the address and that the server runs"
             ) from None
         version = str(info.get("redis_version", "0"))
         if int(version.split(".")[0] or 0) < 7:
@@ -272,7 +276,7 @@ class RedisStreamQueue(Queue):
     @contextmanager
     def _translate(self, what: str) -> Iterator[None]:
         if self._redis is None:
-            raise QueueUnavailable(f"cannot {what}: not connected to {self.address.server} (call connect() first)")
+            raise not_connected(what, self.address.server)
         try:
             yield
         except QueueError:
@@ -284,9 +288,9 @@ class RedisStreamQueue(Queue):
                     f"cannot {what}: stream {self.stream!r} or its group {self.group!r} does not exist on "
                     f"{self.address.server}: {SETUP_HINT}"
                 ) from None
-            raise QueueUnavailable(f"cannot {what} on {self.address.server}: {_describe(exc)}") from None
+            raise server_failed(what, self.address.server, exc) from None
         except (asyncio.TimeoutError, OSError, redis.exceptions.RedisError) as exc:
-            raise QueueUnavailable(f"cannot {what} on {self.address.server}: {_describe(exc)}") from None
+            raise server_failed(what, self.address.server, exc) from None
 
     # -- setup --------------------------------------------------------------
 
@@ -310,8 +314,7 @@ class RedisStreamQueue(Queue):
     # -- jobs ---------------------------------------------------------------
 
     async def publish(self, job_id: str, body: bytes) -> bool:
-        if not job_id:
-            raise QueueError("a job needs a non-empty id: pass the id the job is known by")
+        check_job_id(job_id)
         with self._translate(f"publish job {job_id}"):
             added = await self._publish(
                 keys=[self.stream, self.seen_key(job_id)],
@@ -439,7 +442,7 @@ class RedisStreamQueue(Queue):
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    fail(QueueUnavailable(f"events from {self.address.server} stopped: {_describe(exc)}"))
+                    fail(QueueUnavailable(f"events from {self.address.server} stopped: {describe(exc)}"))
 
             return self._background(read(), pubsub.aclose)
 
@@ -471,7 +474,7 @@ class RedisStreamQueue(Queue):
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    fail(QueueUnavailable(f"new jobs from {self.address.server} stopped: {_describe(exc)}"))
+                    fail(QueueUnavailable(f"new jobs from {self.address.server} stopped: {describe(exc)}"))
 
             return self._background(read(), client.aclose)
 
@@ -495,8 +498,3 @@ def _text(value: Any) -> str:
     if value is None:
         return ""
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
