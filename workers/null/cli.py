@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
+import signal
 import sys
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Coroutine, Iterable
 from contextlib import suppress
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from .aio import wait_any
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -24,12 +27,49 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+def positive(x: float) -> bool:
+    """A finite number above 0 (for a flag's check)."""
+    return math.isfinite(x) and x > 0
+
+
+def non_negative(x: float) -> bool:
+    """A finite number of 0 or more (for a flag's check)."""
+    return math.isfinite(x) and x >= 0
+
+
+def refuse_first(parser: argparse.ArgumentParser, checks: Iterable[tuple[bool, str]]) -> None:
+    """``parser.error`` with the message of the first check that failed (each is ``(ok, message)``)."""
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+
+
 class StartupError(Exception):
     """Cannot start: one line naming the problem and the fix; ``code`` is the exit status."""
 
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
         self.code = code
+
+
+def run_command(prog: str, main: Coroutine[Any, Any, int]) -> int:
+    """Runs a command's ``main``: a StartupError becomes its one line and exit code, an early Ctrl-C 130."""
+    try:
+        return asyncio.run(main)
+    except StartupError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:  # before the event loop took over Ctrl-C: nothing was opened yet
+        return 128 + signal.SIGINT
+
+
+def missing_api_key(prog: str, instance: str, try_instead: str) -> int:
+    """Says VAST_API_KEY is needed for ``--instance instance`` and what to try instead; the exit code."""
+    print(
+        f"{prog}: VAST_API_KEY is not set: export your Vast API key to use --instance {instance}, or try {try_instead}",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def short(exc: BaseException) -> str:
@@ -58,6 +98,17 @@ class Interrupt:
         else:
             log.info("%s", self._messages[1])
             self.again.set()
+
+    def install(self) -> None:
+        """Takes over SIGINT and SIGTERM in the running loop until ``uninstall``."""
+        loop = asyncio.get_running_loop()
+        for signum in SIGNALS:
+            loop.add_signal_handler(signum, self, signum)
+
+    def uninstall(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in SIGNALS:
+            loop.remove_signal_handler(signum)
 
     @property
     def is_set(self) -> bool:

@@ -9,14 +9,11 @@ answers on 127.0.0.1:8080). The work is in ``sessionclient.py``.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import math
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 
-from .cli import OneLineParser, StartupError, configure_logging
+from .cli import OneLineParser, configure_logging, missing_api_key, non_negative, positive, refuse_first, run_command
 
 INSTANCES = ("prod", "alpha", "candidate", "local")
 DEFAULT_ENDPOINT = "null-pyworker"  # the stand-in serves this name by default
@@ -65,19 +62,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     checks = (
         (args.count >= 1, f"--count {args.count}: give 1 or more sessions"),
-        (math.isfinite(args.hold) and args.hold >= 0, f"--hold {args.hold:g}: give seconds >= 0"),
-        (math.isfinite(args.interval) and args.interval >= 0, f"--interval {args.interval:g}: give seconds >= 0"),
+        (non_negative(args.hold), f"--hold {args.hold:g}: give seconds >= 0"),
+        (non_negative(args.interval), f"--interval {args.interval:g}: give seconds >= 0"),
         (
-            math.isfinite(args.cost) and args.cost > 0,
+            positive(args.cost),
             f"--cost {args.cost:g}: give a number > 0 (a session fills one worker whatever its cost; 100 = one worker)",
         ),
-        (math.isfinite(args.lifetime) and args.lifetime > 0, f"--lifetime {args.lifetime:g}: give seconds > 0"),
+        (positive(args.lifetime), f"--lifetime {args.lifetime:g}: give seconds > 0"),
         (args.timeout > 0, f"--timeout {args.timeout:g}: give seconds > 0"),
         (0 <= args.local_port <= 65535, f"--local-port {args.local_port}: give a port 0-65535 (0: a free one)"),
     )
-    for ok, message in checks:
-        if not ok:
-            parser.error(message)
+    refuse_first(parser, checks)
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -90,22 +85,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     else:
         api_key = (env.get("VAST_API_KEY") or "").strip()
         if not api_key:
-            print(
-                f"{parser.prog}: VAST_API_KEY is not set: export your Vast API key to use --instance "
-                f"{args.instance}, or try --instance local",
-                file=sys.stderr,
-            )
-            return 2
+            return missing_api_key(parser.prog, args.instance, "--instance local")
     configure_logging(["workers.null.client"], verbose=args.verbose)
     from .sessionclient import run
 
-    try:
-        return asyncio.run(run(args, api_key))
-    except StartupError as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
-        return exc.code
-    except KeyboardInterrupt:  # before the event loop took over Ctrl-C: nothing was opened yet
-        return 128 + signal.SIGINT
+    return run_command(parser.prog, run(args, api_key))
 
 
 if __name__ == "__main__":

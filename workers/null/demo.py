@@ -398,10 +398,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         first="interrupted: stopping every worker, consumer and the queue server",
         again="still stopping; each worker gets a few seconds before SIGKILL",
     )
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, interrupt, signum)
+    interrupt.install()
     job_log = JobLog(args.job_log)
     fleet_log = _open_fleet_log(args.fleet_log)
     ledger: Ledger | None = None
@@ -505,8 +502,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             with fleet_log:
                 if fleet is not None:
                     _write_fleet_log(fleet_log, fleet, settings, args)
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+        interrupt.uninstall()
     for line in result.lines():
         print(line, flush=True)
     return result.code if sample.zero_at is not None or result.lost else 1

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -37,7 +36,17 @@ from typing import IO, Any
 
 from . import sdk
 from .aio import wait_any
-from .cli import Interrupt, OneLineParser, StartupError, short
+from .cli import (
+    Interrupt,
+    OneLineParser,
+    StartupError,
+    missing_api_key,
+    non_negative,
+    positive,
+    refuse_first,
+    run_command,
+    short,
+)
 from .ledger import Attempt, Ledger, SessionRecord
 from .queues.base import Queue, QueueError
 
@@ -508,9 +517,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    def positive(x: float) -> bool:
-        return math.isfinite(x) and x > 0
-
     demo = args.jobs is not None or args.trace is not None
     checks = [
         (args.max_sessions >= 1, f"--max-sessions {args.max_sessions}: give 1 or more"),
@@ -534,17 +540,17 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
             (args.jobs is None or args.jobs >= 1, f"--jobs {args.jobs}: give 1 or more"),
             (args.jobs is None or args.trace is None, "give --jobs or --trace, not both"),
             (
-                math.isfinite(args.job_seconds) and args.job_seconds >= 0,
+                non_negative(args.job_seconds),
                 f"--job-seconds {args.job_seconds:g}: give seconds >= 0",
             ),
             (args.chaos >= 0, f"--chaos {args.chaos}: give 0 or more workers to kill"),
             (args.deadline is None or positive(args.deadline), f"--deadline {args.deadline}: give seconds > 0"),
             (
-                math.isfinite(args.cold_start) and args.cold_start >= 0,
+                non_negative(args.cold_start),
                 f"--cold-start {args.cold_start:g}: give seconds >= 0",
             ),
             (
-                math.isfinite(args.inactivity_timeout) and args.inactivity_timeout >= 0,
+                non_negative(args.inactivity_timeout),
                 f"--inactivity-timeout {args.inactivity_timeout:g}: give seconds >= 0",
             ),
         ]
@@ -557,9 +563,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
             (args.chaos == 0, "--chaos is for the local demo: add --instance local --jobs N"),
             (args.fleet_log is None, "--fleet-log is for the local demo: add --instance local --jobs N"),
         ]
-    for ok, message in checks:
-        if not ok:
-            parser.error(message)
+    refuse_first(parser, checks)
 
 
 def options_from_args(args: argparse.Namespace) -> DispatchOptions:
@@ -636,10 +640,7 @@ async def run(args: argparse.Namespace, api_key: str) -> int:
         first="stopping: no new sessions; running jobs finish first (Ctrl-C again closes their sessions now)",
         again="closing every session now",
     )
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, interrupt, signum)
+    interrupt.install()
     job_log = JobLog(args.job_log)
     ledger = None
     try:
@@ -678,8 +679,7 @@ async def run(args: argparse.Namespace, api_key: str) -> int:
             return await dispatch_until_stopped(dispatcher, interrupt)
     finally:
         job_log.close(ledger)
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+        interrupt.uninstall()
 
 
 def _recorder(job_log: JobLog, metrics: Any) -> Any:
@@ -706,24 +706,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     else:
         api_key = (env.get("VAST_API_KEY") or "").strip()
         if not api_key and args.action == "run":
-            print(
-                f"{parser.prog}: VAST_API_KEY is not set: export your Vast API key to use --instance "
-                f"{args.instance}, or try --instance local --jobs 20",
-                file=sys.stderr,
-            )
-            return 2
+            return missing_api_key(parser.prog, args.instance, "--instance local --jobs 20")
     configure_logging(live=_live(args), verbose=args.verbose)
-    try:
-        if demo:
-            from .demo import run_demo
+    if demo:
+        from .demo import run_demo
 
-            return asyncio.run(run_demo(args))
-        return asyncio.run(run(args, api_key))
-    except StartupError as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
-        return exc.code
-    except KeyboardInterrupt:  # before the event loop took over Ctrl-C: nothing was opened yet
-        return 128 + signal.SIGINT
+        return run_command(parser.prog, run_demo(args))
+    return run_command(parser.prog, run(args, api_key))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -302,10 +301,7 @@ async def wait_for_zero(standin: Any, interrupt: Interrupt) -> None:
 async def run(args: argparse.Namespace, api_key: str) -> int:
     started = time.monotonic()
     interrupt = Interrupt()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, interrupt, signum)
+    interrupt.install()
     records: list[SessionRecord] = []
     standin = None
     try:
@@ -326,8 +322,7 @@ async def run(args: argparse.Namespace, api_key: str) -> int:
                 if standin is not None and not interrupt.is_set:
                     await wait_for_zero(standin, interrupt)
     finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+        interrupt.uninstall()
     if records:
         print(format_table(records), flush=True)
     reserved = sum(1 for r in records if r.reserved_at is not None)
