@@ -21,3 +21,17 @@ async def wait_any(events: Iterable[asyncio.Event], timeout: float | None) -> bo
         for waiter in waiters:
             waiter.cancel()
     return bool(done)
+
+
+async def stop_task(task: asyncio.Future, *, every: float = 0.5) -> None:
+    """Cancels ``task`` and waits until it has ended, cancelling again while it runs on.
+
+    Before Python 3.12, ``asyncio.wait_for`` (which client libraries use
+    inside every request) swallows a cancellation that arrives as its inner
+    future completes, so one ``cancel()`` may leave a loop running forever.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every)
+    if not task.cancelled():
+        task.exception()  # retrieved: a loop that failed as it stopped is not logged as unhandled

@@ -30,14 +30,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from . import sdk
-from .aio import wait_any
+from .aio import stop_task, wait_any
 from .cli import Interrupt, StartupError
 from .dispatcher import (
     DEFAULT_ENDPOINT,
@@ -553,6 +553,4 @@ async def _until(predicate: Any, timeout: float, interrupt: Interrupt, dispatche
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:
-    task.cancel()
-    with suppress(asyncio.CancelledError, Exception):
-        await task
+    await stop_task(task)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import sdk
-from .aio import wait_any
+from .aio import stop_task, wait_any
 from .cli import (
     Interrupt,
     OneLineParser,
@@ -129,19 +129,11 @@ class Dispatcher:
         )
 
     async def aclose(self) -> None:
-        for task in self._loops:
-            task.cancel()
-        for task in self._loops:
-            with suppress(asyncio.CancelledError, Exception):
-                await task
+        await asyncio.gather(*(stop_task(task) for task in self._loops))
         for feed in self._feeds:
             with suppress(Exception):
                 await feed.aclose()
-        for task in self.session_tasks.values():
-            task.cancel()
-        for task in list(self.session_tasks.values()):
-            with suppress(asyncio.CancelledError, Exception):
-                await task
+        await asyncio.gather(*(stop_task(task) for task in list(self.session_tasks.values())))
         with suppress(Exception):
             closes = list(getattr(self.endpoint, "late_closes", ()))
             if closes:
