@@ -172,7 +172,7 @@ async def measure(quick: bool) -> dict[str, Any]:
     return {
         "warm": await warm_dispatch(5 if quick else 20),
         "throughput": await throughput(3 if quick else 10, 30 if quick else 200),
-        "chaos": await chaos(10 if quick else 100, 1 if quick else 5, 1.0 if quick else 2.0),
+        "chaos": await chaos(5 if quick else 100, 1 if quick else 5, 1.0 if quick else 2.0),
     }
 
 

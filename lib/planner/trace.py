@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import random
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -177,6 +178,17 @@ def _relative(path: Path, parsed: list[tuple[int, Any, float]], *, from_earliest
     return [Job(float(arrival), duration) for _, arrival, duration in parsed]
 
 
+# Python 3.10's fromisoformat reads neither a trailing Z nor fractions of other than 3 or 6 digits.
+_FRACTION = re.compile(r"([T ]\d\d:\d\d:\d\d)\.(\d+)")
+
+
+def _for_fromisoformat(text: str) -> str:
+    text = text.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    return _FRACTION.sub(lambda m: f"{m.group(1)}.{(m.group(2) + '000000')[:6]}", text)
+
+
 def _time_value(path: Path, number: int, name: str, value: Any) -> float | datetime:
     if isinstance(value, str):
         try:
@@ -184,8 +196,7 @@ def _time_value(path: Path, number: int, name: str, value: Any) -> float | datet
         except ValueError:
             pass
         try:
-            # Python 3.10 reads no trailing Z.
-            moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+            moment = datetime.fromisoformat(_for_fromisoformat(value))
         except ValueError:
             raise TraceError(
                 f"{path}:{number}: {name} {value!r} is neither seconds nor an ISO 8601 time; "

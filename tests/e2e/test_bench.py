@@ -46,7 +46,7 @@ async def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold
     assert loop["throughput"]["jobs"] == 30 and loop["throughput"]["jobs_per_s"] > 0
     chaos = loop["chaos"]
     assert chaos["exit_code"] == 0 and chaos["lost"] == 0, chaos
-    assert chaos["done"] == chaos["jobs"] == 10 and chaos["run_twice"] <= chaos["kills"], chaos
+    assert chaos["done"] == chaos["jobs"] == 5 and chaos["run_twice"] <= chaos["kills"], chaos
     assert chaos["billed_worker_s"] >= chaos["busy_worker_s"] > 0, chaos
 
     # The table names every measure docs/performance.md shows.

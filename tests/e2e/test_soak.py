@@ -2,7 +2,7 @@
 
 The size is set by ``NULL_SOAK_CYCLES`` (create → release cycles; a fifth as
 many create → expire cycles follow, with lifetimes of 0.05-0.2 s). The
-default, 1500, is a shortened run of under a minute for CI; the full soak is::
+default, 1000, is a shortened run of under a minute for CI; the full soak is::
 
     NULL_SOAK_CYCLES=5000 .venv/bin/python -m pytest tests/e2e/test_soak.py -s
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-SOAK_CYCLES = int(os.environ.get("NULL_SOAK_CYCLES", "1500"))
+SOAK_CYCLES = int(os.environ.get("NULL_SOAK_CYCLES", "1000"))
 EXPIRE_CYCLES = max(1, SOAK_CYCLES // 5)
 WARM_UP = 100  # cycles before the baseline: first-use imports, connection pools, allocator arenas
 LIFETIMES = (0.05, 0.1, 0.2)
