@@ -45,9 +45,9 @@ from .dispatcher import (
     Dispatcher,
     DispatchOptions,
     JobLog,
-    _recorder,
     connect_queue,
     find_endpoint,
+    start_records,
 )
 from .ledger import DEAD_STATE, DONE_STATE, ENDED, Ledger
 
@@ -387,7 +387,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     from lib.standin.queueservers import nats_server
     from lib.standin.scaling import EndpointParams, LocalPolicy
 
-    from .jobview import Metrics, ViewTicker
+    from .jobview import ViewTicker
 
     try:
         jobs = load_trace(args.trace) if args.trace is not None else demo_jobs(args.jobs, args.job_seconds)
@@ -441,14 +441,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             stack.push_async_callback(client.close)
             routing_stop = asyncio.Event()
             endpoint = await find_endpoint(client, DEFAULT_ENDPOINT, routing_stop)
-            try:
-                job_log.open()
-            except OSError as exc:
-                raise StartupError(f"--job-log {args.job_log}: {exc.strerror}: give a writable file", code=2) from None
-            metrics = Metrics.start(args.metrics_port, args.metrics_host) if args.metrics_port is not None else None
-            if metrics is not None:
-                stack.callback(metrics.stop)
-            ledger = Ledger(ack_wait=DEMO_ACK_WAIT, on_attempt=_recorder(job_log, metrics))
+            ledger, metrics = start_records(args, job_log, stack, DEMO_ACK_WAIT)
             options = DispatchOptions(
                 max_sessions=args.max_sessions,
                 lifetime=args.lifetime,

@@ -626,7 +626,7 @@ async def dispatch_until_stopped(dispatcher: Dispatcher, interrupt: Interrupt) -
 
 async def run(args: argparse.Namespace, api_key: str) -> int:
     """The dispatcher against a queue and a Vast endpoint (or a stand-in already running)."""
-    from .jobview import Metrics, ViewTicker
+    from .jobview import ViewTicker
 
     interrupt = Interrupt(
         first="stopping: no new sessions; running jobs finish first (Ctrl-C again closes their sessions now)",
@@ -654,14 +654,7 @@ async def run(args: argparse.Namespace, api_key: str) -> int:
             finished, endpoint = await interrupt.race(find_endpoint(client, args.endpoint, routing_stop))
             if not finished:
                 return 0
-            try:
-                job_log.open()
-            except OSError as exc:
-                raise StartupError(f"--job-log {args.job_log}: {exc.strerror}: give a writable file", code=2) from None
-            metrics = Metrics.start(args.metrics_port, args.metrics_host) if args.metrics_port is not None else None
-            if metrics is not None:
-                stack.callback(metrics.stop)
-            ledger = Ledger(ack_wait=args.ack_wait, on_attempt=_recorder(job_log, metrics))
+            ledger, metrics = start_records(args, job_log, stack, args.ack_wait)
             dispatcher = Dispatcher(queue, endpoint, options_from_args(args), ledger, routing_stop=routing_stop)
             stack.push_async_callback(dispatcher.aclose)
             ticker = ViewTicker(ledger, live=_live(args), metrics=metrics)
@@ -672,6 +665,20 @@ async def run(args: argparse.Namespace, api_key: str) -> int:
     finally:
         job_log.close(ledger)
         interrupt.uninstall()
+
+
+def start_records(args: argparse.Namespace, job_log: JobLog, stack: Any, ack_wait: float) -> tuple[Ledger, Any]:
+    """Opens the job log, starts the metrics server if asked (stopped with ``stack``); a ledger writing to both."""
+    from .jobview import Metrics
+
+    try:
+        job_log.open()
+    except OSError as exc:
+        raise StartupError(f"--job-log {args.job_log}: {exc.strerror}: give a writable file", code=2) from None
+    metrics = Metrics.start(args.metrics_port, args.metrics_host) if args.metrics_port is not None else None
+    if metrics is not None:
+        stack.callback(metrics.stop)
+    return Ledger(ack_wait=ack_wait, on_attempt=_recorder(job_log, metrics)), metrics
 
 
 def _recorder(job_log: JobLog, metrics: Any) -> Any:
