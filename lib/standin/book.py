@@ -37,6 +37,8 @@ next run if no event comes first
 (None: only an event can change anything): the earliest of
 ``scaling.next_change`` for the current snapshot, a grant's timeout, a
 waiting request's expiry, a hold's end and a loading worker's load timeout.
+While anything is busy the inactivity timeout is left out: every step
+moves the last activity on until an event or an expiry ends the busy spell.
 A driver that sleeps until then or until an event misses nothing and never
 spins. ``close(now)`` stops every worker for shutdown.
 
@@ -92,10 +94,15 @@ from lib.standin.scaling import (
     choose_worker,
     decide_from,
     has_room,
+    inactive_since,
     is_overdue,
 )
 
 log = logging.getLogger(__name__)
+
+# A remembered next change is used again only while it is at least this far ahead, well clear of
+# the rounding by which a moment computed as a sum and a test computed as a difference can disagree.
+_MEMO_MARGIN = 1e-3
 
 # The status the framework gives a request a busy worker turned down (429).
 REJECTED = "Rejected"
@@ -302,6 +309,10 @@ class Book:
         self._idle: set[int] = set()  # live, holding nothing
         self._busy_ids: set[int] = set()  # not cold, holding load or a session
         self._tally: Tally | None = None
+        self._idle_views: tuple[WorkerView, ...] | None = None
+        self._cold_views: tuple[WorkerView, ...] | None = None
+        # The last decision and what it was made from: (tally, overdue, inactive, at, until, decision).
+        self._memo: tuple[Tally, float, bool, float, float, Decision] | None = None
         self._dirty: set[int] = set()  # changed since the tally
         self._unclocked: set[int] = set(self.workers)  # changed since the idle clocks were looked at
         self._room: dict[float, set[int]] = {}  # cost -> workers with room for it
@@ -311,7 +322,11 @@ class Book:
         # Waiting requests, in waiting's order: the cost of those found overdue (0.0 for the rest)
         # and those not found overdue yet.
         self._over: dict[int, float] = dict.fromkeys(self.waiting, 0.0)
+        self._over_sum: float | None = None  # sum(_over.values()), while _over is unchanged
         self._fresh: dict[int, WaitingRequest] = {idx: e.request for idx, e in self.waiting.items()}
+        self._fresh_version = 0  # bumped whenever _fresh changes
+        # The last next change and what it came from: (tally, fresh version, busy, last activity, moment).
+        self._change_memo: tuple[Tally, int, bool, float, float | None] | None = None
         self._over_at = -math.inf
         self._requests: tuple[WaitingRequest, ...] | None = None
         self._held_order: list[tuple[float, int]] = sorted(
@@ -490,7 +505,7 @@ class Book:
 
     def next_wakeup(self, now: float) -> float | None:
         """When ``step`` must next run if no event comes first; None: only an event changes anything."""
-        s = self.settings
+        s = self._settings
         moments = []
         heap = self._grant_heap
         while heap and self.grants.get(heap[0][2]) is not heap[0][3]:
@@ -515,7 +530,25 @@ class Book:
         if not self.closing:
             self._count_overdue(now)
             tally = self.tally()
-            change = change_from(tally, self._fresh.values(), now, self.last_activity, s.params, s.policy)
+            # While anything is busy every step moves the last activity to its own
+            # moment, so inactivity can only start after the event or expiry that ends it.
+            busy = self._busy()
+            memo = self._change_memo
+            if (
+                memo is not None
+                and memo[0] is tally
+                and memo[1] == self._fresh_version
+                and memo[2] == busy
+                and (busy or memo[3] == self.last_activity)
+                and (memo[4] is None or memo[4] > now + _MEMO_MARGIN)
+            ):
+                # Same inputs, and no moment of theirs has come yet: the same answer.
+                change = memo[4]
+            else:
+                change = change_from(
+                    tally, self._fresh.values(), now, self.last_activity, s.params, s.policy, busy=busy
+                )
+                self._change_memo = (tally, self._fresh_version, busy, self.last_activity, change)
             if change is not None:
                 moments.append(change)
         return min(moments) if moments else None
@@ -571,14 +604,18 @@ class Book:
             self._dirty.clear()
             view = self.view
             reported = self._reported
+            if self._cold_views is None:
+                self._cold_views = tuple(sorted((view(wid) for wid in self._cold), key=lambda w: (w.created_at, w.id)))
+            if self._idle_views is None:
+                self._idle_views = tuple(view(wid) for wid in sorted(self._idle))
             self._tally = Tally(
                 perf=sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf,
                 held=sum(self._held.values()),
                 live=len(self._live),
                 still_there=bool(self._live or self._errored),
                 errored=tuple(sorted(self._errored)),  # workers' order is id order
-                cold=tuple(sorted((view(wid) for wid in self._cold), key=lambda w: (w.created_at, w.id))),
-                idle=tuple(view(wid) for wid in sorted(self._idle)),
+                cold=self._cold_views,
+                idle=self._idle_views,
             )
         return self._tally
 
@@ -605,27 +642,56 @@ class Book:
             self.last_activity = now
 
     def _decide(self, now: float) -> Decision:
-        s = self.settings
+        s = self._settings
         overdue = self._count_overdue(now)
-        return decide_from(self.tally(), overdue, now, self.last_activity, s.params, s.policy)
+        tally = self.tally()
+        inactive = inactive_since(self.last_activity, now, s.params)
+        # decide_from reads the clock only through the inactivity timeout and the
+        # idle workers' scale-down delay: with the same tally, overdue load and
+        # inactivity, and before any idle worker's delay runs out, it answers as
+        # it did. (A decision that asked for anything changed the tally.)
+        memo = self._memo
+        if (
+            memo is not None
+            and memo[0] is tally
+            and memo[1] == overdue
+            and memo[2] == inactive
+            and memo[3] <= now < memo[4]
+        ):
+            return memo[5]
+        decision = decide_from(tally, overdue, now, self.last_activity, s.params, s.policy)
+        delay = s.policy.scale_down_delay - EPSILON
+        until = min(
+            (w.idle_since + delay - EPSILON for w in tally.idle if now - w.idle_since < delay),  # type: ignore[operator]
+            default=math.inf,
+        )
+        self._memo = (tally, overdue, inactive, now, until, decision)
+        return decision
 
     def _count_overdue(self, now: float) -> float:
         """The cost of the requests overdue at ``now``, as ``scaling.overdue_load`` gives it for the waiting."""
         if now < self._over_at:
             # The clock went back: what was overdue may not be.
             self._over = dict.fromkeys(self.waiting, 0.0)
+            self._over_sum = None
             self._fresh = {idx: e.request for idx, e in self.waiting.items()}
+            self._fresh_version += 1
         self._over_at = now
-        params = self.settings.params
-        due = [r for r in self._fresh.values() if is_overdue(r, now, params)]
-        for request in due:
-            del self._fresh[request.request_idx]
-            self._over[request.request_idx] = request.cost
-        return sum(self._over.values())
+        if self._fresh:
+            params = self._settings.params
+            due = [r for r in self._fresh.values() if is_overdue(r, now, params)]
+            for request in due:
+                del self._fresh[request.request_idx]
+                self._fresh_version += 1
+                self._over[request.request_idx] = request.cost
+                self._over_sum = None
+        if self._over_sum is None:
+            self._over_sum = sum(self._over.values())
+        return self._over_sum
 
     def _choose(self, cost: float) -> int | None:
         """``choose_worker`` over the workers, looking only at those with room for ``cost``."""
-        params = self.settings.params
+        params = self._settings.params
         room = self._room.get(cost)
         if room is None:
             if len(self._room) >= 8:
@@ -657,6 +723,11 @@ class Book:
 
     def _classify(self, worker: Worker) -> None:
         wid = worker.id
+        # The tally's tuples of idle and of cold views are built again only when one of theirs changed.
+        if wid in self._idle:
+            self._idle_views = None
+        if wid in self._cold:
+            self._cold_views = None
         sets = (self._reported, self._live, self._errored, self._cold, self._idle, self._busy_ids)
         for ids in sets:
             ids.discard(wid)
@@ -680,10 +751,12 @@ class Book:
             self._live.add(wid)
             if load <= EPSILON and worker.sessions == 0 and worker.idle_since is not None:
                 self._idle.add(wid)
+                self._idle_views = None
         elif phase is Phase.ERRORED:
             self._errored.add(wid)
         elif phase is Phase.COLD:
             self._cold.add(wid)
+            self._cold_views = None
 
     def _push_grant(self, grant: Grant) -> None:
         moment = grant.at + self._settings.grant_timeout
@@ -746,7 +819,9 @@ class Book:
         if old is None or old.request is not entry.request:
             self._requests = None
             self._over[idx] = 0.0  # a key already there keeps its place, as in waiting
+            self._over_sum = None
             self._fresh[idx] = entry.request
+            self._fresh_version += 1
         was_held = old is not None and old.held_until is not None
         key = (entry.request.since, idx)
         if was_held and (entry.held_until is None or old.request.since != entry.request.since):  # type: ignore[union-attr]
@@ -762,7 +837,9 @@ class Book:
             return None
         self._requests = None
         del self._over[idx]
-        self._fresh.pop(idx, None)
+        self._over_sum = None
+        if self._fresh.pop(idx, None) is not None:
+            self._fresh_version += 1
         if entry.held_until is not None:
             del self._held_order[bisect.bisect_left(self._held_order, (entry.request.since, idx))]
         return entry
@@ -783,14 +860,16 @@ class Book:
 
     def _serve_held(self, now: float, commands: list[Command]) -> None:
         """Hands workers with room to held requests, the longest-waiting first; ends holds that are over."""
-        if not self._held_order:
+        held = self._held_order
+        if not held:
             return
-        for _, idx in list(self._held_order):
+        while held:
+            idx = held[0][1]
             entry = self.waiting[idx]
             worker_id = self._choose(entry.request.cost)
             if worker_id is None:
                 break  # served in arrival order, like a queue: no overtaking
-            self._grant(now, idx, worker_id, entry.request.cost, entry.request.since)
+            self._grant(now, idx, worker_id, entry.request.cost, entry.request.since)  # leaves held
             commands.append(Answer(idx, worker_id))
         over = []
         heap = self._hold_heap
@@ -803,7 +882,7 @@ class Book:
             commands.append(Answer(idx, None))
 
     def _expire(self, now: float, commands: list[Command]) -> None:
-        s = self.settings
+        s = self._settings
         heap = self._grant_heap
         while heap and (self.grants.get(heap[0][2]) is not heap[0][3] or now >= heap[0][0] - EPSILON):
             _, _, idx, grant = heapq.heappop(heap)

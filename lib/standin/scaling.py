@@ -140,11 +140,13 @@ class Decision:
 
 def has_room(worker: WorkerView, cost: float, params: EndpointParams) -> bool:
     """Whether ``worker`` may take a route of ``cost`` now."""
-    if worker.phase is not Phase.READY or worker.max_perf <= 0:
+    perf = worker.max_perf
+    if worker.phase is not Phase.READY or perf <= 0:
         return False
+    load = worker.cur_load + worker.reserved
     # An idle worker takes any single request, even one costlier than its max_perf.
-    fits = worker.load <= EPSILON or worker.load + cost <= worker.max_perf + EPSILON
-    short_queue = worker.load / worker.max_perf <= params.max_queue_time + EPSILON
+    fits = load <= EPSILON or load + cost <= perf + EPSILON
+    short_queue = load / perf <= params.max_queue_time + EPSILON
     return fits and short_queue
 
 
@@ -304,13 +306,17 @@ def _idle(worker: WorkerView) -> bool:
     return worker.load <= EPSILON and worker.sessions == 0 and worker.idle_since is not None
 
 
-def _idle_long_enough(worker: WorkerView, now: float, policy: LocalPolicy) -> bool:
-    return worker.idle_since is not None and now - worker.idle_since >= policy.scale_down_delay - EPSILON
-
-
 def _stoppable(live: Sequence[WorkerView], now: float, policy: LocalPolicy) -> list[WorkerView]:
     """Live workers a scale-down may take, least useful first; never one holding load or a session."""
-    idle = [w for w in live if _idle(w) and _idle_long_enough(w, now, policy)]
+    delay = policy.scale_down_delay - EPSILON
+    idle = [
+        w
+        for w in live
+        if w.cur_load + w.reserved <= EPSILON
+        and w.sessions == 0
+        and w.idle_since is not None
+        and now - w.idle_since >= delay
+    ]
     return sorted(idle, key=lambda w: (_STOP_ORDER[w.phase], -w.created_at, -w.id))
 
 
@@ -344,17 +350,25 @@ def change_from(
     last_activity: float,
     params: EndpointParams,
     policy: LocalPolicy,
+    busy: bool = False,
 ) -> float | None:
-    """``next_change`` from the workers' tally; ``waiting`` must hold every request not yet overdue at ``now``."""
-    moments = [r.since + params.target_queue_time - EPSILON for r in waiting if not is_overdue(r, now, params)]
-    for worker in t.idle:
-        if not _idle_long_enough(worker, now, policy):
-            moments.append(worker.idle_since + policy.scale_down_delay - EPSILON)  # type: ignore[operator]
+    """``next_change`` from the workers' tally; ``waiting`` must hold every request not yet overdue at ``now``.
+
+    ``busy``: some load, grant, session or waiting request is there, so the
+    caller moves the last activity to every moment it decides at until an
+    event ends that; the inactivity timeout cannot run out before then.
+    """
+    queue_time = params.target_queue_time
+    moments = [r.since + queue_time - EPSILON for r in waiting if now - r.since < queue_time - EPSILON]
+    # Every worker in t.idle has an idle_since; each not idle long enough yet becomes stoppable then.
+    delay = policy.scale_down_delay
+    moments.extend(w.idle_since + delay - EPSILON for w in t.idle if now - w.idle_since < delay - EPSILON)  # type: ignore[operator]
     timeout = params.inactivity_timeout
     if (
         timeout is not None
         and params.min_load <= EPSILON
         and t.still_there
+        and not busy
         and not inactive_since(last_activity, now, params)
     ):
         moments.append(last_activity + timeout - EPSILON)

@@ -311,7 +311,14 @@ class CheckedBook(Book):
         for entry in self.waiting.values():
             moments.append(entry.held_until if entry.held_until is not None else entry.last_poll + s.waiting_timeout)
         moments.extend(w.phase_since + s.load_timeout for w in self.workers.values() if w.phase is Phase.LOADING)
-        change = next_change(self.fresh_snapshot(now), s.params, s.policy)
+        params = s.params
+        busy = bool(self.waiting or self.grants) or any(
+            w.phase is not Phase.COLD and (w.cur_load > 1e-9 or w.sessions) for w in self.workers.values()
+        )
+        if busy:
+            # Each step moves the last activity on while anything is busy: no inactivity to wait for.
+            params = replace(params, inactivity_timeout=None)
+        change = next_change(self.fresh_snapshot(now), params, s.policy)
         if change is not None:
             moments.append(change)
         wake = super().next_wakeup(now)
