@@ -536,7 +536,7 @@ class Book:
             memo = self._change_memo
             if (
                 memo is not None
-                and memo[0] is tally
+                and (memo[0] is tally or memo[0] == tally)
                 and memo[1] == self._fresh_version
                 and memo[2] == busy
                 and (busy or memo[3] == self.last_activity)
@@ -605,9 +605,9 @@ class Book:
             view = self.view
             reported = self._reported
             if self._cold_views is None:
-                self._cold_views = tuple(sorted((view(wid) for wid in self._cold), key=lambda w: (w.created_at, w.id)))
+                self._cold_views = tuple(sorted(map(view, self._cold), key=lambda w: (w.created_at, w.id)))
             if self._idle_views is None:
-                self._idle_views = tuple(view(wid) for wid in sorted(self._idle))
+                self._idle_views = tuple(map(view, sorted(self._idle)))
             self._tally = Tally(
                 perf=sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf,
                 held=sum(self._held.values()),
@@ -649,11 +649,12 @@ class Book:
         # decide_from reads the clock only through the inactivity timeout and the
         # idle workers' scale-down delay: with the same tally, overdue load and
         # inactivity, and before any idle worker's delay runs out, it answers as
-        # it did. (A decision that asked for anything changed the tally.)
+        # it did. (A decision that asked for anything changed the tally: a
+        # worker it starts or stops moves between the tally's counts.)
         memo = self._memo
         if (
             memo is not None
-            and memo[0] is tally
+            and (memo[0] is tally or memo[0] == tally)
             and memo[1] == overdue
             and memo[2] == inactive
             and memo[3] <= now < memo[4]
