@@ -225,6 +225,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="seconds the autoscaler holds a /route/ call for a worker to free up (the stand-in's; 0: answer at once)",
     )
     group.add_argument(
+        "--sdk-max-poll",
+        type=numbers,
+        default=[_DEFAULT_PLAN.max_poll],
+        help="the SDK client's max_poll_interval: longest pause between a waiting session's /route/ calls",
+    )
+    group.add_argument(
         "--max-sessions",
         type=_listed(_whole_or_none, "whole numbers or 'none'"),
         default=[None],
@@ -272,6 +278,7 @@ _SWEPT = (
     "stop_seconds",
     "scale_down_delay",
     "route_hold",
+    "sdk_max_poll",
     "max_sessions",
     "price_running",
     "price_stopped",
@@ -301,6 +308,7 @@ def plans_from(args: argparse.Namespace) -> list[Plan]:
                 resume=v["resume"],
                 stop_seconds=v["stop_seconds"],
                 route_hold=v["route_hold"],
+                max_poll=v["sdk_max_poll"],
                 max_sessions=v["max_sessions"],
                 price_running=v["price_running"],
                 price_stopped=v["price_stopped"],
@@ -354,6 +362,7 @@ _PARAM_COLUMNS = (
     ("stop_seconds", "stop_s", "--stop-seconds"),
     ("scale_down_delay", "sdd", "--scale-down-delay"),
     ("route_hold", "hold", "--route-hold"),
+    ("max_poll", "poll", "--sdk-max-poll"),
     ("max_sessions", "max_sess", "--max-sessions"),
     ("price_running", "$/h run", "--price-running"),
     ("price_stopped", "$/h cold", "--price-stopped"),

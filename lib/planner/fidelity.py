@@ -156,6 +156,7 @@ def run_planner(trace: Path, workdir: Path, fleet: dict[str, Any], cold_start: f
         "--max-queue-time", f"{s['max_queue_time']:g}", "--target-queue-time", f"{s['target_queue_time']:g}",
         "--inactivity-timeout", inactivity, "--scale-down-delay", f"{s['scale_down_delay']:g}",
         "--route-hold", f"{s['route_hold']:g}", "--max-sessions", str(fleet["max_sessions"]),
+        "--sdk-max-poll", f"{fleet['sdk_max_poll_interval']:g}",
         "--cold-start", f"{cold_start:.3f}", "--stop-seconds", f"{stop:.3f}",
         "--json", str(out), "--jobs-out", str(jobs_out), "--processes", "1",
     ]  # fmt: skip

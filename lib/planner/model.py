@@ -47,7 +47,8 @@ MAX_PERF = 100.0
 
 RUNNING_PHASES = (Phase.PROVISIONING, Phase.LOADING, Phase.READY, Phase.STOPPING)
 
-# The SDK's pauses between /route/ calls while a session waits (vastai.serverless.client).
+# The SDK's pauses between /route/ calls while a session waits (vastai.serverless.client):
+# 1 s, then random and growing, up to the client's max_poll_interval (5 s by default).
 SDK_FIRST_POLL = 1.0
 SDK_MAX_POLL = 5.0
 
@@ -72,6 +73,8 @@ class Plan:
     # How long the autoscaler holds a /route/ call open for a worker to free up (the stand-in's 6 s;
     # Vast's is not published). 0: it answers at once and the SDK polls.
     route_hold: float = 6.0
+    # The SDK client's max_poll_interval: the longest pause between /route/ calls of a waiting session.
+    max_poll: float = SDK_MAX_POLL
     price_running: float = 0.40  # per hour
     price_stopped: float = 0.01  # per hour
 
@@ -84,6 +87,8 @@ class Plan:
             found.append(f"stop_seconds {self.stop_seconds} must be a number of seconds >= 0")
         if not (self.route_hold >= 0 and math.isfinite(self.route_hold)):
             found.append(f"route_hold {self.route_hold} must be a number of seconds >= 0")
+        if not (self.max_poll > 0.1 and math.isfinite(self.max_poll)):
+            found.append(f"max_poll {self.max_poll} must be a number of seconds > 0.1")
         if self.max_sessions is not None and self.max_sessions < 1:
             found.append(f"max_sessions {self.max_sessions} must be >= 1")
         for name in ("price_running", "price_stopped"):
@@ -110,6 +115,7 @@ class Plan:
             "scale_down_delay": self.policy.scale_down_delay,
             "max_sessions": self.max_sessions,
             "route_hold": self.route_hold,
+            "max_poll": self.max_poll,
             "price_running": self.price_running,
             "price_stopped": self.price_stopped,
         }
@@ -362,13 +368,15 @@ class _Sim:
             self._poll_later(now, session)  # answered at once: the SDK pauses and asks again
 
     def _poll_later(self, now: float, session: int) -> None:
-        """The SDK's pause before its next /route/ call: 1 s, then random, growing to at most 5 s."""
+        """The SDK's pause before its next /route/ call: 1 s, then random, growing to at most ``max_poll``."""
         attempt = self.attempts[session]
         self.attempts[session] = attempt + 1
         if attempt == 0:
             pause = SDK_FIRST_POLL
         else:
-            pause = self.polls.uniform(0.1, min(2.0**attempt + self.polls.uniform(0.0, 1.0), SDK_MAX_POLL))
+            # The SDK caps the exponent at 20, which also keeps a session that waits for hours finite.
+            growing = 2.0 ** min(attempt, 20) + self.polls.uniform(0.0, 1.0)
+            pause = self.polls.uniform(0.1, min(growing, self.plan.max_poll))
         self._push(now + pause, _ROUTE, session)
 
     def _start(self, now: float, session: int, worker_id: int) -> None:

@@ -117,6 +117,16 @@ def test_skipping_steps_that_ask_for_nothing_changes_no_figure(chosen):
     assert fast.waits == exact.waits
 
 
+def test_a_session_waiting_for_hours_keeps_polling_at_the_sdks_longest_pause():
+    """A session that waits through thousands of polls pauses at most max_poll between them, and starts at once."""
+    # One worker, taken for an hour; the second job's session is answered at once (no hold) and polls.
+    jobs = [Job(0.0, 3600.0), Job(0.0, 1.0)]
+    chosen = Plan(params=EndpointParams(max_workers=1), cold_start=(0.0, 0.0), route_hold=0.0, max_poll=0.5)
+    result = simulate(jobs, chosen)
+    first_ends = result.waits[0] + 3600.0
+    assert first_ends <= result.waits[1] <= first_ends + 0.5 + 1e-6
+
+
 def test_cold_workers_resume_instead_of_provisioning():
     """With cold_workers, a stopped worker is resumed for the next burst and its seconds billed at the stopped price."""
     jobs = [Job(0.0, 5.0)] * 3 + [Job(200.0, 5.0)] * 3

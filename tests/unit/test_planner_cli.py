@@ -182,6 +182,20 @@ def test_json_has_the_issues_shape(tmp_path, capsys):
     assert "set" in out and "pareto" in out
 
 
+def test_sdk_max_poll_reaches_the_plan_and_a_bad_one_is_one_line(tmp_path, capsys):
+    """--sdk-max-poll is swept like the other flags and written with the params; 0 is refused in one line."""
+    out_file = tmp_path / "r.json"
+    code, _, _ = run(
+        capsys, "--bursts", "1:3:0", "--cold-start", "2", "--sdk-max-poll", "1,5", "--json", str(out_file),
+        "--processes", "1",
+    )  # fmt: skip
+    assert code == 0
+    assert [r["params"]["max_poll"] for r in json.loads(out_file.read_text())["results"]] == [1.0, 5.0]
+    code, out, err = run(capsys, "--bursts", "1:3:0", "--sdk-max-poll", "0")
+    assert code == 2
+    assert "max_poll" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_max_p95_wait_picks_the_cheapest_set_that_meets_it(tmp_path, capsys):
     """--max-p95-wait prints the cheapest set whose p95 wait is within the limit and the values to set."""
     out_file = tmp_path / "r.json"

@@ -59,6 +59,9 @@ DEMO_STREAM = "demo"
 CLAIM_TIMEOUT = 3.0  # a consumer whose session finds no job releases it after this long
 DEMO_ACK_WAIT = 3.0  # short, so a killed worker's job comes back within seconds
 SAMPLE_EVERY = 0.1
+# The SDK client's longest pause between a waiting session's /route/ calls (its default is 5 s):
+# short pauses keep a waiting job's wait close to the moment a worker frees up.
+SDK_MAX_POLL_INTERVAL = 1.0
 
 
 class TraceError(Exception):
@@ -437,7 +440,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 standin.url,
                 shlex.join(settings.consumer or ()),
             )
-            client = sdk.make_client(LOCAL_API_KEY, "local", standin.url, max_poll_interval=1.0)
+            client = sdk.make_client(LOCAL_API_KEY, "local", standin.url, max_poll_interval=SDK_MAX_POLL_INTERVAL)
             stack.push_async_callback(client.close)
             routing_stop = asyncio.Event()
             endpoint = await find_endpoint(client, DEFAULT_ENDPOINT, routing_stop)
@@ -528,6 +531,7 @@ def _write_fleet_log(out: IO[str], fleet: Any, settings: Any, args: argparse.Nam
             "inactivity_timeout": params.inactivity_timeout,
         },
         "max_sessions": args.max_sessions,
+        "sdk_max_poll_interval": SDK_MAX_POLL_INTERVAL,
         **fleet_timeline(fleet.book.events or [], fleet.book.issued or []),
     }
     out.write(json.dumps(data, indent=1) + "\n")
