@@ -100,8 +100,9 @@ from lib.standin.scaling import (
 
 log = logging.getLogger(__name__)
 
-# A remembered next change is used again only while it is at least this far ahead, well clear of
-# the rounding by which a moment computed as a sum and a test computed as a difference can disagree.
+# A remembered decision or next change is used again only while the moment at which it could
+# differ is at least this far ahead: well clear of the rounding by which a moment computed as a
+# sum and a test computed as a difference can disagree on epoch-second clocks (an ulp is 2e-7 s).
 _MEMO_MARGIN = 1e-3
 
 # The status the framework gives a request a busy worker turned down (429).
@@ -661,9 +662,10 @@ class Book:
         ):
             return memo[5]
         decision = decide_from(tally, overdue, now, self.last_activity, s.params, s.policy)
+        # Kept until a margin before the first idle worker becomes stoppable (see _MEMO_MARGIN).
         delay = s.policy.scale_down_delay - EPSILON
         until = min(
-            (w.idle_since + delay - EPSILON for w in tally.idle if now - w.idle_since < delay),  # type: ignore[operator]
+            (w.idle_since + delay - _MEMO_MARGIN for w in tally.idle if now - w.idle_since < delay),  # type: ignore[operator]
             default=math.inf,
         )
         self._memo = (tally, overdue, inactive, now, until, decision)

@@ -367,9 +367,10 @@ def event_scripts(draw):
     inactivity=st.sampled_from([None, 0.0, 4.0]),
     delay=st.sampled_from([0.0, 1.0, 5.0]),
     hold=st.sampled_from([0.0, 6.0]),
+    origin=st.sampled_from([T0, 1.7e9]),  # and on an epoch-second clock, where an ulp is 2e-7 s
 )
 def test_kept_figures_give_the_commands_a_recompute_gives(
-    script, cold_workers, target_queue_time, inactivity, delay, hold
+    script, cold_workers, target_queue_time, inactivity, delay, hold, origin
 ):
     """On any event script the views, routes, decisions and wake-ups the book keeps equal a recompute from scratch."""
     params = EndpointParams(
@@ -383,8 +384,8 @@ def test_kept_figures_give_the_commands_a_recompute_gives(
         route_hold=hold,
         load_timeout=10.0,
     )
-    book = CheckedBook(settings_, T0)
-    now = T0
+    book = CheckedBook(settings_, origin)
+    now = origin
     for method, dt, a, b, cost, flag in script:
         now += dt
         ids = sorted(book.workers) or [1]
