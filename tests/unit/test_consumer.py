@@ -165,6 +165,8 @@ class MemoryClaim(Claim):
 class MemoryQueue(Queue):
     """Jobs in a list; what the consumer did to them in ``steps``, the events it published in ``published``."""
 
+    claim_type = MemoryClaim
+
     def __init__(self, ack_wait: float = WINDOW, max_deliver: int = 3, unreachable_for: int = 0):
         self.ack_wait = ack_wait
         self.max_deliver = max_deliver
@@ -200,7 +202,7 @@ class MemoryQueue(Queue):
             job = await asyncio.wait_for(self.ready.get(), timeout)
         except asyncio.TimeoutError:
             return None
-        claim = MemoryClaim(self, job)
+        claim = self.claim_type(self, job)
         self.claims.append(claim)
         self.steps.append(("claim", job.id, job.attempt))
         return claim
@@ -340,6 +342,39 @@ async def test_done_job_is_acked_then_its_session_released(control, start, tmp_p
     keep_alives = [s for s in queue.steps if s[0] == "keep_alive"]
     assert len(keep_alives) >= 2, queue.steps
     assert queue.acked_at["j1"] < control.released_at["s1"], "the ack must be confirmed before the release"
+
+
+class SwallowingClaim(MemoryClaim):
+    """Its first renewal stays in flight until cancelled and swallows that cancellation, as a library's wait_for
+    can before Python 3.12; it touches ``renewing`` once in flight."""
+
+    renewing: Path
+    swallowed = 0
+
+    async def keep_alive(self) -> None:
+        await super().keep_alive()
+        if type(self).swallowed:
+            return
+        self.renewing.touch()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            type(self).swallowed += 1  # the renewal carries on as if its request had just completed
+
+
+async def test_session_is_released_even_if_a_renewal_swallowed_its_cancellation(control, start, tmp_path):
+    """A job that ends while a renewal swallows its cancel still gets its /release: the renewer is cancelled again."""
+    queue = MemoryQueue()
+    queue.claim_type = SwallowingClaim
+    SwallowingClaim.renewing = tmp_path / "renewing"
+    await queue.publish("j1", b"")
+    # The job ends once the renewal is in flight.
+    wait_for_renewal = f"import os, time\nwhile not os.path.exists({str(SwallowingClaim.renewing)!r}): time.sleep(0.01)"
+    await start(queue, command_runs([sys.executable, "-c", wait_for_renewal]))
+    control.open("s1")
+    await released(queue, "j1", timeout=8.0)
+    assert SwallowingClaim.swallowed == 1
+    assert control.routes("s1")[-1] == "/release"
 
 
 async def test_failed_job_is_retried_after_the_delay_then_released(control, start, tmp_path):

@@ -45,6 +45,7 @@ from typing import Any, NoReturn, TypeVar
 
 from aiohttp import web
 
+from .aio import stop_task
 from .control_client import ControlClient, ControlUnavailable, HeldSession, LeaseGone, WorkerStopping
 from .queues.base import (
     ABANDONED,
@@ -446,9 +447,7 @@ class Consumer:
         finally:
             stopper.cancel()
             if not task.done():
-                task.cancel()
-                with suppress(asyncio.CancelledError, Exception):
-                    await task
+                await stop_task(task)
         if task.cancelled():
             return _STOPPED
         return task.result()
@@ -554,9 +553,7 @@ class Consumer:
             self.job_id = claim.job.id
             await self._run_job(claim, lease)
         finally:
-            renewer.cancel()
-            with suppress(asyncio.CancelledError):
-                await renewer
+            await stop_task(renewer)
             await self._release(sid, getattr(lease.claim, "job", None))
             self.session_id = self.job_id = None
 
