@@ -44,6 +44,7 @@ from lib.standin.book import (
 )
 from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
 from lib.standin.scaling import LIVE, Decision, EndpointParams, LocalPolicy, Phase
+from workers.null.aio import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +256,7 @@ class Fleet:
         """Stops every instance (SIGTERM, then SIGKILL after the grace) and removes their files."""
         self._closing = True
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._loop_task
+            await stop_task(self._loop_task)
         self._carry_out(self.book.close(self.clock()))
         pending = [inst.task for inst in self.instances.values() if inst.task is not None]
         if pending:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import framework
+from .aio import stop_task
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("workers.null")
@@ -57,7 +58,7 @@ class NullLifecycle:
             app = make_control_app(desk, health_stub=self.settings.backend_health_url is None)
             await stack.enter_async_context(serve_control(app, self.settings.control_port))
             expiry = asyncio.ensure_future(desk.expiry_loop())
-            stack.push_async_callback(_cancel, expiry)
+            stack.push_async_callback(stop_task, expiry)
             if self.settings.backend_health_url is None:
                 log.warning(
                     "BACKEND_HEALTH_URL is unset: health checks hit a stub on 127.0.0.1:%d/health that always "
@@ -87,12 +88,6 @@ class NullLifecycle:
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
 
 
 def build_worker_config(settings: Settings):
@@ -185,7 +180,7 @@ async def serve(settings: Settings) -> int:
         return 1
     log.info("stopping")
     await desk.shutdown(time.monotonic() + STOP_GRACE)
-    await _cancel(running)
+    await stop_task(running)
     await config.lifecycle.aclose()
     await _close_clients(worker.backend)
     log.info("stopped")
