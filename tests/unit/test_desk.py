@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import DESK_URL
+from tests.helpers import DESK_URL, create_body
 from workers.null.desk import REFUSED, UNUSED
 
 
 def finished(desk) -> list[tuple[int, bool, str]]:
     """What the next /delete_requests/ report will carry: (request_idx, success, status)."""
     return [(r.request_idx, r.success, r.status) for r in desk.metrics.model_metrics.requests_deleting]
-
-
-def create_body(grant, **payload) -> dict:
-    return {"auth_data": grant, "payload": {"lifetime": 60, **payload}}
 
 
 async def test_bare_ping_reports_its_grant_served_at_once(public, signer, desk):

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lib.standin.process import free_port
-from tests.helpers import DESK_URL, public_app
+from tests.helpers import DESK_URL, create_body, public_app
 from workers.null.bodies import MAX_BODY_BYTES
 from workers.null.control import make_control_app
 from workers.null.settings import http_url
@@ -213,10 +213,6 @@ class Routes:
         answer = await self.send(("control", "GET", "/status"))
         assert answer.status == 200, answer
         return answer.json()
-
-
-def create_body(grant: dict[str, Any], **payload: Any) -> dict[str, Any]:
-    return {"auth_data": grant, "payload": {"lifetime": 60, **payload}}
 
 
 async def assert_one_slot(routes: Routes, grant: dict[str, Any]) -> None:
