@@ -137,7 +137,8 @@ async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_
         opened_at = time.monotonic()
         session_id = await open_session(http, worker, worker.create_body(lifetime=3, job="job-7"))
         await wait_until(lambda: jobs.listed("started") == ["job-7"], 15, "the job to start", explain)
-        while time.monotonic() - opened_at < 6:
+        # Half a lifetime past the first one: an unrenewed lease would have lapsed by then.
+        while time.monotonic() - opened_at < 4.5:
             held = await held_session(http, worker)
             assert held is not None and held["session_id"] == session_id, (
                 f"the lease lapsed while the job ran\n{explain()}"
