@@ -165,7 +165,7 @@ async def test_a_killed_dispatcher_leaks_nothing_and_a_restarted_one_opens_no_se
 async def test_the_demo_with_chaos_runs_every_job_once_to_done_and_prints_the_summary(tmp_path):
     """--chaos 1: a worker SIGKILLed mid-job; its job is redelivered, done again and acked once; exit 0."""
     job_log = tmp_path / "jobs.jsonl"
-    argv = ["--instance", "local", "--jobs", "3", "--job-seconds", "3", "--chaos", "1", "--max-sessions", "3"]
+    argv = ["--instance", "local", "--jobs", "3", "--job-seconds", "2", "--chaos", "1", "--max-sessions", "3"]
     argv += ["--cold-start", "0.2", "--inactivity-timeout", "1", "--plain", "--job-log", str(job_log)]
     run = await dispatcher(*argv).start()
     try:
