@@ -3,7 +3,9 @@
 The test plays the dispatcher: it publishes jobs, opens sessions on the
 worker with signed grants, and reads the job events the consumer publishes.
 Every COMMAND appends ``job attempt session`` to a runs file, so a job run
-twice shows.
+twice shows. Each test runs on both queue kinds at once (``on_each_queue``):
+the two share only the recording autoscaler and the HTTP client, and each
+mostly waits on leases and timeouts, so together they take about as long as one.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import pytest
 from aiohttp import web
 
 from lib.standin.process import ChildProcess
-from tests.helpers import RunningWorker, open_session, status_of
+from tests.helpers import RunningWorker, StartWorker, open_session, status_of
 from tests.standin import process_gone
 from workers.null.queues.base import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, JobEvent, Queue
 
@@ -41,17 +43,23 @@ LIFETIME = 30.0  # a session's own lifetime, past which only the consumer's rene
 # -- the queue servers --------------------------------------------------------------------
 
 
-@pytest.fixture(params=["nats", "valkey"])
-async def queue_url(request, tmp_path) -> AsyncIterator[str]:
-    """A job queue on a real server started for this test."""
+KINDS = ("nats", "valkey")
+
+
+@asynccontextmanager
+async def queue_server(kind: str) -> AsyncIterator[str]:
+    """A server of the queue ``kind`` started for this test: ``nats://HOST:PORT`` or ``redis://HOST:PORT/0``."""
     from lib.standin.queueservers import nats_server, valkey_server
 
-    if request.param == "nats":
-        async with nats_server() as url:
-            yield f"{url}/jobs"
-    else:
-        async with valkey_server() as url:  # redis://127.0.0.1:PORT/0
-            yield f"{url}?stream=jobs&group=null"
+    async with nats_server() if kind == "nats" else valkey_server() as url:
+        yield url
+
+
+def queue_url_on(server: str, stream: str) -> str:
+    """The consumer's --queue URL for ``stream`` on ``server``."""
+    if server.startswith("nats://"):
+        return f"{server}/{stream}"
+    return f"{server}?stream={stream}&group=null"
 
 
 @dataclass
@@ -90,8 +98,9 @@ class Dispatch:
         )
 
 
-@pytest.fixture
-async def dispatch(queue_url: str) -> AsyncIterator[Dispatch]:
+@asynccontextmanager
+async def dispatching(queue_url: str) -> AsyncIterator[Dispatch]:
+    """The queue at ``queue_url`` set up, with a listener on its job events from the start."""
     from workers.null.queues import open_queue
 
     queue = open_queue(queue_url, ack_wait=ACK_WAIT, max_deliver=2)
@@ -173,15 +182,50 @@ class Consumers:
         rows = [line.split() for line in self.runs_file.read_text().splitlines()]
         return [(job, int(attempt), session, int(pid)) for job, attempt, session, pid in rows]
 
+    async def stop_all(self) -> None:
+        for run in self.started:
+            await run.stop(10.0)
+
+
+@dataclass
+class Rig:
+    """One queue kind: its server, the dispatcher's side of its stream, consumers on it, workers beside them."""
+
+    kind: str
+    server: str
+    dispatch: Dispatch = field(repr=False)
+    consumers: Consumers = field(repr=False)
+    start_worker: StartWorker = field(repr=False)
+
 
 @pytest.fixture
-async def consumers(queue_url: str, tmp_path: Path) -> AsyncIterator[Consumers]:
-    found = Consumers(queue_url, tmp_path, tmp_path / "runs.txt")
-    try:
+async def rigs(start_worker: StartWorker, tmp_path: Path) -> AsyncIterator[list[Rig]]:
+    """A rig of each queue kind, each with its own server started for this test."""
+    async with AsyncExitStack() as stack:
+        found = []
+        for kind in KINDS:
+            server = await stack.enter_async_context(queue_server(kind))
+            url = queue_url_on(server, "jobs")
+            dispatch = await stack.enter_async_context(dispatching(url))
+            root = tmp_path / kind
+            root.mkdir()
+            consumers = Consumers(url, root, root / "runs.txt")
+            stack.push_async_callback(consumers.stop_all)
+            found.append(Rig(kind, server, dispatch, consumers, start_worker))
         yield found
-    finally:
-        for run in found.started:
-            await run.stop(10.0)
+
+
+async def on_each_queue(rigs: list[Rig], check: Callable[[Rig], Awaitable[None]]) -> None:
+    """Runs ``check`` on every rig at once and waits for all of them; a failure names its queue kind."""
+    results = await asyncio.gather(*(check(rig) for rig in rigs), return_exceptions=True)
+    failed = [(rig.kind, r) for rig, r in zip(rigs, results, strict=True) if isinstance(r, BaseException)]
+    if not failed:
+        return
+    for _, exc in failed:
+        if not isinstance(exc, Exception):
+            raise exc  # a cancellation or an interrupt, not a failure
+    described = "\n\n".join(f"on {kind}: {type(exc).__name__}: {exc}" for kind, exc in failed)
+    raise AssertionError(described) from failed[0][1]
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -198,91 +242,109 @@ async def wait_line(worker: RunningWorker, pattern: str, timeout: float = 15.0) 
 # -- the lease mapping --------------------------------------------------------------------
 
 
-async def test_job_is_run_renewed_acked_and_then_the_worker_released(start_worker, http, dispatch, consumers):
+async def test_job_is_run_renewed_acked_and_then_the_worker_released(rigs, http):
     """Claim, start, renewals past both the lease and AckWait, ack, release: events in order and one run only."""
-    worker = await start_worker()
-    other = await start_worker()
-    await consumers.start(worker.ports.control)
-    await consumers.start(other.ports.control, "--claim-timeout", str(ACK_WAIT * 2))
-    await dispatch.publish("j1", sleep=ACK_WAIT * 2)
-    # A lease shorter than the job: only the consumer's /extend keeps it.
-    session_id = await open_session(http, worker, worker.create_body(lifetime=1.0))
-    await dispatch.wait_kind(STARTED, "j1")
-    # Another worker asking while j1 runs past AckWait finds nothing: the claim was kept alive.
-    await open_session(http, other, other.create_body(lifetime=LIFETIME))
-    await wait_line(other, r"released by consumer", timeout=ACK_WAIT * 2 + 5)
-    done = await dispatch.wait_kind(FINISHED, "j1")
-    assert done.outcome == DONE, done
-    await dispatch.wait_kind(RELEASED, "j1")
-    kinds = [(e.kind, e.outcome) for e in dispatch.of("j1")]
-    assert kinds == [(CLAIMED, None), (STARTED, None), (FINISHED, DONE), (RELEASED, None)]
-    assert {e.session_id for e in dispatch.of("j1")} == {session_id}
-    assert [r[:3] for r in consumers.runs()] == [("j1", 1, session_id)]
-    line = await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
-    held_for = float(re.search(r"after ([\d.]+)s", line).group(1))
-    assert held_for >= ACK_WAIT * 2, line  # outlived its 1 s lifetime
-    assert await worker_session(http, worker) is None
-    depth = await dispatch.queue.depth()
-    assert (depth.pending, depth.in_flight) == (0, 0)
+
+    async def check(rig: Rig) -> None:
+        start_worker, dispatch, consumers = rig.start_worker, rig.dispatch, rig.consumers
+        worker = await start_worker()
+        other = await start_worker()
+        await consumers.start(worker.ports.control)
+        await consumers.start(other.ports.control, "--claim-timeout", str(ACK_WAIT * 2))
+        await dispatch.publish("j1", sleep=ACK_WAIT * 2)
+        # A lease shorter than the job: only the consumer's /extend keeps it.
+        session_id = await open_session(http, worker, worker.create_body(lifetime=1.0))
+        await dispatch.wait_kind(STARTED, "j1")
+        # Another worker asking while j1 runs past AckWait finds nothing: the claim was kept alive.
+        await open_session(http, other, other.create_body(lifetime=LIFETIME))
+        await wait_line(other, r"released by consumer", timeout=ACK_WAIT * 2 + 5)
+        done = await dispatch.wait_kind(FINISHED, "j1")
+        assert done.outcome == DONE, done
+        await dispatch.wait_kind(RELEASED, "j1")
+        kinds = [(e.kind, e.outcome) for e in dispatch.of("j1")]
+        assert kinds == [(CLAIMED, None), (STARTED, None), (FINISHED, DONE), (RELEASED, None)]
+        assert {e.session_id for e in dispatch.of("j1")} == {session_id}
+        assert [r[:3] for r in consumers.runs()] == [("j1", 1, session_id)]
+        line = await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
+        held_for = float(re.search(r"after ([\d.]+)s", line).group(1))
+        assert held_for >= ACK_WAIT * 2, line  # outlived its 1 s lifetime
+        assert await worker_session(http, worker) is None
+        depth = await dispatch.queue.depth()
+        assert (depth.pending, depth.in_flight) == (0, 0)
+
+    await on_each_queue(rigs, check)
 
 
-async def test_no_job_within_claim_timeout_releases_the_worker_at_once(start_worker, http, dispatch, consumers):
+async def test_no_job_within_claim_timeout_releases_the_worker_at_once(rigs, http):
     """An empty queue: the worker is released right after --claim-timeout, long before its lease would end."""
-    worker = await start_worker()
-    await consumers.start(worker.ports.control)
-    opened = time.monotonic()
-    session_id = await open_session(http, worker, worker.create_body(lifetime=30.0))
-    await wait_line(worker, rf"session {re.escape(session_id)} released by consumer", timeout=10)
-    assert time.monotonic() - opened < CLAIM_TIMEOUT + 3
-    released = await dispatch.wait_kind(RELEASED, "", 0)
-    assert released.session_id == session_id
-    assert [e.kind for e in dispatch.events] == [RELEASED], "only the release of a session that got no job"
+
+    async def check(rig: Rig) -> None:
+        start_worker, dispatch, consumers = rig.start_worker, rig.dispatch, rig.consumers
+        worker = await start_worker()
+        await consumers.start(worker.ports.control)
+        opened = time.monotonic()
+        session_id = await open_session(http, worker, worker.create_body(lifetime=30.0))
+        await wait_line(worker, rf"session {re.escape(session_id)} released by consumer", timeout=10)
+        assert time.monotonic() - opened < CLAIM_TIMEOUT + 3
+        released = await dispatch.wait_kind(RELEASED, "", 0)
+        assert released.session_id == session_id
+        assert [e.kind for e in dispatch.events] == [RELEASED], "only the release of a session that got no job"
+
+    await on_each_queue(rigs, check)
 
 
-async def test_poison_job_is_dead_lettered_after_max_attempts(start_worker, http, dispatch, consumers):
+async def test_poison_job_is_dead_lettered_after_max_attempts(rigs, http):
     """A job that always fails is retried once, dead-lettered on attempt 2, and not delivered again."""
-    worker = await start_worker()
-    await consumers.start(worker.ports.control)
-    await dispatch.publish("poison", exit=1)
-    for attempt in (1, 2):
-        await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
-        await dispatch.wait_kind(RELEASED, "poison", attempt)
-    outcomes = [(e.attempt, e.outcome) for e in dispatch.of("poison", FINISHED)]
-    assert outcomes == [(1, RETRY), (2, DEAD)]
-    session_id = await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
-    await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
-    assert [r[:2] for r in consumers.runs()] == [("poison", 1), ("poison", 2)]
-    assert [(j.id, j.attempt) for j in await dispatch.queue.dead_letters()] == [("poison", 2)]
-    depth = await dispatch.queue.depth()
-    assert (depth.pending, depth.in_flight) == (0, 0)
+
+    async def check(rig: Rig) -> None:
+        start_worker, dispatch, consumers = rig.start_worker, rig.dispatch, rig.consumers
+        worker = await start_worker()
+        await consumers.start(worker.ports.control)
+        await dispatch.publish("poison", exit=1)
+        for attempt in (1, 2):
+            await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
+            await dispatch.wait_kind(RELEASED, "poison", attempt)
+        outcomes = [(e.attempt, e.outcome) for e in dispatch.of("poison", FINISHED)]
+        assert outcomes == [(1, RETRY), (2, DEAD)]
+        session_id = await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
+        await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
+        assert [r[:2] for r in consumers.runs()] == [("poison", 1), ("poison", 2)]
+        assert [(j.id, j.attempt) for j in await dispatch.queue.dead_letters()] == [("poison", 2)]
+        depth = await dispatch.queue.depth()
+        assert (depth.pending, depth.in_flight) == (0, 0)
+
+    await on_each_queue(rigs, check)
 
 
 # -- failures -----------------------------------------------------------------------------
 
 
-async def test_consumer_killed_mid_job_lets_the_lease_lapse_and_the_job_is_redelivered(
-    start_worker, http, dispatch, consumers
-):
+async def test_consumer_killed_mid_job_lets_the_lease_lapse_and_the_job_is_redelivered(rigs, http):
     """SIGKILL of the consumer mid-job: its COMMAND dies too, the worker's lease lapses, the job runs again."""
-    worker = await start_worker()
-    first = await consumers.start(worker.ports.control)
-    await dispatch.publish("j1", sleep=60)
-    session_id = await open_session(http, worker, worker.create_body(lifetime=30.0))
-    await consumers.wait_runs(1)
-    killed_at = time.monotonic()
-    first.killpg()
-    await wait_line(worker, rf"session {re.escape(session_id)} expired", timeout=ACK_WAIT + 5)
-    assert time.monotonic() - killed_at < ACK_WAIT + 3  # the lease was the window, not the 30 s lifetime
-    pid = consumers.runs()[0][3]
-    deadline = time.monotonic() + 5
-    while not process_gone(pid):
-        assert time.monotonic() < deadline, "the job's process outlived its consumer"
-        await asyncio.sleep(0.05)
-    await consumers.start(worker.ports.control)
-    await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
-    again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=ACK_WAIT + 15)
-    assert again.outcome == DONE
-    assert [r[:2] for r in consumers.runs()] == [("j1", 1), ("j1", 2)]
+
+    async def check(rig: Rig) -> None:
+        start_worker, dispatch, consumers = rig.start_worker, rig.dispatch, rig.consumers
+        worker = await start_worker()
+        first = await consumers.start(worker.ports.control)
+        await dispatch.publish("j1", sleep=60)
+        session_id = await open_session(http, worker, worker.create_body(lifetime=30.0))
+        await consumers.wait_runs(1)
+        killed_at = time.monotonic()
+        first.killpg()
+        await wait_line(worker, rf"session {re.escape(session_id)} expired", timeout=ACK_WAIT + 5)
+        assert time.monotonic() - killed_at < ACK_WAIT + 3  # the lease was the window, not the 30 s lifetime
+        pid = consumers.runs()[0][3]
+        deadline = time.monotonic() + 5
+        while not process_gone(pid):
+            assert time.monotonic() < deadline, "the job's process outlived its consumer"
+            await asyncio.sleep(0.05)
+        await consumers.start(worker.ports.control)
+        await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
+        again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=ACK_WAIT + 15)
+        assert again.outcome == DONE
+        assert [r[:2] for r in consumers.runs()] == [("j1", 1), ("j1", 2)]
+
+    await on_each_queue(rigs, check)
 
 
 class KillOnRelease:
@@ -313,103 +375,120 @@ class KillOnRelease:
             return web.Response(status=resp.status, body=await resp.read(), content_type="application/json")
 
 
-async def test_ack_then_crash_before_release_runs_nothing_twice_and_the_lease_frees_the_worker(
-    start_worker, http, dispatch, consumers
-):
+async def test_ack_then_crash_before_release_runs_nothing_twice_and_the_lease_frees_the_worker(rigs, http):
     """The consumer dies between its ack and its /release: the job is not redelivered, the worker frees itself."""
-    from lib.bench.recorder import serving
 
-    worker = await start_worker()
-    proxy = KillOnRelease(worker.control)
-    async with AsyncExitStack() as stack:
-        proxy.http = await stack.enter_async_context(aiohttp.ClientSession())
-        url = await stack.enter_async_context(serving(proxy.app()))
-        proxy.victim = await consumers.start(int(url.rsplit(":", 1)[1]))
-        await dispatch.publish("j1")
-        session_id = await open_session(http, worker, worker.create_body(lifetime=30.0))
-        await asyncio.wait_for(proxy.killed.wait(), 20)
-        await wait_line(worker, rf"session {re.escape(session_id)} expired", timeout=ACK_WAIT + 5)
-    # The lease lapsed a window after the last renewal, so AckWait has passed too: a fresh consumer
-    # would be handed the job now, had the ack not held.
-    await consumers.start(worker.ports.control)
-    second = await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
-    await wait_line(worker, rf"session {re.escape(second)} released by consumer")
-    assert [r[:2] for r in consumers.runs()] == [("j1", 1)]
-    assert [e.outcome for e in dispatch.of("j1", FINISHED)] == [DONE]
-    depth = await dispatch.queue.depth()
-    assert (depth.pending, depth.in_flight) == (0, 0)
+    async def check(rig: Rig) -> None:
+        start_worker, dispatch, consumers = rig.start_worker, rig.dispatch, rig.consumers
+        from lib.bench.recorder import serving
+
+        worker = await start_worker()
+        proxy = KillOnRelease(worker.control)
+        async with AsyncExitStack() as stack:
+            proxy.http = await stack.enter_async_context(aiohttp.ClientSession())
+            url = await stack.enter_async_context(serving(proxy.app()))
+            proxy.victim = await consumers.start(int(url.rsplit(":", 1)[1]))
+            await dispatch.publish("j1")
+            session_id = await open_session(http, worker, worker.create_body(lifetime=30.0))
+            await asyncio.wait_for(proxy.killed.wait(), 20)
+            await wait_line(worker, rf"session {re.escape(session_id)} expired", timeout=ACK_WAIT + 5)
+        # The lease lapsed a window after the last renewal, so AckWait has passed too: a fresh consumer
+        # would be handed the job now, had the ack not held.
+        await consumers.start(worker.ports.control)
+        second = await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
+        await wait_line(worker, rf"session {re.escape(second)} released by consumer")
+        assert [r[:2] for r in consumers.runs()] == [("j1", 1)]
+        assert [e.outcome for e in dispatch.of("j1", FINISHED)] == [DONE]
+        depth = await dispatch.queue.depth()
+        assert (depth.pending, depth.in_flight) == (0, 0)
+
+    await on_each_queue(rigs, check)
 
 
-async def test_lease_ended_by_the_dispatcher_stops_the_job_without_ack(start_worker, http, dispatch, consumers):
+async def test_lease_ended_by_the_dispatcher_stops_the_job_without_ack(rigs, http):
     """/session/end mid-job makes /extend answer 409: the job is stopped, not acked, and runs again later."""
-    worker = await start_worker()
-    await consumers.start(worker.ports.control)
-    await dispatch.publish("j1", sleep=60)
-    body = worker.create_body(lifetime=LIFETIME)
-    session_id = await open_session(http, worker, body)
-    await consumers.wait_runs(1)
-    end = {"session_id": session_id, "session_auth": body["auth_data"]}
-    async with http.post(worker.url + "/session/end", json=end) as resp:
-        assert resp.status == 200, await resp.text()
-    stopped = await dispatch.wait_kind(FINISHED, "j1", 1, timeout=ACK_WAIT + 5)
-    assert stopped.outcome == ABANDONED and "lease" in stopped.detail, stopped
-    assert process_gone(consumers.runs()[0][3])
-    await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
-    again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=ACK_WAIT + 15)
-    assert again.outcome == DONE
+
+    async def check(rig: Rig) -> None:
+        start_worker, dispatch, consumers = rig.start_worker, rig.dispatch, rig.consumers
+        worker = await start_worker()
+        await consumers.start(worker.ports.control)
+        await dispatch.publish("j1", sleep=60)
+        body = worker.create_body(lifetime=LIFETIME)
+        session_id = await open_session(http, worker, body)
+        await consumers.wait_runs(1)
+        end = {"session_id": session_id, "session_auth": body["auth_data"]}
+        async with http.post(worker.url + "/session/end", json=end) as resp:
+            assert resp.status == 200, await resp.text()
+        stopped = await dispatch.wait_kind(FINISHED, "j1", 1, timeout=ACK_WAIT + 5)
+        assert stopped.outcome == ABANDONED and "lease" in stopped.detail, stopped
+        assert process_gone(consumers.runs()[0][3])
+        await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
+        again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=ACK_WAIT + 15)
+        assert again.outcome == DONE
+
+    await on_each_queue(rigs, check)
 
 
-async def test_sigterm_mid_job_hands_it_back_releases_and_exits_0(start_worker, http, dispatch, consumers):
+async def test_sigterm_mid_job_hands_it_back_releases_and_exits_0(rigs, http):
     """SIGTERM past --grace: the job is stopped and handed back at once, the worker released, exit 0."""
-    worker = await start_worker()
-    first = await consumers.start(worker.ports.control, "--ack-wait", "20")
-    await dispatch.publish("j1", sleep=60)
-    session_id = await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
-    await dispatch.wait_kind(STARTED, "j1")
-    first.send_signal(signal.SIGTERM)
-    assert await first.wait(15) == 0, first.tail()
-    await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
-    stopped = dispatch.of("j1", FINISHED)
-    assert [e.outcome for e in stopped] == [ABANDONED], stopped
-    # Handed back, not left to the 20 s AckWait: the next session gets it at once.
-    await consumers.start(worker.ports.control, "--ack-wait", "20")
-    handed_back = time.monotonic()
-    await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
-    again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=15)
-    assert again.outcome == DONE and time.monotonic() - handed_back < 10
+
+    async def check(rig: Rig) -> None:
+        start_worker, dispatch, consumers = rig.start_worker, rig.dispatch, rig.consumers
+        worker = await start_worker()
+        first = await consumers.start(worker.ports.control, "--ack-wait", "20")
+        await dispatch.publish("j1", sleep=60)
+        session_id = await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
+        await dispatch.wait_kind(STARTED, "j1")
+        first.send_signal(signal.SIGTERM)
+        assert await first.wait(15) == 0, first.tail()
+        await wait_line(worker, rf"session {re.escape(session_id)} released by consumer")
+        stopped = dispatch.of("j1", FINISHED)
+        assert [e.outcome for e in stopped] == [ABANDONED], stopped
+        # Handed back, not left to the 20 s AckWait: the next session gets it at once.
+        await consumers.start(worker.ports.control, "--ack-wait", "20")
+        handed_back = time.monotonic()
+        await open_session(http, worker, worker.create_body(lifetime=LIFETIME))
+        again = await dispatch.wait_kind(FINISHED, "j1", 2, timeout=15)
+        assert again.outcome == DONE and time.monotonic() - handed_back < 10
+
+    await on_each_queue(rigs, check)
 
 
 # -- bad input and start-up ---------------------------------------------------------------
 
 
-async def test_missing_stream_is_retried_until_it_exists(start_worker, http, queue_url, tmp_path):
+async def test_missing_stream_is_retried_until_it_exists(rigs, http):
     """A queue server without the stream: one line saying so, health 503, and the loop starts once it exists."""
     from workers.null.queues import open_queue
 
-    worker = await start_worker()
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(JOB))
-    run = await ChildProcess.python(
-        "-m", "workers.null.consumer", "--queue", queue_url, "--control-port", str(worker.ports.control),
-        "--health-port", "0", "--ack-wait", str(ACK_WAIT), "--", sys.executable, str(script), tail_lines=None,
-    ).start()  # fmt: skip
-    try:
-        [match] = await run.wait_for_line(r"health endpoint on (http://\S+)", 20)
-        await run.wait_for_line(r"queue unreachable", 20)
-        async with http.get(match.group(1)) as resp:
-            assert resp.status == 503
-        queue = open_queue(queue_url, ack_wait=ACK_WAIT, max_deliver=2)
-        await queue.connect()
+    async def check(rig: Rig) -> None:
+        queue_url = queue_url_on(rig.server, "fresh")  # a stream nobody has set up
+        worker = await rig.start_worker()
+        script = rig.consumers.tmp_path / "job.py"
+        script.write_text(textwrap.dedent(JOB))
+        run = await ChildProcess.python(
+            "-m", "workers.null.consumer", "--queue", queue_url, "--control-port", str(worker.ports.control),
+            "--health-port", "0", "--ack-wait", str(ACK_WAIT), "--", sys.executable, str(script), tail_lines=None,
+        ).start()  # fmt: skip
         try:
-            await queue.setup()
+            [match] = await run.wait_for_line(r"health endpoint on (http://\S+)", 20)
+            await run.wait_for_line(r"queue unreachable", 20)
+            async with http.get(match.group(1)) as resp:
+                assert resp.status == 503
+            queue = open_queue(queue_url, ack_wait=ACK_WAIT, max_deliver=2)
+            await queue.connect()
+            try:
+                await queue.setup()
+            finally:
+                await queue.close()
+            await run.wait_for_line(r"waiting for a session", 20)
+            async with http.get(match.group(1)) as resp:
+                assert resp.status == 200
+            assert len(run.matches(r"queue unreachable")) == 1
         finally:
-            await queue.close()
-        await run.wait_for_line(r"waiting for a session", 20)
-        async with http.get(match.group(1)) as resp:
-            assert resp.status == 200
-        assert len(run.matches(r"queue unreachable")) == 1
-    finally:
-        await run.stop(10.0)
+            await run.stop(10.0)
+
+    await on_each_queue(rigs, check)
 
 
 @pytest.mark.parametrize(
