@@ -12,7 +12,11 @@ from tests.e2e.conftest import OpenQueue
 from workers.null.queues import Depth, JobEvent, NotOwned, QueueUnavailable, open_queue
 from workers.null.queues.base import CLAIMED, DONE, FINISHED
 
-ACK_WAIT = 1.0
+# Short, as the tests that wait for a claim to lapse (or to see that nothing
+# comes back) wait a few of these; the renewal test keeps a longer one, so a
+# renewal every third of it has room on a loaded machine.
+ACK_WAIT = 0.5
+RENEWED_ACK_WAIT = 1.0
 
 
 async def wait_depth(queue, expected: Depth, timeout: float = 5.0) -> None:
@@ -37,14 +41,14 @@ async def test_claim_takes_exactly_one_job_and_prefetches_nothing(open_test_queu
 
 async def test_keep_alive_prevents_redelivery_past_ack_wait(open_test_queue: OpenQueue):
     """A claim renewed every ack_wait/3 is not handed to another consumer, even long past ack_wait."""
-    queue = await open_test_queue(ack_wait=ACK_WAIT)
+    queue = await open_test_queue(ack_wait=RENEWED_ACK_WAIT)
     await queue.publish("a", b"")
     claim = await queue.claim("c1", timeout=2)
     assert claim is not None
-    rival = asyncio.ensure_future(queue.claim("c2", timeout=2.5 * ACK_WAIT))
+    rival = asyncio.ensure_future(queue.claim("c2", timeout=2.5 * RENEWED_ACK_WAIT))
     while not rival.done():
         await claim.keep_alive()
-        await asyncio.wait([rival], timeout=ACK_WAIT / 3)
+        await asyncio.wait([rival], timeout=RENEWED_ACK_WAIT / 3)
     assert rival.result() is None
     await claim.ack()
     assert await queue.depth() == Depth(0, 0)
