@@ -7,6 +7,8 @@
 - ``callbacks_for``, ``deleted_entries``: what the recording autoscaler was sent.
 - ``wait_until``: polls a condition against a deadline, for state nothing
   records an event for.
+- ``side_by_side``: runs the same check on several rigs at once (both queue
+  kinds, both consumer examples), each failure named.
 - ``running_worker``, ``RunningWorker``: a real worker process against the
   recording autoscaler, stopped on the way out.
 - ``FakeConsumer``: a consumer's health endpoint that can be made to die.
@@ -165,6 +167,24 @@ async def wait_until(
             detail = f"\n{explain()}" if explain is not None else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
         await asyncio.sleep(0.05)
+
+
+async def side_by_side(runs: dict[str, Awaitable[Any]]) -> None:
+    """Awaits every run at once, each to its end; then raises one AssertionError naming each run that failed.
+
+    For checks that mostly wait on leases and timeouts, done on independent
+    rigs: together they take about as long as the slowest alone. The first
+    failure's own traceback is chained.
+    """
+    names = list(runs)
+    results = await asyncio.gather(*runs.values(), return_exceptions=True)
+    failed = [(name, r) for name, r in zip(names, results, strict=True) if isinstance(r, BaseException)]
+    for _, exc in failed:
+        if not isinstance(exc, Exception):
+            raise exc  # a cancellation or an interrupt, not a failure
+    if failed:
+        described = "\n\n".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failed)
+        raise AssertionError(described) from failed[0][1]
 
 
 # -- a real worker process -----------------------------------------------------------------

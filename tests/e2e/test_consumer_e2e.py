@@ -29,7 +29,7 @@ import pytest
 from aiohttp import web
 
 from lib.standin.process import ChildProcess
-from tests.helpers import RunningWorker, StartWorker, open_session, status_of
+from tests.helpers import RunningWorker, StartWorker, open_session, side_by_side, status_of
 from tests.standin import process_gone
 from workers.null.queues.base import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, JobEvent, Queue
 
@@ -217,15 +217,7 @@ async def rigs(start_worker: StartWorker, tmp_path: Path) -> AsyncIterator[list[
 
 async def on_each_queue(rigs: list[Rig], check: Callable[[Rig], Awaitable[None]]) -> None:
     """Runs ``check`` on every rig at once and waits for all of them; a failure names its queue kind."""
-    results = await asyncio.gather(*(check(rig) for rig in rigs), return_exceptions=True)
-    failed = [(rig.kind, r) for rig, r in zip(rigs, results, strict=True) if isinstance(r, BaseException)]
-    if not failed:
-        return
-    for _, exc in failed:
-        if not isinstance(exc, Exception):
-            raise exc  # a cancellation or an interrupt, not a failure
-    described = "\n\n".join(f"on {kind}: {type(exc).__name__}: {exc}" for kind, exc in failed)
-    raise AssertionError(described) from failed[0][1]
+    await side_by_side({f"on {rig.kind}": check(rig) for rig in rigs})
 
 
 # -- helpers ------------------------------------------------------------------------------

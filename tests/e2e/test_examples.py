@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +26,7 @@ from lib.standin.autoscaler import LocalConfig, serve
 from lib.standin.fleet import FleetSettings
 from lib.standin.process import ChildProcess
 from lib.standin.scaling import EndpointParams
-from tests.helpers import RunningWorker, StartWorker, callbacks_for, open_session, status_of, wait_until
+from tests.helpers import RunningWorker, StartWorker, callbacks_for, open_session, side_by_side, status_of, wait_until
 from workers.null import sdk
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -41,13 +41,16 @@ def consumer_available(kind: str) -> bool:
     return kind == "python" or (shutil.which("curl") is not None and shutil.which("jq") is not None)
 
 
-consumer_kinds = pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(kind, marks=pytest.mark.skipif(not consumer_available(kind), reason="needs curl and jq"))
-        for kind in CONSUMERS
-    ],
-)
+async def with_each_consumer(check: Callable[[str], Awaitable[None]]) -> None:
+    """Runs ``check(kind)`` for both consumer examples at once, each beside its own worker.
+
+    Should the shell example lack curl or jq, the Python one still runs and
+    the test is then reported as skipped, saying so.
+    """
+    kinds = [kind for kind in CONSUMERS if consumer_available(kind)]
+    await side_by_side({f"the {kind} consumer": check(kind) for kind in kinds})
+    if len(kinds) < len(CONSUMERS):
+        pytest.skip(f"only the {', '.join(kinds)} consumer ran: the shell one needs curl and jq")
 
 
 @dataclasses.dataclass
@@ -120,88 +123,97 @@ async def callback_of(autoscaler: RecordingAutoscaler, session_id: str, timeout:
 
 
 @pytest.mark.slow
-@consumer_kinds
 async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_job_is_done(
-    kind: str, start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
+    start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """A consumer runs the job named in the session, renews the lease past its 3 s lifetime while the job runs,
     and releases when it is done."""
-    worker = await start_worker()
-    jobs = Jobs.create(tmp_path / "jobs")
-    async with consumers() as start:
-        consumer = await start(kind, worker.ports.control, jobs, lease=3)
 
-        def explain() -> str:
-            return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
+    async def check(kind: str) -> None:
+        worker = await start_worker()
+        jobs = Jobs.create(tmp_path / f"jobs-{kind}")
+        async with consumers() as start:
+            consumer = await start(kind, worker.ports.control, jobs, lease=3)
 
-        opened_at = time.monotonic()
-        session_id = await open_session(http, worker, worker.create_body(lifetime=3, job="job-7"))
-        await wait_until(lambda: jobs.listed("started") == ["job-7"], 15, "the job to start", explain)
-        # Half a lifetime past the first one: an unrenewed lease would have lapsed by then.
-        while time.monotonic() - opened_at < 4.5:
-            held = await held_session(http, worker)
-            assert held is not None and held["session_id"] == session_id, (
-                f"the lease lapsed while the job ran\n{explain()}"
-            )
-            await asyncio.sleep(0.25)
-        jobs.finish("job-7")
-        callback = await callback_of(autoscaler, session_id, 10, explain)
-        assert callback == {"job": "job-7", "session_id": session_id}
-        assert await held_session(http, worker) is None
-        await wait_until(lambda: "job job-7: done" in consumer.lines, 5, "the consumer's done line", explain)
-    assert jobs.listed("requeued") == []
-    assert "released by consumer (/release)" in worker.process.tail(200), worker.explain()
+            def explain() -> str:
+                return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
+
+            opened_at = time.monotonic()
+            session_id = await open_session(http, worker, worker.create_body(lifetime=3, job="job-7"))
+            await wait_until(lambda: jobs.listed("started") == ["job-7"], 15, "the job to start", explain)
+            # Half a lifetime past the first one: an unrenewed lease would have lapsed by then.
+            while time.monotonic() - opened_at < 4.5:
+                held = await held_session(http, worker)
+                assert held is not None and held["session_id"] == session_id, (
+                    f"the lease lapsed while the job ran\n{explain()}"
+                )
+                await asyncio.sleep(0.25)
+            jobs.finish("job-7")
+            callback = await callback_of(autoscaler, session_id, 10, explain)
+            assert callback == {"job": "job-7", "session_id": session_id}
+            assert await held_session(http, worker) is None
+            await wait_until(lambda: "job job-7: done" in consumer.lines, 5, "the consumer's done line", explain)
+        assert jobs.listed("requeued") == []
+        assert "released by consumer (/release)" in worker.process.tail(200), worker.explain()
+
+    await with_each_consumer(check)
 
 
 @pytest.mark.slow
-@consumer_kinds
 async def test_consumer_requeues_a_failed_job_and_still_releases_the_worker(
-    kind: str, start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
+    start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """When the job fails the consumer requeues it and releases the worker at once instead of holding it until
     the lease lapses."""
-    worker = await start_worker()
-    jobs = Jobs.create(tmp_path / "jobs")
-    jobs.finish("job-8", "fail")
-    async with consumers() as start:
-        consumer = await start(kind, worker.ports.control, jobs, lease=60)
 
-        def explain() -> str:
-            return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
+    async def check(kind: str) -> None:
+        worker = await start_worker()
+        jobs = Jobs.create(tmp_path / f"jobs-{kind}")
+        jobs.finish("job-8", "fail")
+        async with consumers() as start:
+            consumer = await start(kind, worker.ports.control, jobs, lease=60)
 
-        session_id = await open_session(http, worker, worker.create_body(lifetime=60, job="job-8"))
-        callback = await callback_of(autoscaler, session_id, 15, explain)
-        assert callback == {"job": "job-8", "session_id": session_id}
-        assert jobs.listed("requeued") == ["job-8"]
-        await wait_until(
-            lambda: "job job-8: failed, requeued" in consumer.lines, 5, "the consumer's failure line", explain
-        )
-    assert "released by consumer (/release)" in worker.process.tail(200), worker.explain()
+            def explain() -> str:
+                return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
+
+            session_id = await open_session(http, worker, worker.create_body(lifetime=60, job="job-8"))
+            callback = await callback_of(autoscaler, session_id, 15, explain)
+            assert callback == {"job": "job-8", "session_id": session_id}
+            assert jobs.listed("requeued") == ["job-8"]
+            await wait_until(
+                lambda: "job job-8: failed, requeued" in consumer.lines, 5, "the consumer's failure line", explain
+            )
+        assert "released by consumer (/release)" in worker.process.tail(200), worker.explain()
+
+    await with_each_consumer(check)
 
 
 @pytest.mark.slow
-@consumer_kinds
 async def test_a_killed_consumer_stops_renewing_and_the_lease_lapses(
-    kind: str, start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
+    start_worker: StartWorker, autoscaler: RecordingAutoscaler, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """SIGKILL to the consumer mid-job ends its renewals, so the worker frees itself when the lease runs out."""
-    worker = await start_worker()
-    jobs = Jobs.create(tmp_path / "jobs")
-    async with consumers() as start:
-        consumer = await start(kind, worker.ports.control, jobs, lease=3)
 
-        def explain() -> str:
-            return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
+    async def check(kind: str) -> None:
+        worker = await start_worker()
+        jobs = Jobs.create(tmp_path / f"jobs-{kind}")
+        async with consumers() as start:
+            consumer = await start(kind, worker.ports.control, jobs, lease=3)
 
-        session_id = await open_session(http, worker, worker.create_body(lifetime=3, job="job-9"))
-        await wait_until(lambda: jobs.listed("started") == ["job-9"], 15, "the job to start", explain)
-        consumer.kill()  # the consumer only: its job and lease keeper are left behind
-        killed_at = time.monotonic()
-        callback = await callback_of(autoscaler, session_id, 15, explain)
-        assert callback == {"job": "job-9", "session_id": session_id}
-        assert time.monotonic() - killed_at <= 3 + 1 + 2, "the lease outlived the consumer by more than one lease"
-        assert await held_session(http, worker) is None
-    assert "expired after" in worker.process.tail(200), worker.explain()
+            def explain() -> str:
+                return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
+
+            session_id = await open_session(http, worker, worker.create_body(lifetime=3, job="job-9"))
+            await wait_until(lambda: jobs.listed("started") == ["job-9"], 15, "the job to start", explain)
+            consumer.kill()  # the consumer only: its job and lease keeper are left behind
+            killed_at = time.monotonic()
+            callback = await callback_of(autoscaler, session_id, 15, explain)
+            assert callback == {"job": "job-9", "session_id": session_id}
+            assert time.monotonic() - killed_at <= 3 + 1 + 2, "the lease outlived the consumer by more than one lease"
+            assert await held_session(http, worker) is None
+        assert "expired after" in worker.process.tail(200), worker.explain()
+
+    await with_each_consumer(check)
 
 
 def load_dispatcher() -> ModuleType:
