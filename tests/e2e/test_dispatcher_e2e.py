@@ -117,7 +117,7 @@ async def test_ten_jobs_behind_a_3s_cold_start_ask_for_exactly_ten_sessions():
 @pytest.mark.slow
 async def test_a_killed_dispatcher_leaks_nothing_and_a_restarted_one_opens_no_session_for_running_jobs():
     """SIGKILL the dispatcher mid-job: its jobs finish, a restarted one asks for nothing more, SIGTERM exits 0."""
-    async with queue_loop(provisioning_delay=0.2, max_workers=4) as (url, queue, local):
+    async with queue_loop(provisioning_delay=0.2, max_workers=4, inactivity_timeout=1.0) as (url, queue, local):
         events = queue.events()
         await events.start()
         seen: list[Any] = []

@@ -159,7 +159,7 @@ def test_help_shows_every_endpoint_parameter_with_its_default(capsys):
 @pytest.mark.slow
 async def test_three_sessions_at_target_util_one_get_exactly_three_workers_then_zero():
     """0 -> 3 -> 0: three concurrent sessions get three workers, one each, and the fleet empties after they end."""
-    async with serve(fast_config(target_util=1.0, inactivity_timeout=2.0)) as standin:
+    async with serve(fast_config(target_util=1.0, inactivity_timeout=1.0)) as standin:
         fleet = standin.fleet
         client = sdk_client(standin)
         try:
@@ -208,7 +208,7 @@ async def test_target_util_point_nine_starts_an_extra_idle_worker():
 @pytest.mark.slow
 async def test_last_worker_stops_only_once_inactivity_timeout_has_passed():
     """After the last session ends, the last worker keeps running for inactivity_timeout, then stops."""
-    inactivity = 2.5
+    inactivity = 1.5
     async with serve(fast_config(inactivity_timeout=inactivity, scale_down_delay=0.2)) as standin:
         fleet = standin.fleet
         client = sdk_client(standin)

@@ -417,7 +417,7 @@ async def test_stop_signal_exits_0_in_time_when_the_callback_target_hangs(start_
     """SIGTERM with a session whose on-close target does not answer still
     exits 0 promptly and warns what was not delivered."""
     worker = await start_worker()
-    autoscaler.callback_delay = 5.0  # longer than the worker's stop grace, short enough for the fake's own teardown
+    autoscaler.callback_delay = 4.0  # longer than the worker's 3.5 s stop grace, short enough for the fake's teardown
     await open_session(http, worker)
     code, took = await stop(worker)
     print(f"SIGTERM with a hanging callback target -> exit {code} in {took:.2f}s")
