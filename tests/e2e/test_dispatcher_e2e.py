@@ -233,6 +233,7 @@ async def test_setup_creates_the_stream_and_without_it_the_dispatcher_exits_2_na
         finally:
             await queue.close()
     nowhere = f"nats://127.0.0.1:{free_port()}/jobs"
-    gone = await dispatcher("--queue", nowhere, "setup").start()
+    gone = await dispatcher("--queue", nowhere, "--connect-timeout", "1", "setup").start()
     assert await gone.wait(30) == 2, gone.tail()
     assert len([line for line in gone.lines if line.strip()]) == 1, gone.tail()
+    assert gone.matches(r"cannot reach NATS at nats://127\.0\.0\.1:\d+ within 1s"), gone.tail()

@@ -203,6 +203,7 @@ def test_each_attempt_becomes_one_job_log_line_with_every_step():
         (["--instance", "local", "--jobs", "2", "--queue", "nats://h/x"], "drop --queue"),
         (["--queue", "nats://h/x", "--max-sessions", "0"], "--max-sessions 0"),
         (["--queue", "nats://h/x", "--lifetime", "-1"], "--lifetime -1"),
+        (["--queue", "nats://h/x", "--connect-timeout", "0"], "--connect-timeout 0"),
         (["--queue", "nats://h/x", "--chaos", "2"], "--chaos is for the local demo"),
         (["--queue", "nats://h/x", "--instance", "moon"], "invalid choice"),
     ],

@@ -59,6 +59,7 @@ LOCAL_API_KEY = "local"
 SESSION_COST = 100.0  # one session fills one null worker
 HEALTH_TIMEOUT = 3.0
 CLOSE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0  # seconds to reach the queue server at start (a server still starting gets that long)
 
 
 @dataclass(frozen=True)
@@ -466,6 +467,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--max-attempts", type=int, default=5, help="deliveries of a job before it is dead-lettered (setup)"
     )
     parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT,
+        help="seconds to keep trying to reach the queue server at start before exiting 2",
+    )
+    parser.add_argument(
         "--reconcile", type=float, default=defaults.reconcile_every, help="seconds between reads of the queue's counts"
     )
     parser.add_argument(
@@ -516,6 +523,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         (positive(args.timeout), f"--timeout {args.timeout:g}: give seconds > 0"),
         (positive(args.ack_wait), f"--ack-wait {args.ack_wait:g}: give seconds > 0"),
         (args.max_attempts >= 1, f"--max-attempts {args.max_attempts}: give 1 or more"),
+        (positive(args.connect_timeout), f"--connect-timeout {args.connect_timeout:g}: give seconds > 0"),
         (positive(args.reconcile), f"--reconcile {args.reconcile:g}: give seconds > 0"),
         (positive(args.health_every), f"--health-every {args.health_every:g}: give seconds > 0"),
         (
@@ -579,12 +587,14 @@ def configure_logging(*, live: bool, verbose: bool) -> None:
         logging.getLogger("lib").setLevel(logging.WARNING)
 
 
-async def connect_queue(url: str, *, ack_wait: float, max_attempts: int, setup: bool) -> Queue:
+async def connect_queue(
+    url: str, *, ack_wait: float, max_attempts: int, setup: bool, connect_timeout: float = CONNECT_TIMEOUT
+) -> Queue:
     """A connected queue whose stream exists (created with ``setup``); StartupError (exit 2) otherwise."""
     from .queues import open_queue
 
     try:
-        queue = open_queue(url, ack_wait=ack_wait, max_deliver=max_attempts)
+        queue = open_queue(url, ack_wait=ack_wait, max_deliver=max_attempts, connect_timeout=connect_timeout)
     except QueueError as exc:
         raise StartupError(str(exc), code=2) from None
     try:
@@ -638,7 +648,11 @@ async def run(args: argparse.Namespace, api_key: str) -> int:
     try:
         async with AsyncExitStack() as stack:
             queue = await connect_queue(
-                args.queue, ack_wait=args.ack_wait, max_attempts=args.max_attempts, setup=args.action == "setup"
+                args.queue,
+                ack_wait=args.ack_wait,
+                max_attempts=args.max_attempts,
+                setup=args.action == "setup",
+                connect_timeout=args.connect_timeout,
             )
             stack.push_async_callback(queue.close)
             if args.action == "setup":
