@@ -1,9 +1,10 @@
-"""Real queue servers for the end-to-end tests: one fresh server per test, on loopback."""
+"""Real queue servers for the end-to-end tests: fresh servers for each test, on loopback."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 
@@ -13,31 +14,14 @@ from workers.null.queues import Queue, open_queue
 _names = itertools.count(1)
 
 
-@pytest.fixture
-async def nats_url() -> AsyncIterator[str]:
-    """``nats://127.0.0.1:PORT`` of a nats-server with JetStream, stopped after the test."""
-    async with nats_server() as url:
+QUEUE_KINDS = ("nats", "redis")
+
+
+@asynccontextmanager
+async def queue_server(kind: str) -> AsyncIterator[str]:
+    """A fresh server of ``kind``: ``nats://127.0.0.1:PORT`` (JetStream on) or ``redis://127.0.0.1:PORT/0``."""
+    async with nats_server() if kind == "nats" else valkey_server() as url:
         yield url
-
-
-@pytest.fixture
-async def redis_url() -> AsyncIterator[str]:
-    """``redis://127.0.0.1:PORT/0`` of a valkey-server, stopped after the test."""
-    try:
-        server = valkey_server()
-        url = await server.__aenter__()
-    except ServerMissing as exc:
-        pytest.skip(f"no valkey-server for this interpreter: {exc}")
-    try:
-        yield url
-    finally:
-        await server.__aexit__(None, None, None)
-
-
-@pytest.fixture(params=["nats", "redis"])
-def queue_server(request: pytest.FixtureRequest) -> str:
-    """The server URL of each queue kind in turn."""
-    return request.getfixturevalue(f"{request.param}_url")
 
 
 def queue_url_for(server: str, stream: str) -> str:
@@ -51,21 +35,41 @@ OpenQueue = Callable[..., Awaitable[Queue]]
 
 
 @pytest.fixture
-async def open_test_queue(queue_server: str) -> AsyncIterator[OpenQueue]:
-    """Opens connected queues on the test's server (set up unless ``setup=False``), closed after the test."""
+async def open_test_queues() -> AsyncIterator[dict[str, OpenQueue]]:
+    """For each queue kind, a server started for this test and a function opening connected queues on it.
+
+    Each function opens a queue on one stream of its own (set up unless
+    ``setup=False``); every queue is closed and every server stopped after
+    the test. A kind whose server is not installed for this interpreter is
+    left out (``on_each_server`` then reports the test as skipped for it).
+    """
     opened: list[Queue] = []
     stream = f"jobs{next(_names)}"
 
-    async def open_(*, ack_wait: float = 1.0, max_deliver: int = 5, setup: bool = True, stream: str = stream) -> Queue:
-        queue = open_queue(queue_url_for(queue_server, stream), ack_wait=ack_wait, max_deliver=max_deliver)
-        await queue.connect()
-        opened.append(queue)
-        if setup:
-            await queue.setup()
-        return queue
+    def opener(server: str) -> OpenQueue:
+        async def open_(
+            *, ack_wait: float = 1.0, max_deliver: int = 5, setup: bool = True, stream: str = stream
+        ) -> Queue:
+            queue = open_queue(queue_url_for(server, stream), ack_wait=ack_wait, max_deliver=max_deliver)
+            await queue.connect()
+            opened.append(queue)
+            if setup:
+                await queue.setup()
+            return queue
 
-    try:
-        yield open_
-    finally:
-        for queue in opened:
-            await queue.close()
+        return open_
+
+    async with AsyncExitStack() as stack:
+        opens: dict[str, OpenQueue] = {}
+        for kind in QUEUE_KINDS:
+            try:
+                opens[kind] = opener(await stack.enter_async_context(queue_server(kind)))
+            except ServerMissing:
+                if kind == "nats":
+                    raise
+                continue  # no valkey-server for this interpreter
+        try:
+            yield opens
+        finally:
+            for queue in opened:
+                await queue.close()
