@@ -94,38 +94,68 @@ def listening_addresses(port: int) -> set[str]:
 # -- 4. the loopback control server --------------------------------------------------
 
 
-async def test_control_server_is_bound_to_loopback_only(start_worker):
-    """The control port listens on 127.0.0.1 alone, where the public port listens on every interface."""
-    worker = await start_worker()
-    assert listening_addresses(worker.ports.control) == {"127.0.0.1"}, worker.explain()
-    assert listening_addresses(worker.ports.worker) & {"0.0.0.0", "::"}, worker.explain()
+@pytest.mark.asyncio(loop_scope="class")
+class TestControlServer:
+    """On one worker, each test leaving it as it found it: the control routes."""
 
+    async def test_control_server_is_bound_to_loopback_only(self, free: Shared):
+        """The control port listens on 127.0.0.1 alone, where the public port listens on every interface."""
+        worker = free.worker
+        assert listening_addresses(worker.ports.control) == {"127.0.0.1"}, worker.explain()
+        assert listening_addresses(worker.ports.worker) & {"0.0.0.0", "::"}, worker.explain()
 
-async def test_release_ends_the_held_session_and_delivers_its_callback(start_worker, http, autoscaler):
-    """/release ends the session: 200 released true with its id, the
-    on-close callback arrives, delete_requests says success."""
-    worker = await start_worker()
-    body = worker.create_body()
-    session_id = await open_session(http, worker, body)
-    status, answer = await post(http, worker.control + "/release")
-    assert (status, answer) == (200, {"released": True, "session_ids": [session_id]}), worker.explain()
-    callback = await autoscaler.wait_for(lambda: callbacks_for(autoscaler, session_id), message="the on-close callback")
-    assert callback[0].body == {"job": "job-1", "session_id": session_id}
-    request_idx = body["auth_data"]["request_idx"]
-    entries = await autoscaler.wait_for(
-        lambda: deleted_entries(autoscaler, request_idx),
-        message=f"delete_requests for {request_idx}; {worker.explain()}",
-    )
-    assert [entry["success"] for entry in entries] == [True], entries
-    assert (await status_of(http, worker))["session"] is None
-
-
-async def test_release_with_nothing_held_answers_released_false(start_worker, http):
-    """/release with no session held is a 200 no-op saying there was no active session."""
-    worker = await start_worker()
-    for _ in range(2):
+    async def test_release_ends_the_held_session_and_delivers_its_callback(self, free: Shared):
+        """/release ends the session: 200 released true with its id, the
+        on-close callback arrives, delete_requests says success."""
+        worker, http = free.worker, free.http
+        autoscaler = worker.autoscaler
+        body = worker.create_body()
+        session_id = await open_session(http, worker, body)
         status, answer = await post(http, worker.control + "/release")
-        assert (status, answer) == (200, {"released": False, "reason": "no active session"}), worker.explain()
+        assert (status, answer) == (200, {"released": True, "session_ids": [session_id]}), worker.explain()
+        callback = await autoscaler.wait_for(
+            lambda: callbacks_for(autoscaler, session_id), message="the on-close callback"
+        )
+        assert callback[0].body == {"job": "job-1", "session_id": session_id}
+        request_idx = body["auth_data"]["request_idx"]
+        entries = await autoscaler.wait_for(
+            lambda: deleted_entries(autoscaler, request_idx),
+            message=f"delete_requests for {request_idx}; {worker.explain()}",
+        )
+        assert [entry["success"] for entry in entries] == [True], entries
+        assert (await status_of(http, worker))["session"] is None
+
+    async def test_release_with_nothing_held_answers_released_false(self, free: Shared):
+        """/release with no session held is a 200 no-op saying there was no active session."""
+        worker, http = free.worker, free.http
+        for _ in range(2):
+            status, answer = await post(http, worker.control + "/release")
+            assert (status, answer) == (200, {"released": False, "reason": "no active session"}), worker.explain()
+
+    async def test_status_shows_readiness_and_the_held_session(self, free: Shared):
+        """/status says ready and null when free, and the held session's id, cost, created_at, expires_in and
+        payload."""
+        worker, http = free.worker, free.http
+        unheld = await status_of(http, worker)
+        assert unheld["ready"] is True and unheld["session"] is None, unheld
+        before = time.time()
+        session_id = await open_session(http, worker, worker.create_body(lifetime=60))
+        after = time.time()
+        held = (await status_of(http, worker))["session"]
+        assert held is not None, worker.explain()
+        assert held["session_id"] == session_id
+        assert held["cost"] == 100.0
+        assert before - 1 <= held["created_at"] <= after + 1
+        assert 50 < held["expires_in"] <= 60
+        assert held["on_close_payload"] == {"job": "job-1"}
+        await post(http, worker.control + "/release")
+        assert (await status_of(http, worker))["session"] is None
+
+    async def test_extend_with_nothing_held_is_409(self, free: Shared):
+        """/extend with no session held answers 409 with an error."""
+        worker, http = free.worker, free.http
+        status, answer = await post(http, worker.control + "/extend", {"seconds": 5})
+        assert status == 409 and isinstance(answer.get("error"), str), (status, answer, worker.explain())
 
 
 async def test_two_concurrent_releases_release_the_session_once(start_worker, http, autoscaler):
@@ -162,25 +192,6 @@ async def test_health_stub_is_absent_with_backend_health_url(start_worker, http)
         assert not output_lines(worker, r"BACKEND_HEALTH_URL is unset"), worker.explain()
 
 
-async def test_status_shows_readiness_and_the_held_session(start_worker, http):
-    """/status says ready and null when free, and the held session's id, cost, created_at, expires_in and payload."""
-    worker = await start_worker()
-    free = await status_of(http, worker)
-    assert free["ready"] is True and free["session"] is None, free
-    before = time.time()
-    session_id = await open_session(http, worker, worker.create_body(lifetime=60))
-    after = time.time()
-    held = (await status_of(http, worker))["session"]
-    assert held is not None, worker.explain()
-    assert held["session_id"] == session_id
-    assert held["cost"] == 100.0
-    assert before - 1 <= held["created_at"] <= after + 1
-    assert 50 < held["expires_in"] <= 60
-    assert held["on_close_payload"] == {"job": "job-1"}
-    await post(http, worker.control + "/release")
-    assert (await status_of(http, worker))["session"] is None
-
-
 async def test_extend_renews_the_lease_to_now_plus_seconds_capped(start_worker, http, autoscaler):
     """/extend sets the lease to now + seconds (default the lifetime,
     capped at NULL_MAX_LIFETIME); a short one lapses."""
@@ -212,39 +223,127 @@ async def test_extend_renews_the_lease_to_now_plus_seconds_capped(start_worker, 
     await worker.wait_report(lambda report: report["cur_load"] == 0.0, since=since, message="the lapse")
 
 
-async def test_extend_with_nothing_held_is_409(start_worker, http):
-    """/extend with no session held answers 409 with an error."""
-    worker = await start_worker()
-    status, answer = await post(http, worker.control + "/extend", {"seconds": 5})
-    assert status == 409 and isinstance(answer.get("error"), str), (status, answer, worker.explain())
-
-
 # -- 5. signed creation --------------------------------------------------------------
 
 
-async def test_forged_signature_is_refused_and_holds_no_slot(start_worker, http, forger):
-    """A grant signed with another key gets 401 {"error"}, holds no slot, and a valid create right after gets 201."""
-    worker = await start_worker()
-    body = worker.create_body()
-    body["auth_data"] = forger.grant(worker.url)
-    status, answer = await post(http, worker.url + "/session/create", body)
-    assert status == 401 and isinstance(answer.get("error"), str), (status, answer, worker.explain())
-    assert (await status_of(http, worker))["session"] is None
-    await open_session(http, worker)
+@pytest.mark.asyncio(loop_scope="class")
+class TestSignedCreation:
+    """On one worker, each test leaving it as it found it: grants, session auth, contention, /ping."""
 
+    async def test_forged_signature_is_refused_and_holds_no_slot(self, free: Shared, forger):
+        """A grant signed with another key gets 401 {"error"}, holds no slot, and a valid create right after gets
+        201."""
+        worker, http = free.worker, free.http
+        body = worker.create_body()
+        body["auth_data"] = forger.grant(worker.url)
+        status, answer = await post(http, worker.url + "/session/create", body)
+        assert status == 401 and isinstance(answer.get("error"), str), (status, answer, worker.explain())
+        assert (await status_of(http, worker))["session"] is None
+        await open_session(http, worker)
 
-async def test_grant_for_another_worker_is_refused_and_logged_with_both_urls(start_worker, http):
-    """A validly signed grant for another worker's URL gets 401, and the log names both URLs."""
-    worker = await start_worker()
-    other_url = f"http://127.0.0.1:{free_port()}"
-    body = worker.create_body()
-    body["auth_data"] = worker.autoscaler.grant(other_url)
-    status, answer = await post(http, worker.url + "/session/create", body)
-    assert status == 401 and isinstance(answer.get("error"), str), (status, answer, worker.explain())
-    line = (await wait_output(worker, re.escape(other_url)))[0]
-    assert worker.url in line, worker.explain()
-    assert (await status_of(http, worker))["session"] is None
-    await open_session(http, worker)
+    async def test_grant_for_another_worker_is_refused_and_logged_with_both_urls(self, free: Shared):
+        """A validly signed grant for another worker's URL gets 401, and the log names both URLs."""
+        worker, http = free.worker, free.http
+        other_url = f"http://127.0.0.1:{free_port()}"
+        body = worker.create_body()
+        body["auth_data"] = worker.autoscaler.grant(other_url)
+        status, answer = await post(http, worker.url + "/session/create", body)
+        assert status == 401 and isinstance(answer.get("error"), str), (status, answer, worker.explain())
+        line = (await wait_output(worker, re.escape(other_url)))[0]
+        assert worker.url in line, worker.explain()
+        assert (await status_of(http, worker))["session"] is None
+        await open_session(http, worker)
+
+    async def test_session_end_with_wrong_auth_is_refused_and_the_session_stays_held(self, free: Shared):
+        """/session/end with another grant as session_auth is 401 and keeps the session; with its own grant it ends
+        it."""
+        worker, http = free.worker, free.http
+        autoscaler = worker.autoscaler
+        body = worker.create_body()
+        session_id = await open_session(http, worker, body)
+        wrong = {"session_id": session_id, "session_auth": worker.grant()}
+        for url in (worker.url, f"http://127.0.0.1:{worker.ports.http}"):
+            status, answer = await post(http, url + "/session/end", wrong)
+            assert status == 401 and isinstance(answer.get("error"), str), (url, status, answer, worker.explain())
+            assert (await status_of(http, worker))["session"]["session_id"] == session_id
+        for route in ("/session/get", "/session/health"):
+            status, answer = await post(http, worker.url + route, wrong)
+            assert status == 401 and isinstance(answer.get("error"), str), (route, status, answer, worker.explain())
+        right = {"session_id": session_id, "session_auth": body["auth_data"]}
+        status, answer = await post(http, worker.url + "/session/get", right)
+        assert status == 200 and answer["session_id"] == session_id and answer["auth_data"] == body["auth_data"], (
+            status,
+            answer,
+        )
+        assert await post(http, worker.url + "/session/health", right) == (200, {"ok": True})
+        since = time.time()
+        status, answer = await post(http, worker.url + "/session/end", right)
+        assert (status, answer) == (200, {"ended": True, "removed_session": session_id}), worker.explain()
+        report = await worker.wait_report(lambda r: r["cur_load"] == 0.0, since=since, message="the end of the session")
+        print(f"/session/end -> cur_load 0 report in {(report.at - since) * 1000:.1f} ms")
+        await autoscaler.wait_for(lambda: callbacks_for(autoscaler, session_id), message="the on-close callback")
+        assert await post(http, worker.url + "/session/health", right) == (200, {"ok": False})
+        status, answer = await post(http, worker.url + "/session/end", right)
+        assert status == 410 and isinstance(answer.get("error"), str), (status, answer, worker.explain())
+
+    async def test_two_hundred_concurrent_creates_give_exactly_one_session(self, free: Shared):
+        """200 creates with valid grants at once: exactly one 201, every other one 429, no 5xx."""
+        worker = free.worker
+        bodies = [worker.create_body(on_close=False) for _ in range(200)]
+        connector = aiohttp.TCPConnector(limit=400)
+        since = time.time()
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
+            started = time.monotonic()
+            answers = await asyncio.gather(*(post(http, worker.url + "/session/create", body) for body in bodies))
+            took = time.monotonic() - started
+        statuses = [status for status, _ in answers]
+        counts = {status: statuses.count(status) for status in sorted(set(statuses))}
+        print(f"200 concurrent creates in {took:.2f}s: {counts}")
+        assert counts == {201: 1, 429: 199}, f"{counts}; {worker.explain()}"
+        refused = [answer for status, answer in answers if status == 429]
+        assert all(isinstance(answer, dict) and "error" in answer for answer in refused), refused[:3]
+        await worker.wait_report(lambda r: r["cur_load"] == 100.0, since=since, message="the one open session")
+        assert max(r["cur_load"] for r in worker.reports(since=since)) == 100.0, worker.explain()
+
+    async def test_ping_with_session_id_renews_the_lease_to_now_plus_lifetime(self, free: Shared):
+        """POST /ping with the session's grant and id renews its lease to now + lifetime (not added on top)."""
+        worker, http = free.worker, free.http
+        body = worker.create_body(lifetime=30)
+        session_id = await open_session(http, worker, body)
+        status, _ = await post(http, worker.control + "/extend", {"seconds": 2})
+        assert status == 200
+        for _ in range(3):
+            status, answer = await post(
+                http, worker.url + "/ping", {"auth_data": body["auth_data"], "payload": {}, "session_id": session_id}
+            )
+            assert status == 200, f"{answer}; {worker.explain()}"
+            assert answer["session_id"] == session_id and answer["expires_in"] == 30, answer
+        assert 25 < (await status_of(http, worker))["session"]["expires_in"] <= 30
+        status, answer = await post(
+            http, worker.url + "/ping", {"auth_data": worker.grant(), "payload": {}, "session_id": session_id}
+        )
+        assert status == 401, (status, answer, worker.explain())
+        status, answer = await post(
+            http, worker.url + "/ping", {"auth_data": body["auth_data"], "payload": {}, "session_id": "gone"}
+        )
+        assert status == 410, (status, answer, worker.explain())
+        status, answer = await post(http, worker.url + "/ping", {"auth_data": worker.grant(), "payload": {}})
+        assert (status, answer.get("ok")) == (200, True), (status, answer, worker.explain())
+
+    async def test_ping_keeps_a_session_alive_past_its_lifetime(self, free: Shared):
+        """A session renewed by /ping every quarter second stays held well past its 1-second lifetime."""
+        worker, http = free.worker, free.http
+        body = worker.create_body(lifetime=1)
+        created = time.time()
+        session_id = await open_session(http, worker, body)
+        ping = {"auth_data": body["auth_data"], "payload": {}, "session_id": session_id}
+        while time.time() < created + 1.75:
+            status, answer = await post(http, worker.url + "/ping", ping)
+            assert status == 200, f"session lost at {time.time() - created:.1f}s: {answer}; {worker.explain()}"
+            await asyncio.sleep(0.25)  # pacing the keep-alive, not waiting for an event
+        assert (await status_of(http, worker))["session"]["session_id"] == session_id, worker.explain()
+        assert all(r["cur_load"] == 100.0 for r in worker.reports(since=created + 0.5)), worker.explain()
+        assert not callbacks_for(worker.autoscaler, session_id), worker.explain()
 
 
 async def test_unsecured_worker_accepts_an_unsigned_grant(start_worker, http):
@@ -255,137 +354,49 @@ async def test_unsecured_worker_accepts_an_unsigned_grant(start_worker, http):
     await open_session(http, worker, body)
 
 
-async def test_session_end_with_wrong_auth_is_refused_and_the_session_stays_held(start_worker, http, autoscaler):
-    """/session/end with another grant as session_auth is 401 and keeps the session; with its own grant it ends it."""
-    worker = await start_worker()
-    body = worker.create_body()
-    session_id = await open_session(http, worker, body)
-    wrong = {"session_id": session_id, "session_auth": worker.grant()}
-    for url in (worker.url, f"http://127.0.0.1:{worker.ports.http}"):
-        status, answer = await post(http, url + "/session/end", wrong)
-        assert status == 401 and isinstance(answer.get("error"), str), (url, status, answer, worker.explain())
-        assert (await status_of(http, worker))["session"]["session_id"] == session_id
-    for route in ("/session/get", "/session/health"):
-        status, answer = await post(http, worker.url + route, wrong)
-        assert status == 401 and isinstance(answer.get("error"), str), (route, status, answer, worker.explain())
-    right = {"session_id": session_id, "session_auth": body["auth_data"]}
-    status, answer = await post(http, worker.url + "/session/get", right)
-    assert status == 200 and answer["session_id"] == session_id and answer["auth_data"] == body["auth_data"], (
-        status,
-        answer,
-    )
-    assert await post(http, worker.url + "/session/health", right) == (200, {"ok": True})
-    since = time.time()
-    status, answer = await post(http, worker.url + "/session/end", right)
-    assert (status, answer) == (200, {"ended": True, "removed_session": session_id}), worker.explain()
-    report = await worker.wait_report(lambda r: r["cur_load"] == 0.0, since=since, message="the end of the session")
-    print(f"/session/end -> cur_load 0 report in {(report.at - since) * 1000:.1f} ms")
-    await autoscaler.wait_for(lambda: callbacks_for(autoscaler, session_id), message="the on-close callback")
-    assert await post(http, worker.url + "/session/health", right) == (200, {"ok": False})
-    status, answer = await post(http, worker.url + "/session/end", right)
-    assert status == 410 and isinstance(answer.get("error"), str), (status, answer, worker.explain())
-
-
-async def test_two_hundred_concurrent_creates_give_exactly_one_session(start_worker):
-    """200 creates with valid grants at once: exactly one 201, every other one 429, no 5xx."""
-    worker = await start_worker()
-    bodies = [worker.create_body(on_close=False) for _ in range(200)]
-    connector = aiohttp.TCPConnector(limit=400)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
-        started = time.monotonic()
-        answers = await asyncio.gather(*(post(http, worker.url + "/session/create", body) for body in bodies))
-        took = time.monotonic() - started
-    statuses = [status for status, _ in answers]
-    counts = {status: statuses.count(status) for status in sorted(set(statuses))}
-    print(f"200 concurrent creates in {took:.2f}s: {counts}")
-    assert counts == {201: 1, 429: 199}, f"{counts}; {worker.explain()}"
-    refused = [answer for status, answer in answers if status == 429]
-    assert all(isinstance(answer, dict) and "error" in answer for answer in refused), refused[:3]
-    await worker.wait_report(lambda r: r["cur_load"] == 100.0, message="the one open session")
-    assert max(r["cur_load"] for r in worker.reports()) == 100.0, worker.explain()
-
-
-async def test_ping_with_session_id_renews_the_lease_to_now_plus_lifetime(start_worker, http):
-    """POST /ping with the session's grant and id renews its lease to now + lifetime (not added on top)."""
-    worker = await start_worker()
-    body = worker.create_body(lifetime=30)
-    session_id = await open_session(http, worker, body)
-    status, _ = await post(http, worker.control + "/extend", {"seconds": 2})
-    assert status == 200
-    for _ in range(3):
-        status, answer = await post(
-            http, worker.url + "/ping", {"auth_data": body["auth_data"], "payload": {}, "session_id": session_id}
-        )
-        assert status == 200, f"{answer}; {worker.explain()}"
-        assert answer["session_id"] == session_id and answer["expires_in"] == 30, answer
-    assert 25 < (await status_of(http, worker))["session"]["expires_in"] <= 30
-    status, answer = await post(
-        http, worker.url + "/ping", {"auth_data": worker.grant(), "payload": {}, "session_id": session_id}
-    )
-    assert status == 401, (status, answer, worker.explain())
-    status, answer = await post(
-        http, worker.url + "/ping", {"auth_data": body["auth_data"], "payload": {}, "session_id": "gone"}
-    )
-    assert status == 410, (status, answer, worker.explain())
-    status, answer = await post(http, worker.url + "/ping", {"auth_data": worker.grant(), "payload": {}})
-    assert (status, answer.get("ok")) == (200, True), (status, answer, worker.explain())
-
-
-async def test_ping_keeps_a_session_alive_past_its_lifetime(start_worker, http):
-    """A session renewed by /ping every quarter second stays held well past its 1-second lifetime."""
-    worker = await start_worker()
-    body = worker.create_body(lifetime=1)
-    created = time.time()
-    session_id = await open_session(http, worker, body)
-    ping = {"auth_data": body["auth_data"], "payload": {}, "session_id": session_id}
-    while time.time() < created + 1.75:
-        status, answer = await post(http, worker.url + "/ping", ping)
-        assert status == 200, f"session lost at {time.time() - created:.1f}s: {answer}; {worker.explain()}"
-        await asyncio.sleep(0.25)  # pacing the keep-alive, not waiting for an event
-    assert (await status_of(http, worker))["session"]["session_id"] == session_id, worker.explain()
-    assert all(r["cur_load"] == 100.0 for r in worker.reports(since=created + 0.5)), worker.explain()
-    assert not callbacks_for(worker.autoscaler, session_id), worker.explain()
-
-
 # -- 6. prompt occupancy signal ------------------------------------------------------
 
 
-async def test_session_open_and_release_are_reported(start_worker, http):
-    """After a 201 a report with cur_load 100.0 arrives, and after /release one with cur_load 0.0."""
-    worker = await start_worker()
-    opened_at = time.time()
-    await open_session(http, worker)
-    opened = await worker.wait_report(lambda r: r["cur_load"] == 100.0, since=opened_at, message="the open session")
-    released_at = time.time()
-    status, answer = await post(http, worker.control + "/release")
-    assert answer["released"] is True, worker.explain()
-    released = await worker.wait_report(lambda r: r["cur_load"] == 0.0, since=released_at, message="the release")
-    print(
-        f"create -> cur_load 100 report: {(opened.at - opened_at) * 1000:.1f} ms; "
-        f"/release -> cur_load 0 report: {(released.at - released_at) * 1000:.1f} ms"
-    )
-    assert opened.body["max_perf"] == released.body["max_perf"] == 100.0
+@pytest.mark.asyncio(loop_scope="class")
+class TestOccupancySignal:
+    """On one worker, each test leaving it as it found it: what the reports say."""
 
-
-async def test_lapsed_lease_frees_the_worker(start_worker, http, autoscaler):
-    """A session created with lifetime 1 and never renewed ends: cur_load
-    0 report, callback, then a new create succeeds."""
-    worker = await start_worker()
-    opened_at = time.time()
-    session_id = await open_session(http, worker, worker.create_body(lifetime=1))
-    await worker.wait_report(lambda r: r["cur_load"] == 100.0, since=opened_at, message="the open session")
-    callback = (
-        await autoscaler.wait_for(
-            lambda: callbacks_for(autoscaler, session_id), 10, f"the expiry callback; {worker.explain()}"
+    async def test_session_open_and_release_are_reported(self, free: Shared):
+        """After a 201 a report with cur_load 100.0 arrives, and after /release one with cur_load 0.0."""
+        worker, http = free.worker, free.http
+        opened_at = time.time()
+        await open_session(http, worker)
+        opened = await worker.wait_report(lambda r: r["cur_load"] == 100.0, since=opened_at, message="the open session")
+        released_at = time.time()
+        status, answer = await post(http, worker.control + "/release")
+        assert answer["released"] is True, worker.explain()
+        released = await worker.wait_report(lambda r: r["cur_load"] == 0.0, since=released_at, message="the release")
+        print(
+            f"create -> cur_load 100 report: {(opened.at - opened_at) * 1000:.1f} ms; "
+            f"/release -> cur_load 0 report: {(released.at - released_at) * 1000:.1f} ms"
         )
-    )[0]
-    report = await worker.wait_report(lambda r: r["cur_load"] == 0.0, since=opened_at, message="the expiry")
-    print(
-        f"lifetime 1 s: callback after {callback.at - opened_at:.2f}s, "
-        f"cur_load 0 report after {report.at - opened_at:.2f}s"
-    )
-    assert output_lines(worker, rf"INFO.*session {session_id} expired"), worker.explain()
-    await open_session(http, worker)
+        assert opened.body["max_perf"] == released.body["max_perf"] == 100.0
+
+    async def test_lapsed_lease_frees_the_worker(self, free: Shared):
+        """A session created with lifetime 1 and never renewed ends: cur_load
+        0 report, callback, then a new create succeeds."""
+        worker, http = free.worker, free.http
+        autoscaler = worker.autoscaler
+        opened_at = time.time()
+        session_id = await open_session(http, worker, worker.create_body(lifetime=1))
+        await worker.wait_report(lambda r: r["cur_load"] == 100.0, since=opened_at, message="the open session")
+        callback = (
+            await autoscaler.wait_for(
+                lambda: callbacks_for(autoscaler, session_id), 10, f"the expiry callback; {worker.explain()}"
+            )
+        )[0]
+        report = await worker.wait_report(lambda r: r["cur_load"] == 0.0, since=opened_at, message="the expiry")
+        print(
+            f"lifetime 1 s: callback after {callback.at - opened_at:.2f}s, "
+            f"cur_load 0 report after {report.at - opened_at:.2f}s"
+        )
+        assert output_lines(worker, rf"INFO.*session {session_id} expired"), worker.explain()
+        await open_session(http, worker)
 
 
 # -- 7. graceful stop ----------------------------------------------------------------
@@ -662,7 +673,11 @@ class Shared:
 
 @pytest_asyncio.fixture(scope="class", loop_scope="class")
 async def shared(signer, tmp_path_factory) -> AsyncIterator[Shared]:
-    """One worker with its own recording autoscaler and client, for a whole test class."""
+    """One worker with its own recording autoscaler and client, for a whole test class.
+
+    The classes of tests that leave the worker as they found it use it, and
+    the malformed-body corpus; ``free`` releases whatever a failed test held.
+    """
     autoscaler = RecordingAutoscaler(signer)
     async with serving(autoscaler.app()) as url:
         autoscaler.url = url
