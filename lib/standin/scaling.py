@@ -306,18 +306,12 @@ def _idle(worker: WorkerView) -> bool:
     return worker.load <= EPSILON and worker.sessions == 0 and worker.idle_since is not None
 
 
-def _stoppable(live: Sequence[WorkerView], now: float, policy: LocalPolicy) -> list[WorkerView]:
-    """Live workers a scale-down may take, least useful first; never one holding load or a session."""
+def _stoppable(idle: Sequence[WorkerView], now: float, policy: LocalPolicy) -> list[WorkerView]:
+    """Of the idle workers (a tally's ``idle``: none holds load or a session), those a scale-down may take now,
+    least useful first."""
     delay = policy.scale_down_delay - EPSILON
-    idle = [
-        w
-        for w in live
-        if w.cur_load + w.reserved <= EPSILON
-        and w.sessions == 0
-        and w.idle_since is not None
-        and now - w.idle_since >= delay
-    ]
-    return sorted(idle, key=lambda w: (_STOP_ORDER[w.phase], -w.created_at, -w.id))
+    due = [w for w in idle if now - w.idle_since >= delay]  # type: ignore[operator]
+    return sorted(due, key=lambda w: (_STOP_ORDER[w.phase], -w.created_at, -w.id))
 
 
 def next_change(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> float | None:
