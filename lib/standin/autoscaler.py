@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -74,7 +74,6 @@ class LocalServerless:
 
     def endpoint_record(self) -> dict[str, Any]:
         """The endpoint as the console's /api/v0/endptjobs/ lists it."""
-        params = self.config.fleet.params
         return {
             "id": ENDPOINT_ID,
             "endpoint_name": self.config.endpoint_name,
@@ -82,13 +81,7 @@ class LocalServerless:
             "user_id": USER_ID,
             "created_at": self.created_at,
             "endpoint_state": "active",
-            "min_load": params.min_load,
-            "target_util": params.target_util,
-            "max_workers": params.max_workers,
-            "cold_workers": params.cold_workers,
-            "max_queue_time": params.max_queue_time,
-            "target_queue_time": params.target_queue_time,
-            "inactivity_timeout": params.inactivity_timeout,
+            **asdict(self.config.fleet.params),  # min_load ... inactivity_timeout, under Vast's names
             # Accepted by Vast, not modelled here: no capacity is planned ahead.
             "cold_mult": None,
             "min_cold_load": None,

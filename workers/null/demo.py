@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -515,20 +515,13 @@ def _open_fleet_log(path: Path | None) -> IO[str] | None:
 
 def _write_fleet_log(out: IO[str], fleet: Any, settings: Any, args: argparse.Namespace) -> None:
     """The fleet's timeline and the stand-in's settings it ran under, as one JSON document."""
-    params = settings.params
     data = {
         "standin": {
             "provisioning_delay": settings.provisioning_delay,
             "route_hold": settings.route_hold,
             "scale_down_delay": settings.policy.scale_down_delay,
             "stop_grace": settings.stop_grace,
-            "min_load": params.min_load,
-            "target_util": params.target_util,
-            "max_workers": params.max_workers,
-            "cold_workers": params.cold_workers,
-            "max_queue_time": params.max_queue_time,
-            "target_queue_time": params.target_queue_time,
-            "inactivity_timeout": params.inactivity_timeout,
+            **asdict(settings.params),  # the endpoint's parameters, under Vast's names
         },
         "max_sessions": args.max_sessions,
         "sdk_max_poll_interval": SDK_MAX_POLL_INTERVAL,
