@@ -24,11 +24,14 @@ async def queue_server(kind: str) -> AsyncIterator[str]:
         yield url
 
 
-def queue_url_for(server: str, stream: str) -> str:
-    """The queue URL naming ``stream`` on ``server`` (a ``nats://`` or ``redis://`` server URL)."""
+def queue_url_for(server: str, stream: str, *, group: str | None = None) -> str:
+    """The queue URL naming ``stream`` on ``server`` (a ``nats://`` or ``redis://`` server URL).
+
+    ``group``: the Redis consumer group to name (NATS URLs name none).
+    """
     if server.startswith("nats://"):
         return f"{server}/{stream}"
-    return f"{server}?stream={stream}"
+    return f"{server}?stream={stream}" + (f"&group={group}" if group is not None else "")
 
 
 OpenQueue = Callable[..., Awaitable[Queue]]

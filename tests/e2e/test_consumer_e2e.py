@@ -29,6 +29,7 @@ import pytest
 from aiohttp import web
 
 from lib.standin.process import ChildProcess
+from tests.e2e.conftest import QUEUE_KINDS, queue_server, queue_url_for
 from tests.helpers import RunningWorker, StartWorker, open_session, side_by_side, status_of
 from tests.standin import process_gone
 from workers.null.queues.base import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, JobEvent, Queue
@@ -41,25 +42,6 @@ LIFETIME = 30.0  # a session's own lifetime, past which only the consumer's rene
 
 
 # -- the queue servers --------------------------------------------------------------------
-
-
-KINDS = ("nats", "valkey")
-
-
-@asynccontextmanager
-async def queue_server(kind: str) -> AsyncIterator[str]:
-    """A server of the queue ``kind`` started for this test: ``nats://HOST:PORT`` or ``redis://HOST:PORT/0``."""
-    from lib.standin.queueservers import nats_server, valkey_server
-
-    async with nats_server() if kind == "nats" else valkey_server() as url:
-        yield url
-
-
-def queue_url_on(server: str, stream: str) -> str:
-    """The consumer's --queue URL for ``stream`` on ``server``."""
-    if server.startswith("nats://"):
-        return f"{server}/{stream}"
-    return f"{server}?stream={stream}&group=null"
 
 
 @dataclass
@@ -203,9 +185,9 @@ async def rigs(start_worker: StartWorker, tmp_path: Path) -> AsyncIterator[list[
     """A rig of each queue kind, each with its own server started for this test."""
     async with AsyncExitStack() as stack:
         found = []
-        for kind in KINDS:
+        for kind in QUEUE_KINDS:
             server = await stack.enter_async_context(queue_server(kind))
-            url = queue_url_on(server, "jobs")
+            url = queue_url_for(server, "jobs", group="null")
             dispatch = await stack.enter_async_context(dispatching(url))
             root = tmp_path / kind
             root.mkdir()
@@ -454,7 +436,7 @@ async def test_missing_stream_is_retried_until_it_exists(rigs, http):
     from workers.null.queues import open_queue
 
     async def check(rig: Rig) -> None:
-        queue_url = queue_url_on(rig.server, "fresh")  # a stream nobody has set up
+        queue_url = queue_url_for(rig.server, "fresh", group="null")  # a stream nobody has set up
         worker = await rig.start_worker()
         script = rig.consumers.tmp_path / "job.py"
         script.write_text(textwrap.dedent(JOB))
