@@ -36,7 +36,7 @@ async def desk(monkeypatch, signer):
 
     from workers.null import framework
     from workers.null.settings import Settings
-    from workers.null.worker import build_worker_config, install
+    from workers.null.worker import build_worker_config, close_clients, install
 
     # The framework's Backend and Metrics read os.environ when built; the
     # null worker's own Settings are still built from the dict.
@@ -51,9 +51,7 @@ async def desk(monkeypatch, signer):
     desk.ready = True
     yield desk
     await desk.cancel_callbacks()
-    client = worker.backend.__dict__.get("session")  # the callback client, created on first use
-    if client is not None:
-        await client.close()
+    await close_clients(worker.backend)
 
 
 @pytest.fixture

@@ -18,7 +18,9 @@ Child processes of any other kind are ``lib.standin.process.ChildProcess``.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import gc
 import itertools
 import json
 import time
@@ -304,3 +306,19 @@ class FakeConsumer:
     async def _health(self, request: web.Request) -> web.Response:
         self.checks += 1
         return web.Response(status=200 if self.healthy else 503)
+
+
+def parse_module(path: Path) -> ast.Module:
+    """The syntax tree of a Python file, parsed with the garbage collector held off.
+
+    On CPython 3.11 a finaliser that the collector runs in the middle of
+    ``ast.parse`` can make it fail with "AST constructor recursion depth
+    mismatch" (python/cpython#106905), whatever the file holds.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(path.read_text(), filename=str(path))
+    finally:
+        if enabled:
+            gc.enable()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import parse_module
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 
@@ -25,7 +27,7 @@ COMING = "Coming in this release"
 @cache
 def names_in(path: Path) -> dict[str, set[str]]:
     """Top-level functions and classes of a test module, each class with its methods."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = parse_module(path)
     names: dict[str, set[str]] = {}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

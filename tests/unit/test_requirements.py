@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+from tests.helpers import parse_module
+
 ROOT = Path(__file__).resolve().parents[2]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+!-]*)(\s*;.*)?$")
 # What the worker and the consumer beside it run; nothing else belongs on an instance.
@@ -40,7 +42,7 @@ def pins(path: Path) -> dict[str, str]:
 def module_level_imports(path: Path) -> set[str]:
     """Top-level packages imported when the module is imported (not inside functions)."""
     names = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in parse_module(path).body:
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

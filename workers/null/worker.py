@@ -182,12 +182,13 @@ async def serve(settings: Settings) -> int:
     await desk.shutdown(time.monotonic() + STOP_GRACE)
     await stop_task(running)
     await config.lifecycle.aclose()
-    await _close_clients(worker.backend)
+    await close_clients(worker.backend)
     log.info("stopped")
     return 0
 
 
-async def _close_clients(backend: Any) -> None:
+async def close_clients(backend: Any) -> None:
+    """Closes the framework's HTTP clients: its report client and the on-close callback client."""
     with suppress(Exception):
         await backend.metrics.aclose()
     client = backend.__dict__.get("session")  # created on first use only
