@@ -10,14 +10,14 @@ from lib.planner.fidelity import DEFAULT_TRACE, fidelity_table, format_table
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(200)
 def test_planner_matches_a_real_run_in_cold_starts_billing_and_each_jobs_wait():
-    """A 20-job trace run by real workers, consumers and the SDK, then replayed by the planner with the cold start
+    """A 30-job trace run by real workers, consumers and the SDK, then replayed by the planner with the cold start
     measured in that run: equal cold starts, billed worker-seconds within 10%, every job's wait within 1 s."""
     table = fidelity_table(DEFAULT_TRACE)
     shown = format_table(table) + "\n" + json.dumps(table["measured"])
     print(shown)
-    assert table["jobs"] == 20, shown
+    assert table["jobs"] == 30, shown
     assert table["planner"]["cold_starts"] == table["real"]["cold_starts"], shown
     assert abs(table["billed_diff"]) <= 0.10, shown
     worst = table["wait_diff_s"][table["worst_job"] - 1]
