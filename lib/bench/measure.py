@@ -25,7 +25,7 @@ import aiohttp
 
 from lib.bench.recorder import RecordingAutoscaler, is_ready, serving
 from lib.standin.grants import GrantSigner
-from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
+from lib.standin.process import ChildProcess, WorkerPorts, WorkerProcess, worker_env
 from workers.null import sdk
 
 FLOOR_COMMAND = "from vastai.serverless.server.worker import Worker"
@@ -366,7 +366,27 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any
     }
 
 
-SECTIONS = ("readiness", "occupancy", "contention", "control", "scaling", "footprint", "queue_loop", "planner")
+SECTIONS = (
+    "readiness", "occupancy", "contention", "control", "scaling", "footprint", "queue_loop", "planner", "fidelity",
+)  # fmt: skip
+
+
+async def fidelity(quick: bool, workdir: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    """``python -m lib.planner.fidelity``'s figures: its whole trace, or with ``quick`` its first ten jobs."""
+    out = workdir / "fidelity.json"
+    argv = ["-m", "lib.planner.fidelity", "--json", str(out), *(["--jobs", "10"] if quick else [])]
+    jobs = "its first 10 jobs" if quick else "its trace"
+    progress(f"fidelity: {jobs} through the real-time stand-in, then through the planner (about a minute)")
+    child = ChildProcess.python(*argv, tail_lines=None, separate_stderr=True)
+    try:
+        await child.start()
+        code = await child.wait(300)
+    finally:
+        await child.stop(grace=40)  # on SIGTERM it stops its real run first
+    if not out.is_file():
+        tail = "; ".join(list(child.errors)[-3:]) or f"exit {code}"
+        raise RuntimeError(f"fidelity wrote no figures: {tail}")
+    return json.loads(out.read_text())
 
 
 def ms(seconds: float) -> str:
@@ -461,11 +481,19 @@ def render(results: dict[str, Any]) -> str:
         rows.append(
             (f"planner: one parameter set, a day of {planner['jobs']} jobs, CPU", f"{planner['cpu_s']:.1f} s", target)
         )
-    width = max(len(r[0]) for r in rows)
-    value_width = max(len(r[1]) for r in rows)
-    lines = [f"{'measure'.ljust(width)}  {'figure'.ljust(value_width)}  target", "-" * (width + value_width + 16)]
-    lines += [f"{name.ljust(width)}  {value.ljust(value_width)}  {target}" for name, value, target in rows]
-    return "\n".join(lines)
+    lines = []
+    if rows:
+        width = max(len(r[0]) for r in rows)
+        value_width = max(len(r[1]) for r in rows)
+        lines = [f"{'measure'.ljust(width)}  {'figure'.ljust(value_width)}  target", "-" * (width + value_width + 16)]
+        lines += [f"{name.ljust(width)}  {value.ljust(value_width)}  {target}" for name, value, target in rows]
+    if "fidelity" in results:
+        from lib.planner.fidelity import format_table
+
+        # Its own columns: the real run and the planner side by side.
+        lines += ["", "fidelity: the same trace through the real-time stand-in and through the planner", ""]
+        lines.append(format_table(results["fidelity"]))
+    return "\n".join(lines).lstrip("\n")
 
 
 async def run(quick: bool, progress: Callable[[str], None], only: Sequence[str] = SECTIONS) -> dict[str, Any]:
@@ -491,6 +519,8 @@ async def run(quick: bool, progress: Callable[[str], None], only: Sequence[str] 
                     jobs = 2_000 if quick else 100_000
                     progress(f"planner: one parameter set over a generated day of {jobs} jobs")
                     results[section] = await asyncio.to_thread(bench_planner, jobs=jobs)
+                elif section == "fidelity":
+                    results[section] = await fidelity(quick, Path(workdir), progress)
                 else:
                     results[section] = await getattr(bench, section)()
     results["elapsed_s"] = time.time() - results["started_at"]

@@ -18,7 +18,8 @@ cold start hinges on a fraction of a second: every job either finds a
 worker idle, or waits clearly longer than ``target_queue_time`` while all
 are busy; at most two workers start at once (on a small machine, worker
 processes that start together slow each other down, and the planner has one
-cold start for all).
+cold start for all). Its last ten jobs are its first ten again, once the
+fleet has scaled back to zero.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from lib.planner.trace import TraceError, load_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = ROOT / "tests" / "data" / "fidelity_trace.csv"
@@ -281,8 +284,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
         default=PROVISIONING_DELAY,
         help="the stand-in's provisioning delay in the real run (the worker's own start comes on top)",
     )
+    parser.add_argument("--jobs", type=int, metavar="N", help="replay only the first N jobs of the trace")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     return parser
+
+
+def first_jobs(trace: Path, count: int, out: Path) -> Path:
+    """Writes the first ``count`` jobs of ``trace`` to ``out`` as a CSV trace; returns ``out``."""
+    with open(out, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["arrival", "duration"])
+        writer.writerows([repr(job.arrival), repr(job.duration)] for job in load_trace(trace)[:count])
+    return out
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,9 +309,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: --trace {args.trace}: no such file; pass a CSV or JSON lines trace\n")
     if not (0 <= args.provisioning_delay < 60):
         parser.exit(2, f"{parser.prog}: --provisioning-delay {args.provisioning_delay:g}: give seconds in [0, 60)\n")
-    print(f"running {args.trace.name} through the real-time stand-in (about a minute)...", file=sys.stderr, flush=True)
+    if args.jobs is not None and args.jobs < 1:
+        parser.exit(2, f"{parser.prog}: --jobs {args.jobs}: give a number of jobs >= 1\n")
+    # SIGTERM (a bench or a supervisor stopping it) ends the real run as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        table = fidelity_table(args.trace, provisioning_delay=args.provisioning_delay)
+        load_trace(args.trace)  # a bad trace is the user's to mend before anything starts
+        with tempfile.TemporaryDirectory(prefix="null-fidelity-trace-") as tmp:
+            trace = args.trace
+            if args.jobs is not None:
+                trace = first_jobs(args.trace, args.jobs, Path(tmp) / f"first-{args.jobs}-{args.trace.stem}.csv")
+            print(f"running {trace.name} through the real-time stand-in (about a minute)...", file=sys.stderr)
+            table = fidelity_table(trace, provisioning_delay=args.provisioning_delay)
+    except TraceError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
     except FidelityError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 1

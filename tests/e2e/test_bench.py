@@ -13,7 +13,7 @@ from lib.standin.process import ChildProcess
 # once: each mostly waits on timers (cold starts, inactivity timeouts, the
 # framework's report loop), so together they take about as long as the
 # longest alone. Every other section runs in one more bench.
-SEPARATE = (("scaling", "planner"), ("queue_loop",))
+SEPARATE = (("scaling", "planner"), ("queue_loop",), ("fidelity",))
 
 
 def section_groups() -> list[tuple[str, ...]]:
@@ -37,7 +37,7 @@ async def run_quick_bench(sections: tuple[str, ...], out: Path) -> tuple[int, st
 
 @pytest.mark.slow
 async def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_path):
-    """`python -m lib.bench --quick` (its sections split over three runs at once) writes every section; one 201 in
+    """`python -m lib.bench --quick` (its sections split over four runs at once) writes every section; one 201 in
     200 creates, one worker per session, no job lost."""
     runs = [(group, tmp_path / f"bench-{n}.json") for n, group in enumerate(section_groups())]
     assert sorted(name for group, _ in runs for name in group) == sorted(SECTIONS)
@@ -72,6 +72,9 @@ async def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold
     assert figures["footprint"]["rss_mib"] > 0 and figures["footprint"]["cpu_percent"] >= 0
     planner = figures["planner"]
     assert 1_900 <= planner["jobs"] <= 2_100 and planner["cpu_s"] > 0 and planner["cold_starts"] >= 1, planner
+    fidelity = figures["fidelity"]
+    assert fidelity["jobs"] == 10 and len(fidelity["planner"]["waits"]) == 10, fidelity
+    assert fidelity["real"]["cold_starts"] >= 1 and fidelity["planner"]["cold_starts"] >= 1, fidelity
     loop = figures["queue_loop"]
     assert loop["warm"]["runs"] == 5 and loop["warm"]["hops"]["total"]["n"] == 5
     assert loop["throughput"]["jobs"] == 30 and loop["throughput"]["jobs_per_s"] > 0
@@ -92,6 +95,8 @@ async def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold
         "queue loop, warm dispatch",
         "queue loop, chaos",
         "planner: one parameter set",
+        "fidelity: the same trace",
+        "cold starts",
     ):
         assert measure in stdout, stdout
 

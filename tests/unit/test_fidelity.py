@@ -1,0 +1,41 @@
+"""`python -m lib.planner.fidelity`: its input checks; tests/e2e/test_planner_fidelity.py runs the comparison."""
+
+from __future__ import annotations
+
+import pytest
+
+from lib.planner.fidelity import DEFAULT_TRACE, first_jobs, main
+from lib.planner.trace import load_trace
+
+
+def test_first_jobs_writes_a_trace_of_the_opening_jobs_unchanged(tmp_path):
+    whole = load_trace(DEFAULT_TRACE)
+    part = load_trace(first_jobs(DEFAULT_TRACE, 10, tmp_path / "first.csv"))
+    assert len(whole) == 30
+    assert part == whole[:10]
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--jobs", "0"], "--jobs 0: give a number of jobs >= 1"),
+        (["--trace", "no-such-trace.csv"], "--trace no-such-trace.csv: no such file"),
+        (["--provisioning-delay", "-1"], "--provisioning-delay -1: give seconds in [0, 60)"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_anything_starts(argv, named, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_trace_with_a_bad_row_is_one_line_and_exit_2(tmp_path, capsys):
+    trace = tmp_path / "bad.csv"
+    trace.write_text("arrival,duration\n0,1\n2,-1\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--trace", str(trace)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad.csv" in err and len(err.strip().splitlines()) == 1, err
