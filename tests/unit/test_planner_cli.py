@@ -247,3 +247,15 @@ def test_sweep_over_processes_matches_one_process(tmp_path, capsys):
     assert run(capsys, *argv, "--processes", "1", "--json", str(one))[0] == 0
     assert run(capsys, *argv, "--processes", "2", "--json", str(many))[0] == 0
     assert json.loads(one.read_text())["results"] == json.loads(many.read_text())["results"]
+
+
+def test_help_shows_each_default_as_it_would_be_typed(capsys):
+    """`--help` gives defaults in the flags' own syntax (60, 0.5, 20), never a Python list or object."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["--help"])
+    assert stopped.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("measure yours (default: 60)", "(default: 0.5)", "cap on workers (default: 20)", "(default: 0)"):
+        assert shown in text, shown
+    for python_repr in ("[", "JobSeconds(", "None)", "(default: mean 10) (default"):
+        assert python_repr not in text.replace("[-", ""), python_repr  # usage brackets aside
