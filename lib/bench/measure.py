@@ -27,6 +27,7 @@ from lib.bench.recorder import RecordingAutoscaler, is_ready, serving
 from lib.standin.grants import GrantSigner
 from lib.standin.process import ChildProcess, WorkerPorts, WorkerProcess, worker_env
 from workers.null import sdk
+from workers.null.cli import DefaultsShown
 
 FLOOR_COMMAND = "from vastai.serverless.server.worker import Worker"
 
@@ -533,7 +534,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description=(
             "Measure the null worker's readiness, occupancy signal, contention, control path, scaling and footprint."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter windows (for CI)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")

@@ -25,6 +25,7 @@ from lib.planner.model import Plan, Result, simulate
 from lib.planner.sweep import Progress, cheapest_within, default_processes, pareto_front, run_sweep
 from lib.planner.trace import Job, JobSeconds, TraceError, bursts, describe, diurnal, load_trace, poisson
 from lib.standin.scaling import EndpointParams, LocalPolicy
+from workers.null.cli import DefaultsShown
 
 _DEFAULT_PARAMS = EndpointParams()
 _DEFAULT_POLICY = LocalPolicy()
@@ -141,28 +142,6 @@ def _job_seconds(text: str) -> JobSeconds:
 # -- the parser ------------------------------------------------------------------------
 
 
-class _DefaultsShown(argparse.HelpFormatter):
-    """Each flag's default as it would be typed (``60``, ``30:90``, ``1,2``), unless its help already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        shown = action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
-        if "(default" in text or not shown or not action.option_strings:
-            return text
-        return f"{text} (default: {_as_typed(action.default)})"
-
-
-def _as_typed(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(_as_typed(v) for v in value)
-    if isinstance(value, tuple):
-        low, high = value
-        return _as_typed(low) if low == high else f"{_as_typed(low)}:{_as_typed(high)}"
-    if value is None:
-        return "off"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m lib.planner",
@@ -171,7 +150,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
             "how long jobs wait for a worker and what the workers cost. Every parameter flag takes a "
             "comma list; the planner runs the cross product."
         ),
-        formatter_class=_DefaultsShown,
+        formatter_class=DefaultsShown,
     )
     group = parser.add_argument_group("trace (a file, or one or more generators)")
     group.add_argument(

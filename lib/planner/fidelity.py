@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.planner.trace import TraceError, load_trace
+from workers.null.cli import DefaultsShown
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = ROOT / "tests" / "data" / "fidelity_trace.csv"
@@ -275,7 +276,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lib.planner.fidelity",
         description="Run a short trace through the real-time stand-in and through the planner; print both.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="CSV or JSON lines trace")
     parser.add_argument(

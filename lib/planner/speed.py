@@ -20,6 +20,7 @@ from typing import Any
 from lib.planner.model import Plan, simulate
 from lib.planner.trace import DAY, JobSeconds, diurnal
 from lib.standin.scaling import EndpointParams
+from workers.null.cli import DefaultsShown
 
 
 def bench_planner(
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lib.planner.speed",
         description="Time one parameter set over a generated day of jobs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     parser.add_argument("--jobs", type=int, default=100_000, help="jobs in the trace, about")
     parser.add_argument("--hours", type=float, default=24.0, help="trace length")

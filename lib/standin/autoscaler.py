@@ -29,7 +29,7 @@ from lib.standin.fleet import Fleet, FleetSettings
 from lib.standin.grants import GrantSigner
 from lib.standin.scaling import EndpointParams, LocalPolicy
 from workers.null.bodies import finite
-from workers.null.cli import OneLineParser
+from workers.null.cli import DefaultsShown, OneLineParser
 
 log = logging.getLogger("lib.standin.autoscaler")  # also when run as __main__
 
@@ -313,7 +313,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
             "Vast Serverless on this machine: the console endpoint list, the autoscaler "
             "(/route/, /worker_status/, ...) and real null worker processes, on 127.0.0.1."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     parser.add_argument(
         "--port",

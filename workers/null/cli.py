@@ -27,6 +27,34 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Each flag's default in its own syntax (``60``, ``30:90``, ``1,2``), unless its help already says it.
+
+    Flags that are off unless given (a default of None or False) show none.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        shown = default is not None and default is not False and default is not argparse.SUPPRESS
+        optional = action.option_strings or action.nargs in ("?", "*")
+        if "(default" in text or not shown or not optional or default == []:
+            return text
+        return f"{text} (default: {as_typed(default)})"
+
+
+def as_typed(value: Any) -> str:
+    """A flag's value as it would be typed: lists comma-joined, a (low, high) span as LOW:HIGH."""
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        low, high = value
+        return as_typed(low) if low == high else f"{as_typed(low)}:{as_typed(high)}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(as_typed(v) for v in value)
+    if value is None:
+        return "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def positive(x: float) -> bool:
     """A finite number above 0 (for a flag's check)."""
     return math.isfinite(x) and x > 0

@@ -13,7 +13,16 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from .cli import OneLineParser, configure_logging, missing_api_key, non_negative, positive, refuse_first, run_command
+from .cli import (
+    DefaultsShown,
+    OneLineParser,
+    configure_logging,
+    missing_api_key,
+    non_negative,
+    positive,
+    refuse_first,
+    run_command,
+)
 
 INSTANCES = ("prod", "alpha", "candidate", "local")
 DEFAULT_ENDPOINT = "null-pyworker"  # the stand-in serves this name by default
@@ -29,7 +38,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
             "HOLD seconds and close each with /session/end. Exit 0 only when every session was reserved "
             "and released; Ctrl-C closes the open ones and exits 130."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="endpoint name")
     parser.add_argument(

@@ -46,6 +46,7 @@ from typing import Any, NoReturn, TypeVar
 from aiohttp import web
 
 from .aio import stop_task
+from .cli import DefaultsShown
 from .control_client import ControlClient, ControlUnavailable, HeldSession, LeaseGone, WorkerStopping
 from .queues.base import (
     ABANDONED,
@@ -959,7 +960,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
             "ack it (or retry / dead-letter it), then release the worker. SIGTERM: no new session, the "
             "running job gets --grace seconds, exit 0."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     parser.add_argument(
         "--queue", required=True, metavar="URL", help="nats://host:4222/STREAM or redis://host:6379/0?stream=S&group=G"

@@ -37,6 +37,7 @@ from typing import IO, Any
 from . import sdk
 from .aio import stop_task, wait_any
 from .cli import (
+    DefaultsShown,
     Interrupt,
     OneLineParser,
     StartupError,
@@ -435,7 +436,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
             "machine (an embedded nats-server, the local stand-in with a consumer beside every worker). "
             "Ctrl-C: open no more sessions, let running jobs finish, exit 0; a second Ctrl-C closes them now."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     parser.add_argument("action", nargs="?", choices=("run", "setup"), default="run", help="what to do")
     parser.add_argument(
