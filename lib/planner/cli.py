@@ -25,7 +25,7 @@ from lib.planner.model import Plan, Result, simulate
 from lib.planner.sweep import Progress, cheapest_within, default_processes, pareto_front, run_sweep
 from lib.planner.trace import Job, JobSeconds, TraceError, bursts, describe, diurnal, load_trace, poisson
 from lib.standin.scaling import EndpointParams, LocalPolicy
-from workers.null.cli import DefaultsShown
+from workers.null.cli import DefaultsShown, sigterm_as_ctrl_c
 
 _DEFAULT_PARAMS = EndpointParams()
 _DEFAULT_POLICY = LocalPolicy()
@@ -492,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A set of many jobs takes a while before the first progress line.
         sets = f"{len(plans)} parameter set{'s' if len(plans) > 1 else ''}"
         print(f"replaying {sets} over {len(jobs)} jobs on {min(processes, len(plans))} process(es)...", file=sys.stderr)
+    sigterm_as_ctrl_c()  # the sweep's processes are stopped either way
     try:
         results = run_sweep(jobs, plans, seed=args.seed, processes=processes, progress=Progress())
     except KeyboardInterrupt:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.planner.trace import TraceError, load_trace
-from workers.null.cli import DefaultsShown
+from workers.null.cli import DefaultsShown, sigterm_as_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = ROOT / "tests" / "data" / "fidelity_trace.csv"
@@ -299,10 +299,6 @@ def first_jobs(trace: Path, count: int, out: Path) -> Path:
     return out
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
@@ -312,8 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: --provisioning-delay {args.provisioning_delay:g}: give seconds in [0, 60)\n")
     if args.jobs is not None and args.jobs < 1:
         parser.exit(2, f"{parser.prog}: --jobs {args.jobs}: give a number of jobs >= 1\n")
-    # SIGTERM (a bench or a supervisor stopping it) ends the real run as Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_as_ctrl_c()  # a bench stopping it ends the real run as Ctrl-C does
     try:
         load_trace(args.trace)  # a bad trace is the user's to mend before anything starts
         with tempfile.TemporaryDirectory(prefix="null-fidelity-trace-") as tmp:

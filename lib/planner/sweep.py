@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,9 @@ _pool_seed = 0
 
 
 def _init_pool(jobs: Sequence[Job], seed: int) -> None:
+    # Ctrl-C and SIGTERM are the parent's to handle: it ends the pool, which stops each process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     global _pool_jobs, _pool_seed
     _pool_jobs, _pool_seed = jobs, seed
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,3 +53,40 @@ def test_bad_trace_exits_2_with_one_line(tmp_path):
     assert done.stdout == ""
     assert done.stderr.strip().count("\n") == 0
     assert f"{trace}:3:" in done.stderr and "sort the trace by arrival" in done.stderr
+
+
+def children_of(pid: int) -> set[int]:
+    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_sweep_stopped_midway_exits_130_and_leaves_no_process(how):
+    """Ctrl-C (SIGINT to the process group) or SIGTERM to the planner alone, mid-sweep on two processes:
+    one line, exit 130, and every pool process gone."""
+    sweep = ["--poisson", "1:40000", "--max-workers", "5,10,20,40", "--processes", "2"]
+    argv = [sys.executable, "-m", "lib.planner", *sweep]
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stderr is not None
+        assert "replaying 4 parameter sets" in proc.stderr.readline()
+        deadline = time.monotonic() + 10
+        while len(pool := children_of(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(pool) == 2, pool
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip() == "interrupted", err
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{pid}").exists() for pid in pool) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pool if Path(f"/proc/{pid}").exists()], "a pool process outlived the planner"

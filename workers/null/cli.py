@@ -55,6 +55,15 @@ def as_typed(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def sigterm_as_ctrl_c() -> None:
+    """From now on SIGTERM raises KeyboardInterrupt, so a command stopped by a supervisor cleans up as on Ctrl-C."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def positive(x: float) -> bool:
     """A finite number above 0 (for a flag's check)."""
     return math.isfinite(x) and x > 0
