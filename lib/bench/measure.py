@@ -532,7 +532,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lib.bench",
         description=(
-            "Measure the null worker's readiness, occupancy signal, contention, control path, scaling and footprint."
+            "Measure the null worker's readiness, occupancy signal, contention, control path, scaling and "
+            "footprint, the queue loop, the planner's speed, and the planner against a real run (fidelity)."
         ),
         formatter_class=DefaultsShown,
     )
