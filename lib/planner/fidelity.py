@@ -253,7 +253,9 @@ def format_table(table: dict[str, Any]) -> str:
         ),
     ]
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
-    lines = [f"trace: {table['trace']}, {table['jobs']} jobs; real run {real['run_s']:.0f}s"]
+    trace = Path(table["trace"])
+    shown = trace.relative_to(ROOT) if trace.is_relative_to(ROOT) else trace
+    lines = [f"trace: {shown}, {table['jobs']} jobs; real run {real['run_s']:.0f}s"]
     lines.append(
         f"measured in the real run: cold start {measured['cold_start_s']:.2f}s (workers {low:.2f}-{high:.2f}s; "
         f"provisioning delay {measured['provisioning_delay_s']:g}s + the worker's own start), "
