@@ -492,9 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A set of many jobs takes a while before the first progress line.
         sets = f"{len(plans)} parameter set{'s' if len(plans) > 1 else ''}"
         print(f"replaying {sets} over {len(jobs)} jobs on {min(processes, len(plans))} process(es)...", file=sys.stderr)
-    sigterm_as_ctrl_c()  # the sweep's processes are stopped either way
     try:
-        results = run_sweep(jobs, plans, seed=args.seed, processes=processes, progress=Progress())
+        with sigterm_as_ctrl_c():  # the sweep's processes are stopped either way
+            results = run_sweep(jobs, plans, seed=args.seed, processes=processes, progress=Progress())
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -310,17 +310,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: --provisioning-delay {args.provisioning_delay:g}: give seconds in [0, 60)\n")
     if args.jobs is not None and args.jobs < 1:
         parser.exit(2, f"{parser.prog}: --jobs {args.jobs}: give a number of jobs >= 1\n")
-    sigterm_as_ctrl_c()  # a bench stopping it ends the real run as Ctrl-C does
     try:
         load_trace(args.trace)  # a bad trace is the user's to mend before anything starts
-        with tempfile.TemporaryDirectory(prefix="null-fidelity-trace-") as tmp:
+    except TraceError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
+    try:
+        # A bench stopping it with SIGTERM ends the real run as Ctrl-C does.
+        with sigterm_as_ctrl_c(), tempfile.TemporaryDirectory(prefix="null-fidelity-trace-") as tmp:
             trace = args.trace
             if args.jobs is not None:
                 trace = first_jobs(args.trace, args.jobs, Path(tmp) / f"first-{args.jobs}-{args.trace.stem}.csv")
             print(f"running {trace.name} through the real-time stand-in (about a minute)...", file=sys.stderr)
             table = fidelity_table(trace, provisioning_delay=args.provisioning_delay)
-    except TraceError as exc:
-        parser.exit(2, f"{parser.prog}: {exc}\n")
     except FidelityError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 1

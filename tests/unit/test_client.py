@@ -11,7 +11,7 @@ from lib.bench.recorder import serving
 from lib.standin.autoscaler import serve
 from tests.standin import fast_config
 from workers.null import client, sessionclient
-from workers.null.cli import StartupError
+from workers.null.cli import StartupError, sigterm_as_ctrl_c
 from workers.null.sessionclient import SessionRecord, exit_code, format_table
 
 
@@ -105,3 +105,11 @@ async def test_unknown_endpoint_names_the_ones_served():
             await sessionclient.run(parse("--local-port", port, "--endpoint", "nope"), client.LOCAL_API_KEY)
     message = str(refused.value)
     assert "'nope'" in message and "'null-pyworker'" in message and "--endpoint" in message
+
+
+def test_sigterm_is_ctrl_c_inside_the_block_and_as_before_after_it():
+    """``sigterm_as_ctrl_c``: SIGTERM raises KeyboardInterrupt inside it; afterwards the handler before it is back."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
+        signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before

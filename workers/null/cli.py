@@ -9,8 +9,8 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Coroutine, Iterable
-from contextlib import suppress
+from collections.abc import Awaitable, Coroutine, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any, NoReturn, TypeVar
 
 from .aio import wait_any
@@ -55,9 +55,14 @@ def as_typed(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def sigterm_as_ctrl_c() -> None:
-    """From now on SIGTERM raises KeyboardInterrupt, so a command stopped by a supervisor cleans up as on Ctrl-C."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Inside the block SIGTERM raises KeyboardInterrupt: a command a supervisor stops cleans up as on Ctrl-C."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
