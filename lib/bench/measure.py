@@ -27,7 +27,7 @@ from lib.bench.recorder import RecordingAutoscaler, is_ready, serving
 from lib.standin.grants import GrantSigner
 from lib.standin.process import ChildProcess, WorkerPorts, WorkerProcess, worker_env
 from workers.null import sdk
-from workers.null.cli import DefaultsShown
+from workers.null.cli import DefaultsShown, output_file_problem
 
 FLOOR_COMMAND = "from vastai.serverless.server.worker import Worker"
 
@@ -559,7 +559,11 @@ def _sections(text: str) -> tuple[str, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    problem = output_file_problem("--json", args.json)
+    if problem:
+        parser.exit(2, f"{parser.prog}: {problem}\n")
 
     def progress(message: str) -> None:
         print(f"  .. {message}", file=sys.stderr, flush=True)

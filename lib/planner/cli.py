@@ -25,7 +25,7 @@ from lib.planner.model import Plan, Result, simulate
 from lib.planner.sweep import Progress, cheapest_within, default_processes, pareto_front, run_sweep
 from lib.planner.trace import Job, JobSeconds, TraceError, bursts, describe, diurnal, load_trace, poisson
 from lib.standin.scaling import EndpointParams, LocalPolicy
-from workers.null.cli import DefaultsShown, sigterm_as_ctrl_c
+from workers.null.cli import DefaultsShown, output_file_problem, sigterm_as_ctrl_c
 
 _DEFAULT_PARAMS = EndpointParams()
 _DEFAULT_POLICY = LocalPolicy()
@@ -476,6 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--plot {args.plot}: name a .png or .svg file")
     if args.processes < 0:
         parser.error(f"--processes {args.processes} must be >= 0 (0: one per core)")
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--jobs-out", args.jobs_out)):
+        problem = output_file_problem(flag, path)
+        if problem:
+            parser.error(problem)
     plans = plans_from(args)
     for i, plan in enumerate(plans):
         problems = plan.problems()

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.planner.trace import TraceError, load_trace
-from workers.null.cli import DefaultsShown, sigterm_as_ctrl_c
+from workers.null.cli import DefaultsShown, output_file_problem, sigterm_as_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = ROOT / "tests" / "data" / "fidelity_trace.csv"
@@ -310,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: --provisioning-delay {args.provisioning_delay:g}: give seconds in [0, 60)\n")
     if args.jobs is not None and args.jobs < 1:
         parser.exit(2, f"{parser.prog}: --jobs {args.jobs}: give a number of jobs >= 1\n")
+    problem = output_file_problem("--json", args.json)
+    if problem:
+        parser.exit(2, f"{parser.prog}: {problem}\n")
     try:
         load_trace(args.trace)  # a bad trace is the user's to mend before anything starts
     except TraceError as exc:

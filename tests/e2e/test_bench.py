@@ -113,3 +113,19 @@ async def test_an_unknown_bench_section_is_one_line_and_exit_2():
     assert code == 2
     assert "unknown section nope" in stderr and "queue_loop" in stderr
     assert "Traceback" not in stderr
+
+
+async def test_a_json_file_in_a_missing_directory_is_one_line_and_exit_2_before_measuring(tmp_path):
+    """`--json` naming a directory that does not exist is refused at once, not after minutes of measuring."""
+    target = tmp_path / "missing" / "bench.json"
+    bench = ChildProcess.python("-m", "lib.bench", "--json", str(target), tail_lines=None, separate_stderr=True)
+    try:
+        await bench.start()
+        code = await bench.wait(60)
+    finally:
+        await bench.stop()
+    assert code == 2
+    assert bench.errors and all("Traceback" not in line for line in bench.errors)
+    assert list(bench.errors) == [f"python -m lib.bench: --json {target}: there is no directory {target.parent}; "
+                                  "create it or name a file elsewhere"]  # fmt: skip
+    assert not bench.output, list(bench.output)

@@ -11,7 +11,7 @@ from lib.bench.recorder import serving
 from lib.standin.autoscaler import serve
 from tests.standin import fast_config
 from workers.null import client, sessionclient
-from workers.null.cli import StartupError, sigterm_as_ctrl_c
+from workers.null.cli import StartupError, output_file_problem, sigterm_as_ctrl_c
 from workers.null.sessionclient import SessionRecord, exit_code, format_table
 
 
@@ -113,3 +113,13 @@ def test_sigterm_is_ctrl_c_inside_the_block_and_as_before_after_it():
     with pytest.raises(KeyboardInterrupt), sigterm_as_ctrl_c():
         signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_output_file_problem_names_a_missing_directory_and_a_directory_given_as_a_file(tmp_path):
+    assert output_file_problem("--json", tmp_path / "out.json") is None
+    assert output_file_problem("--json", None) is None
+    missing = output_file_problem("--json", tmp_path / "nope" / "out.json")
+    assert missing == f"--json {tmp_path / 'nope' / 'out.json'}: there is no directory {tmp_path / 'nope'}; " + (
+        "create it or name a file elsewhere"
+    )
+    assert output_file_problem("--json", tmp_path) == f"--json {tmp_path}: is a directory; name a file"

@@ -21,6 +21,7 @@ def test_first_jobs_writes_a_trace_of_the_opening_jobs_unchanged(tmp_path):
         (["--jobs", "0"], "--jobs 0: give a number of jobs >= 1"),
         (["--trace", "no-such-trace.csv"], "--trace no-such-trace.csv: no such file"),
         (["--provisioning-delay", "-1"], "--provisioning-delay -1: give seconds in [0, 60)"),
+        (["--json", "no-such-dir/figures.json"], "--json no-such-dir/figures.json: there is no directory no-such-dir"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_anything_starts(argv, named, capsys):

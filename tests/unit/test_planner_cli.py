@@ -259,3 +259,17 @@ def test_help_shows_each_default_as_it_would_be_typed(capsys):
         assert shown in text, shown
     for python_repr in ("[", "JobSeconds(", "None)", "(default: mean 10) (default"):
         assert python_repr not in text.replace("[-", ""), python_repr  # usage brackets aside
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot", "--jobs-out"])
+def test_an_output_file_that_cannot_be_written_is_one_line_and_exit_2_before_any_replay(flag, tmp_path, capsys):
+    """An output file in a directory that does not exist, or that is a directory, is refused before the sweep runs."""
+    for target in (tmp_path / "missing" / "out.png", tmp_path):
+        if flag == "--plot" and target == tmp_path:
+            continue  # a directory has no .png suffix: refused for that first
+        with pytest.raises(SystemExit) as stopped:
+            main(["--poisson", "0.1:100", flag, str(target)])
+        assert stopped.value.code == 2
+        out, err = capsys.readouterr()
+        assert out == "", out  # not even the trace line: nothing ran
+        assert f"{flag} {target}: " in err and len(err.strip().splitlines()) == 1, err

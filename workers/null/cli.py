@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from .aio import wait_any
@@ -67,6 +69,21 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def output_file_problem(flag: str, path: str | os.PathLike[str] | None) -> str | None:
+    """Why ``path`` cannot be written as ``flag``'s output file (None: it can), checked before any work starts."""
+    if path is None:
+        return None
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        return f"{flag} {target}: is a directory; name a file"
+    if not folder.is_dir():
+        return f"{flag} {target}: there is no directory {folder}; create it or name a file elsewhere"
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return f"{flag} {target}: not writable; name a file you can write"
+    return None
 
 
 def positive(x: float) -> bool:
