@@ -27,7 +27,7 @@ from lib.bench.recorder import RecordingAutoscaler, is_ready, serving
 from lib.standin.grants import GrantSigner
 from lib.standin.process import ChildProcess, WorkerPorts, WorkerProcess, worker_env
 from workers.null import sdk
-from workers.null.cli import DefaultsShown, output_file_problem
+from workers.null.cli import DefaultsShown, OneLineParser, output_file_problem
 
 FLOOR_COMMAND = "from vastai.serverless.server.worker import Worker"
 
@@ -529,7 +529,7 @@ async def run(quick: bool, progress: Callable[[str], None], only: Sequence[str] 
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m lib.bench",
         description=(
             "Measure the null worker's readiness, occupancy signal, contention, control path, scaling and "

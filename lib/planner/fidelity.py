@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.planner.trace import TraceError, load_trace
-from workers.null.cli import DefaultsShown, output_file_problem, sigterm_as_ctrl_c
+from workers.null.cli import DefaultsShown, OneLineParser, output_file_problem, sigterm_as_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = ROOT / "tests" / "data" / "fidelity_trace.csv"
@@ -275,7 +275,7 @@ def _ok(passed: bool) -> str:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m lib.planner.fidelity",
         description="Run a short trace through the real-time stand-in and through the planner; print both.",
         formatter_class=DefaultsShown,

@@ -8,7 +8,6 @@ prints it); the line names the trace, the parameter set and the interpreter.
 
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 import random
@@ -20,7 +19,7 @@ from typing import Any
 from lib.planner.model import Plan, simulate
 from lib.planner.trace import DAY, JobSeconds, diurnal
 from lib.standin.scaling import EndpointParams
-from workers.null.cli import DefaultsShown
+from workers.null.cli import DefaultsShown, OneLineParser, non_negative, positive, refuse_first
 
 
 def bench_planner(
@@ -66,7 +65,7 @@ def bench_planner(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m lib.planner.speed",
         description="Time one parameter set over a generated day of jobs.",
         formatter_class=DefaultsShown,
@@ -77,8 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cold-start", type=float, default=60.0, help="seconds to a ready worker")
     parser.add_argument("--max-workers", type=int, default=40, help="cap on workers")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.hours <= 0 or args.job_seconds < 0 or args.cold_start < 0 or args.max_workers < 1:
-        parser.error("--jobs and --max-workers must be >= 1, --hours > 0, and the seconds >= 0")
+    refuse_first(
+        parser,
+        [
+            (args.jobs >= 1, f"--jobs {args.jobs}: give 1 or more jobs"),
+            (positive(args.hours), f"--hours {args.hours:g}: give hours > 0"),
+            (non_negative(args.job_seconds), f"--job-seconds {args.job_seconds:g}: give seconds >= 0"),
+            (non_negative(args.cold_start), f"--cold-start {args.cold_start:g}: give seconds >= 0"),
+            (args.max_workers >= 1, f"--max-workers {args.max_workers}: give 1 or more workers"),
+        ],
+    )
     print("timing one parameter set...", file=sys.stderr, flush=True)
     figure = bench_planner(args.jobs, args.hours, args.job_seconds, args.cold_start, args.max_workers)
     print(figure["line"])

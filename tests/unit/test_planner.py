@@ -205,6 +205,20 @@ def test_speed_figure_names_the_trace_and_the_interpreter():
     assert "diurnal 24 h" in figure["trace"]
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [(["--jobs", "0"], "--jobs 0: give 1 or more jobs"), (["--hours", "-1"], "--hours -1: give hours > 0")],
+)
+def test_speed_refuses_a_bad_flag_in_one_line(argv, named, capsys):
+    from lib.planner.speed import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1, err
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     arrivals=st.lists(st.floats(0, 120, allow_nan=False), min_size=1, max_size=25),
