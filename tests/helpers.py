@@ -322,3 +322,20 @@ def parse_module(path: Path) -> ast.Module:
     finally:
         if enabled:
             gc.enable()
+
+
+def usage_refused(capsys: Any, main: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    """Runs a command's ``main``, which must raise SystemExit(2) having printed one line to stderr; that line.
+
+    ``capsys`` is pytest's fixture; the stdout it caught is read and dropped.
+    """
+    try:
+        main(*args, **kwargs)
+    except SystemExit as stopped:
+        code = stopped.code
+    else:
+        raise AssertionError(f"main{args!r} returned instead of exiting")
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    return err.rstrip("\n")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.helpers import usage_refused
 from workers.null import dispatcher
 from workers.null.demo import TraceError, load_trace
 from workers.null.ledger import LAPSING, PENDING, RUNNING, Ledger, to_open
@@ -210,11 +211,8 @@ def test_each_attempt_becomes_one_job_log_line_with_every_step():
 )
 def test_bad_flags_are_one_line_and_exit_2(argv, needle, capsys):
     """Each bad flag gets one line naming it and exit 2."""
-    with pytest.raises(SystemExit) as stop:
-        dispatcher.main(argv, env={"VAST_API_KEY": "k"})
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert needle in err and len(err.strip().splitlines()) == 1, err
+    line = usage_refused(capsys, dispatcher.main, argv, env={"VAST_API_KEY": "k"})
+    assert needle in line, line
 
 
 def test_no_api_key_for_vast_is_one_line_and_exit_2(capsys):

@@ -6,6 +6,7 @@ import pytest
 
 from lib.planner.fidelity import DEFAULT_TRACE, first_jobs, main
 from lib.planner.trace import load_trace
+from tests.helpers import usage_refused
 
 
 def test_first_jobs_writes_a_trace_of_the_opening_jobs_unchanged(tmp_path):
@@ -25,18 +26,12 @@ def test_first_jobs_writes_a_trace_of_the_opening_jobs_unchanged(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_anything_starts(argv, named, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert named in err and len(err.strip().splitlines()) == 1, err
+    line = usage_refused(capsys, main, argv)
+    assert named in line, line
 
 
 def test_a_trace_with_a_bad_row_is_one_line_and_exit_2(tmp_path, capsys):
     trace = tmp_path / "bad.csv"
     trace.write_text("arrival,duration\n0,1\n2,-1\n")
-    with pytest.raises(SystemExit) as stopped:
-        main(["--trace", str(trace)])
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert "bad.csv" in err and len(err.strip().splitlines()) == 1, err
+    line = usage_refused(capsys, main, ["--trace", str(trace)])
+    assert "bad.csv" in line, line

@@ -12,6 +12,7 @@ from lib.planner.model import Plan, percentile, simulate
 from lib.planner.sweep import cheapest_within, pareto_front
 from lib.planner.trace import Job, JobSeconds, bursts, diurnal, poisson
 from lib.standin.scaling import EndpointParams, LocalPolicy
+from tests.helpers import usage_refused
 
 
 def plan(cold: float = 3.0, **params) -> Plan:
@@ -212,11 +213,8 @@ def test_speed_figure_names_the_trace_and_the_interpreter():
 def test_speed_refuses_a_bad_flag_in_one_line(argv, named, capsys):
     from lib.planner.speed import main
 
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert named in err and len(err.strip().splitlines()) == 1, err
+    line = usage_refused(capsys, main, argv)
+    assert named in line, line
 
 
 @settings(max_examples=25, deadline=None)
