@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lib.planner.trace import TraceError, load_trace
+from lib.planner.trace import Job, TraceError, load_trace
 from workers.null.cli import DefaultsShown, OneLineParser, output_file_problem, sigterm_as_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -292,12 +292,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def first_jobs(trace: Path, count: int, out: Path) -> Path:
-    """Writes the first ``count`` jobs of ``trace`` to ``out`` as a CSV trace; returns ``out``."""
+def write_trace(jobs: Sequence[Job], out: Path) -> Path:
+    """Writes ``jobs`` to ``out`` as a CSV trace, every time exact; returns ``out``."""
     with open(out, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["arrival", "duration"])
-        writer.writerows([repr(job.arrival), repr(job.duration)] for job in load_trace(trace)[:count])
+        writer.writerows([repr(job.arrival), repr(job.duration)] for job in jobs)
     return out
 
 
@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         parser.exit(2, f"{parser.prog}: {problem}\n")
     try:
-        load_trace(args.trace)  # a bad trace is the user's to mend before anything starts
+        jobs = load_trace(args.trace)  # a bad trace is the user's to mend before anything starts
     except TraceError as exc:
         parser.exit(2, f"{parser.prog}: {exc}\n")
     try:
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_as_ctrl_c(), tempfile.TemporaryDirectory(prefix="null-fidelity-trace-") as tmp:
             trace = args.trace
             if args.jobs is not None:
-                trace = first_jobs(args.trace, args.jobs, Path(tmp) / f"first-{args.jobs}-{args.trace.stem}.csv")
+                trace = write_trace(jobs[: args.jobs], Path(tmp) / f"first-{args.jobs}-{args.trace.stem}.csv")
             print(f"running {trace.name} through the real-time stand-in (about a minute)...", file=sys.stderr)
             table = fidelity_table(trace, provisioning_delay=args.provisioning_delay)
     except FidelityError as exc:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from lib.planner.fidelity import DEFAULT_TRACE, first_jobs, main
+from lib.planner.fidelity import DEFAULT_TRACE, main, write_trace
 from lib.planner.trace import load_trace
 from tests.helpers import usage_refused
 
 
-def test_first_jobs_writes_a_trace_of_the_opening_jobs_unchanged(tmp_path):
+def test_the_opening_jobs_written_as_a_trace_read_back_unchanged(tmp_path):
     whole = load_trace(DEFAULT_TRACE)
-    part = load_trace(first_jobs(DEFAULT_TRACE, 10, tmp_path / "first.csv"))
+    part = load_trace(write_trace(whole[:10], tmp_path / "first.csv"))
     assert len(whole) == 30
     assert part == whole[:10]
 
