@@ -91,6 +91,18 @@ class Jobs:
         return path.read_text().split() if path.exists() else []
 
 
+@dataclasses.dataclass
+class Beside:
+    """A real worker, the job files and one example consumer running beside the worker."""
+
+    worker: RunningWorker
+    jobs: Jobs
+    consumer: ChildProcess
+
+    def explain(self) -> str:
+        return f"consumer:\n{self.consumer.tail()}\n{self.worker.explain()}"
+
+
 @asynccontextmanager
 async def consumers() -> AsyncIterator:
     """Starts consumer processes on demand; stops each one and its process group on the way out."""
@@ -108,6 +120,15 @@ async def consumers() -> AsyncIterator:
     finally:
         for consumer in started:
             await consumer.stop(5.0)
+
+
+@asynccontextmanager
+async def consumer_beside(start_worker: StartWorker, kind: str, root: Path, lease: float) -> AsyncIterator[Beside]:
+    """A new worker with the ``kind`` consumer beside it, over job files in ``root``; the consumer stops after."""
+    worker = await start_worker()
+    jobs = Jobs.create(root)
+    async with consumers() as start:
+        yield Beside(worker, jobs, await start(kind, worker.ports.control, jobs, lease))
 
 
 async def held_session(http: aiohttp.ClientSession, worker: RunningWorker):
@@ -130,14 +151,8 @@ async def test_consumer_keeps_the_lease_past_the_lifetime_and_releases_when_the_
     and releases when it is done."""
 
     async def check(kind: str) -> None:
-        worker = await start_worker()
-        jobs = Jobs.create(tmp_path / f"jobs-{kind}")
-        async with consumers() as start:
-            consumer = await start(kind, worker.ports.control, jobs, lease=3)
-
-            def explain() -> str:
-                return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
-
+        async with consumer_beside(start_worker, kind, tmp_path / f"jobs-{kind}", lease=3) as beside:
+            worker, jobs, consumer, explain = beside.worker, beside.jobs, beside.consumer, beside.explain
             opened_at = time.monotonic()
             session_id = await open_session(http, worker, worker.create_body(lifetime=3, job="job-7"))
             await wait_until(lambda: jobs.listed("started") == ["job-7"], 15, "the job to start", explain)
@@ -167,15 +182,9 @@ async def test_consumer_requeues_a_failed_job_and_still_releases_the_worker(
     the lease lapses."""
 
     async def check(kind: str) -> None:
-        worker = await start_worker()
-        jobs = Jobs.create(tmp_path / f"jobs-{kind}")
-        jobs.finish("job-8", "fail")
-        async with consumers() as start:
-            consumer = await start(kind, worker.ports.control, jobs, lease=60)
-
-            def explain() -> str:
-                return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
-
+        async with consumer_beside(start_worker, kind, tmp_path / f"jobs-{kind}", lease=60) as beside:
+            worker, jobs, consumer, explain = beside.worker, beside.jobs, beside.consumer, beside.explain
+            jobs.finish("job-8", "fail")
             session_id = await open_session(http, worker, worker.create_body(lifetime=60, job="job-8"))
             callback = await callback_of(autoscaler, session_id, 15, explain)
             assert callback == {"job": "job-8", "session_id": session_id}
@@ -195,14 +204,8 @@ async def test_a_killed_consumer_stops_renewing_and_the_lease_lapses(
     """SIGKILL to the consumer mid-job ends its renewals, so the worker frees itself when the lease runs out."""
 
     async def check(kind: str) -> None:
-        worker = await start_worker()
-        jobs = Jobs.create(tmp_path / f"jobs-{kind}")
-        async with consumers() as start:
-            consumer = await start(kind, worker.ports.control, jobs, lease=3)
-
-            def explain() -> str:
-                return f"consumer:\n{consumer.tail()}\n{worker.explain()}"
-
+        async with consumer_beside(start_worker, kind, tmp_path / f"jobs-{kind}", lease=3) as beside:
+            worker, jobs, consumer, explain = beside.worker, beside.jobs, beside.consumer, beside.explain
             session_id = await open_session(http, worker, worker.create_body(lifetime=3, job="job-9"))
             await wait_until(lambda: jobs.listed("started") == ["job-9"], 15, "the job to start", explain)
             consumer.kill()  # the consumer only: its job and lease keeper are left behind
