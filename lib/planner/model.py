@@ -248,6 +248,7 @@ class _Sim:
         self.peak = 0
         self.busy = 0.0
         self.wake_at = math.inf
+        self.last_change = 0.0  # the last event other than a wake, or the last command
         self.record = record
         # Step the book after every event and command, as the real-time stand-in does;
         # slower, and equal in every figure (a test holds the two to that).
@@ -269,7 +270,9 @@ class _Sim:
                 moved = self._handle(now, kind, a, b) or moved
             if moved:
                 self._settle(now)
-        horizon = max(now, self.jobs[-1].arrival if self.jobs else 0.0)
+        # The run ends when the last job has arrived and the fleet last changed; a wake that asked for
+        # nothing does not lengthen it.
+        horizon = max(self.last_change, self.jobs[-1].arrival if self.jobs else 0.0)
         phase_s = self.ledger.close(horizon)
         billed = sum(phase_s[p.value] for p in RUNNING_PHASES)
         return Result(
@@ -293,6 +296,8 @@ class _Sim:
     def _handle(self, now: float, kind: int, a: int, b: int) -> bool:
         """Takes one event; False when it changed nothing (a stale wake or a superseded start)."""
         book = self.book
+        if kind != _WAKE:
+            self.last_change = now
         if kind == _ARRIVAL:
             self.pending.append(a)
         elif kind == _ROUTE:
@@ -394,6 +399,8 @@ class _Sim:
         """Does what the book asked; True when a session opened on a worker."""
         ledger = self.ledger
         opened = False
+        if commands:
+            self.last_change = now
         for command in commands:
             if isinstance(command, Answer):
                 if command.worker_id is not None:
