@@ -326,8 +326,8 @@ class Book:
         self._over_sum: float | None = None  # sum(_over.values()), while _over is unchanged
         self._fresh: dict[int, WaitingRequest] = {idx: e.request for idx, e in self.waiting.items()}
         self._fresh_version = 0  # bumped whenever _fresh changes
-        # The last next change and what it came from: (tally, fresh version, busy, last activity, moment).
-        self._change_memo: tuple[Tally, int, bool, float, float | None] | None = None
+        # The last next change and what it came from: (tally, fresh version, busy, last activity, overdue, moment).
+        self._change_memo: tuple[Tally, int, bool, float, float, float | None] | None = None
         self._over_at = -math.inf
         self._requests: tuple[WaitingRequest, ...] | None = None
         self._held_order: list[tuple[float, int]] = sorted(
@@ -529,7 +529,7 @@ class Book:
         if heap:
             moments.append(heap[0][0])
         if not self.closing:
-            self._count_overdue(now)
+            overdue = self._count_overdue(now)
             tally = self.tally()
             # While anything is busy every step moves the last activity to its own
             # moment, so inactivity can only start after the event or expiry that ends it.
@@ -541,15 +541,16 @@ class Book:
                 and memo[1] == self._fresh_version
                 and memo[2] == busy
                 and (busy or memo[3] == self.last_activity)
-                and (memo[4] is None or memo[4] > now + _MEMO_MARGIN)
+                and memo[4] == overdue
+                and (memo[5] is None or memo[5] > now + _MEMO_MARGIN)
             ):
                 # Same inputs, and no moment of theirs has come yet: the same answer.
-                change = memo[4]
+                change = memo[5]
             else:
                 change = change_from(
-                    tally, self._fresh.values(), now, self.last_activity, s.params, s.policy, busy=busy
+                    tally, self._fresh.values(), now, self.last_activity, s.params, s.policy, busy=busy, overdue=overdue
                 )
-                self._change_memo = (tally, self._fresh_version, busy, self.last_activity, change)
+                self._change_memo = (tally, self._fresh_version, busy, self.last_activity, overdue, change)
             if change is not None:
                 moments.append(change)
         return min(moments) if moments else None

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 # Loads are sums of floats: 3 x 100 / 1.0 / 100 must give 3 workers, not 4.
 EPSILON = 1e-9
+# Relative to a load: far above the error of adding the same costs in another order, far below
+# the EPSILON by which a load that is an exact number of workers still rounds down.
+_ROUNDING = 1e-12
 
 
 class Phase(str, enum.Enum):
@@ -315,26 +318,35 @@ def _stoppable(idle: Sequence[WorkerView], now: float, policy: LocalPolicy) -> l
 
 
 def next_change(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> float | None:
-    """The earliest moment after ``snapshot.now`` at which ``decide`` may answer differently, or None.
+    """The earliest moment after ``snapshot.now`` at which ``decide`` may act differently, or None.
 
     Only the clock moves: the workers, waiting requests and last activity stay
     as in ``snapshot``. Three things in ``decide`` depend on the time alone:
 
     - a waiting request starts to count as load once it has waited
-      ``target_queue_time``;
+      ``target_queue_time``; that matters once the added load moves the
+      target;
     - an idle live worker becomes stoppable once it has been idle
-      ``policy.scale_down_delay``;
+      ``policy.scale_down_delay``; that matters while the target is below
+      the live workers;
     - the last worker may go once ``inactivity_timeout`` has passed since the
       last activity (only while ``min_load`` is 0).
 
-    The answer may be early (``decide`` is then the same again) but never
+    The answer may be early (``decide`` then acts the same again) but never
     late: for every ``t`` in ``[snapshot.now, next_change)``, ``decide`` at
-    ``t`` equals ``decide`` at ``snapshot.now``. It is always greater than
+    ``t`` gives the same target and the same workers to start and stop as at
+    ``snapshot.now`` (its ``load`` may have grown). It is always greater than
     ``snapshot.now``, so a caller that moves its clock there and asks again
     makes progress. None: nothing changes until an event.
     """
     t = tally(snapshot.workers, policy)
-    return change_from(t, snapshot.waiting, snapshot.now, snapshot.last_activity, params, policy)
+    overdue = overdue_load(snapshot.waiting, snapshot.now, params)
+    return change_from(t, snapshot.waiting, snapshot.now, snapshot.last_activity, params, policy, overdue=overdue)
+
+
+def acts(decision: Decision) -> tuple[int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """What a decision does: its target and the workers it starts and stops (not the load it saw)."""
+    return decision.target, decision.provision, decision.resume, decision.stop, decision.destroy
 
 
 def change_from(
@@ -345,18 +357,37 @@ def change_from(
     params: EndpointParams,
     policy: LocalPolicy,
     busy: bool = False,
+    overdue: float = 0.0,
 ) -> float | None:
-    """``next_change`` from the workers' tally; ``waiting`` must hold every request not yet overdue at ``now``.
+    """``next_change`` from the workers' tally and the ``overdue`` load at ``now``.
 
-    ``busy``: some load, grant, session or waiting request is there, so the
-    caller moves the last activity to every moment it decides at until an
-    event ends that; the inactivity timeout cannot run out before then.
+    ``waiting`` must hold every request not yet overdue at ``now`` (overdue
+    ones may be there too). ``busy``: some load, grant, session or waiting
+    request is there, so the caller moves the last activity to every moment
+    it decides at until an event ends that; the inactivity timeout cannot run
+    out before then.
     """
     queue_time = params.target_queue_time
-    moments = [r.since + queue_time - EPSILON for r in waiting if now - r.since < queue_time - EPSILON]
-    # Every worker in t.idle has an idle_since; each not idle long enough yet becomes stoppable then.
-    delay = policy.scale_down_delay
-    moments.extend(w.idle_since + delay - EPSILON for w in t.idle if now - w.idle_since < delay - EPSILON)  # type: ignore[operator]
+    load = t.held + overdue
+    target = _target(t, load, now, last_activity, params)
+    moments = []
+    fresh = sorted((r.since + queue_time - EPSILON, r.cost) for r in waiting if now - r.since < queue_time - EPSILON)
+    for moment, cost in fresh:
+        # The load grows by each request in turn; the first that moves the target counts.
+        # Summed in another order than decide's, so a target that a rounding could move counts too.
+        load += cost
+        active = moment if busy else last_activity
+        slack = _ROUNDING * max(1.0, load)
+        if (
+            _target(t, load - slack, moment, active, params) != target
+            or _target(t, load + slack, moment, active, params) != target
+        ):
+            moments.append(moment)
+            break
+    if target < t.live:
+        # Every worker in t.idle has an idle_since; each not idle long enough yet becomes stoppable then.
+        delay = policy.scale_down_delay
+        moments.extend(w.idle_since + delay - EPSILON for w in t.idle if now - w.idle_since < delay - EPSILON)  # type: ignore[operator]
     timeout = params.inactivity_timeout
     if (
         timeout is not None

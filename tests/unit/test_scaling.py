@@ -15,6 +15,7 @@ from lib.standin.scaling import (
     Snapshot,
     WaitingRequest,
     WorkerView,
+    acts,
     choose_worker,
     decide,
     has_room,
@@ -321,6 +322,43 @@ def test_next_change_is_when_an_idle_worker_may_be_stopped_and_when_inactivity_e
     assert next_change(snapshot(), params, POLICY) is None
 
 
+def test_next_change_passes_over_a_request_whose_load_cannot_move_the_target():
+    """At max_workers a request reaching target_queue_time adds load but no worker: no moment for it."""
+    params = EndpointParams(target_util=1.0, max_workers=1, target_queue_time=0.5, inactivity_timeout=None)
+    busy = [worker(1, load=100.0)]
+    fresh = WaitingRequest(request_idx=1, cost=100.0, since=NOW - 0.2)
+    assert next_change(snapshot(busy, waiting=[fresh]), params, POLICY) is None
+    # One more worker allowed: the same request asks for it when it has waited 0.5 s.
+    roomier = EndpointParams(target_util=1.0, max_workers=2, target_queue_time=0.5, inactivity_timeout=None)
+    moment = next_change(snapshot(busy, waiting=[fresh]), roomier, POLICY)
+    assert moment is not None and abs(moment - (NOW + 0.3)) < 1e-6
+
+
+def test_next_change_counts_the_request_that_moves_the_target_not_the_first():
+    """A worker half full and two half-worker requests: the target moves when the second is overdue."""
+    params = EndpointParams(target_util=1.0, max_workers=5, target_queue_time=0.5, inactivity_timeout=None)
+    busy = [worker(1, load=50.0)]
+    first = WaitingRequest(request_idx=1, cost=50.0, since=NOW - 0.4)
+    second = WaitingRequest(request_idx=2, cost=50.0, since=NOW - 0.1)
+    shot = snapshot(busy, waiting=[first, second])
+    moment = next_change(shot, params, POLICY)
+    assert moment is not None and abs(moment - (NOW + 0.4)) < 1e-6
+    # Until then the first one's load changes only the decision's load, not what it does.
+    before = Snapshot(moment - 0.01, shot.workers, shot.waiting, shot.last_activity)
+    assert acts(decide(before, params, POLICY)) == acts(decide(shot, params, POLICY))
+    assert decide(before, params, POLICY).load > decide(shot, params, POLICY).load
+    assert decide(Snapshot(moment, shot.workers, shot.waiting, shot.last_activity), params, POLICY).provision == 1
+
+
+def test_next_change_leaves_out_idle_workers_while_none_is_surplus():
+    """An idle worker's scale-down delay matters only while the target is below the live workers."""
+    params = EndpointParams(target_util=1.0, min_load=200.0, inactivity_timeout=10.0)
+    two = [worker(1, load=100.0), worker(2, idle_for=2.0)]
+    assert next_change(snapshot(two), params, POLICY) is None
+    fewer = EndpointParams(target_util=1.0, min_load=100.0, inactivity_timeout=10.0)
+    assert next_change(snapshot(two), fewer, POLICY) == NOW + 3.0 - 1e-9
+
+
 def test_next_change_moves_on_even_where_the_clock_cannot_resolve_epsilon():
     """On epoch-sized clocks the moment returned is still after now, so a caller stepping to it progresses."""
     params = EndpointParams(target_queue_time=0.5)
@@ -374,9 +412,9 @@ def snapshots(draw):
     fraction=st.floats(min_value=0.0, max_value=0.999),
 )
 def test_decision_stays_the_same_until_next_change(shot, params, fraction):
-    """decide() gives the same answer at every moment before next_change() as at the snapshot's own time."""
+    """decide() acts the same at every moment before next_change() as at the snapshot's own time."""
     moment = next_change(shot, params, POLICY)
     assert moment is None or moment > shot.now
     horizon = (moment if moment is not None else shot.now + 100.0) - shot.now
     later = Snapshot(shot.now + horizon * fraction, shot.workers, shot.waiting, shot.last_activity)
-    assert decide(later, params, POLICY) == decide(shot, params, POLICY)
+    assert acts(decide(later, params, POLICY)) == acts(decide(shot, params, POLICY))
