@@ -314,7 +314,6 @@ class Book:
         self._cold_views: tuple[WorkerView, ...] | None = None
         # The last decision and what it was made from: (tally, overdue, inactive, at, until, decision).
         self._memo: tuple[Tally, float, bool, float, float, Decision] | None = None
-        self._dirty: set[int] = set()  # changed since the tally
         self._unclocked: set[int] = set(self.workers)  # changed since the idle clocks were looked at
         self._room: dict[float, set[int]] = {}  # cost -> workers with room for it
         self._room_dirty: set[int] = set()
@@ -495,6 +494,8 @@ class Book:
         self._touch(now)
         self._expire(now, commands)
         self._serve_held(now, commands)
+        # After serving: a worker that frees up and is handed on at once is never idle.
+        self._clock_idle(now)
         self._touch(now)
         decision = self._decide(now)
         self.last_decision = decision
@@ -602,8 +603,7 @@ class Book:
 
     def tally(self) -> Tally:
         """The workers' part of ``decide``'s input, as ``scaling.tally`` gives it for the views."""
-        if self._tally is None or self._dirty:
-            self._dirty.clear()
+        if self._tally is None:
             view = self.view
             reported = self._reported
             if self._cold_views is None:
@@ -720,22 +720,24 @@ class Book:
         wid = worker.id
         self._views.pop(wid, None)
         self._all_views = None
-        self._dirty.add(wid)
         self._unclocked.add(wid)
         self._room_dirty.add(wid)
         self._classify(worker)
 
     def _classify(self, worker: Worker) -> None:
+        """Files the worker in the sets the tally and the room come from; the tally is redone only if its part moved."""
         wid = worker.id
+        held, perf = self._held.get(wid), self._perf.get(wid)
+        was = (wid in self._live, wid in self._errored, wid in self._cold, wid in self._idle)
         # The tally's tuples of idle and of cold views are built again only when one of theirs changed.
-        if wid in self._idle:
+        if was[3]:
             self._idle_views = None
-        if wid in self._cold:
+        if was[2]:
             self._cold_views = None
-        sets = (self._reported, self._live, self._errored, self._cold, self._idle, self._busy_ids)
-        for ids in sets:
+        for ids in (self._reported, self._live, self._errored, self._cold, self._idle, self._busy_ids):
             ids.discard(wid)
         if wid not in self.workers:
+            self._tally = None
             return
         phase = worker.phase
         load = worker.cur_load + self._reserved.get(wid, 0)
@@ -751,16 +753,28 @@ class Book:
             self._perf[wid] = worker.max_perf
         else:
             self._perf[wid] = 0.0
+        idle = False
         if live:
             self._live.add(wid)
             if load <= EPSILON and worker.sessions == 0 and worker.idle_since is not None:
                 self._idle.add(wid)
                 self._idle_views = None
+                idle = True
         elif phase is Phase.ERRORED:
             self._errored.add(wid)
         elif phase is Phase.COLD:
             self._cold.add(wid)
             self._cold_views = None
+        if (
+            was[2]
+            or was[3]
+            or idle
+            or phase is Phase.COLD
+            or was[:2] != (live, phase is Phase.ERRORED)
+            or held != self._held[wid]
+            or perf != self._perf[wid]
+        ):
+            self._tally = None
 
     def _push_grant(self, grant: Grant) -> None:
         moment = grant.at + self._settings.grant_timeout
@@ -907,6 +921,9 @@ class Book:
                 worker.error = f"not ready {s.load_timeout:g}s after starting"
                 self._set_phase(worker, Phase.ERRORED, now)
                 log.warning("worker %d %s", worker.id, worker.error)
+
+    def _clock_idle(self, now: float) -> None:
+        """Starts the idle clock of each changed worker that now holds nothing, and stops it for the rest."""
         if self._unclocked:
             unclocked = self._unclocked
             self._unclocked = set()
