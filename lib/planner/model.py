@@ -334,7 +334,8 @@ class _Sim:
     def _settle(self, now: float) -> None:
         """Everything that happens at ``now`` once its events are in: new sessions, the book's step, the next wake."""
         book = self.book
-        self._open_sessions(now)
+        if len(self.pending) > self.unclaimed:
+            self._open_sessions(now)
         for _ in range(8):
             commands = book.step(now)
             # The stand-in steps again after carrying out commands; a decision

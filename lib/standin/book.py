@@ -328,6 +328,7 @@ class Book:
         # The last next change and what it came from: (tally, fresh version, busy, last activity, overdue, moment).
         self._change_memo: tuple[Tally, int, bool, float, float, float | None] | None = None
         self._over_at = -math.inf
+        self._over_version = -1  # _fresh_version when _over_at was last counted
         self._requests: tuple[WaitingRequest, ...] | None = None
         self._held_order: list[tuple[float, int]] = sorted(
             (e.request.since, idx) for idx, e in self.waiting.items() if e.held_until is not None
@@ -680,8 +681,12 @@ class Book:
             self._over_sum = None
             self._fresh = {idx: e.request for idx, e in self.waiting.items()}
             self._fresh_version += 1
+        if now == self._over_at and self._fresh_version == self._over_version:
+            fresh = False  # the same moment and the same requests not yet overdue: none has become so
+        else:
+            fresh = bool(self._fresh)
         self._over_at = now
-        if self._fresh:
+        if fresh:
             params = self._settings.params
             due = [r for r in self._fresh.values() if is_overdue(r, now, params)]
             for request in due:
@@ -689,6 +694,7 @@ class Book:
                 self._fresh_version += 1
                 self._over[request.request_idx] = request.cost
                 self._over_sum = None
+        self._over_version = self._fresh_version
         if self._over_sum is None:
             self._over_sum = sum(self._over.values())
         return self._over_sum
