@@ -344,11 +344,6 @@ def next_change(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy)
     return change_from(t, snapshot.waiting, snapshot.now, snapshot.last_activity, params, policy, overdue=overdue)
 
 
-def acts(decision: Decision) -> tuple[int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """What a decision does: its target and the workers it starts and stops (not the load it saw)."""
-    return decision.target, decision.provision, decision.resume, decision.stop, decision.destroy
-
-
 def change_from(
     t: Tally,
     waiting: Iterable[WaitingRequest],

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from lib.planner.model import Plan, percentile, simulate
 from lib.planner.sweep import cheapest_within, pareto_front
 from lib.planner.trace import Job, JobSeconds, bursts, diurnal, poisson
+from lib.standin.book import Book
 from lib.standin.scaling import EndpointParams, LocalPolicy
 from tests.helpers import usage_refused
 
@@ -60,6 +61,28 @@ def test_min_load_of_one_worker_leaves_only_the_first_job_a_cold_start():
     assert result.cold_starts == 1
     assert result.waits[0] >= 3.0
     assert result.waits[1:] == [0.0] * 6
+
+
+def test_workers_kept_up_are_billed_to_the_fleets_last_change_not_to_a_wake_that_asks_nothing(monkeypatch):
+    """A min_load worker is billed to the last job's end; a later wake at which nothing happens adds nothing."""
+    plan = Plan(params=EndpointParams(min_load=100.0, max_workers=2), cold_start=(3.0, 3.0))
+    jobs = [Job(0.0, 2.0)]
+    plain = simulate(jobs, plan)
+    # Ready at 3 s, the job runs from 3 s to 5 s, and the worker stays up for min_load.
+    assert plain.waits == [pytest.approx(3.0)]
+    assert plain.horizon_s == pytest.approx(5.0)
+    assert plain.billed_worker_s == pytest.approx(5.0)
+    real_wakeup = Book.next_wakeup
+
+    def with_a_late_wake(self: Book, now: float) -> float | None:
+        wake = real_wakeup(self, now)
+        late = now + 100.0 if now < 50.0 else None  # one wake, long after the job, that asks for nothing
+        return min((m for m in (wake, late) if m is not None), default=None)
+
+    monkeypatch.setattr(Book, "next_wakeup", with_a_late_wake)
+    woken = simulate(jobs, plan)
+    assert woken.horizon_s == plain.horizon_s
+    assert woken.billed_worker_s == plain.billed_worker_s
 
 
 def test_one_worker_runs_simultaneous_jobs_one_after_another():

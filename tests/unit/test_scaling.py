@@ -9,13 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lib.standin.scaling import (
+    Decision,
     EndpointParams,
     LocalPolicy,
     Phase,
     Snapshot,
     WaitingRequest,
     WorkerView,
-    acts,
     choose_worker,
     decide,
     has_room,
@@ -57,6 +57,11 @@ def snapshot(
     idle_for: float = 0.0,
 ) -> Snapshot:
     return Snapshot(now=NOW, workers=tuple(workers), waiting=tuple(waiting), last_activity=NOW - idle_for)
+
+
+def acts(decision: Decision) -> tuple[int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """What a decision does: its target and the workers it starts and stops (not the load it saw)."""
+    return decision.target, decision.provision, decision.resume, decision.stop, decision.destroy
 
 
 def sessions_on(n: int) -> list[WorkerView]:
