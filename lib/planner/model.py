@@ -248,7 +248,7 @@ class _Sim:
         self.peak = 0
         self.busy = 0.0
         self.wake_at = math.inf
-        self.last_change = 0.0  # the last event other than a wake, or the last command
+        self.last_change = 0.0  # the last event that changed something, other than a wake, or the last command
         self.record = record
         # Step the book after every event and command, as the real-time stand-in does;
         # slower, and equal in every figure (a test holds the two to that).
@@ -296,13 +296,19 @@ class _Sim:
     def _handle(self, now: float, kind: int, a: int, b: int) -> bool:
         """Takes one event; False when it changed nothing (a stale wake or a superseded start)."""
         book = self.book
-        if kind != _WAKE:
-            self.last_change = now
+        if kind == _WAKE:
+            if now < self.wake_at:
+                return False  # superseded by an earlier wake
+            self.wake_at = math.inf
+            return True
+        if kind == _ROUTE and a not in self.attempts:
+            return False  # it has its worker already
+        if kind in (_READY, _STOPPED) and self.ledger.generation.get(a) != b:
+            return False  # a start or stop superseded by a later command
+        self.last_change = now
         if kind == _ARRIVAL:
             self.pending.append(a)
         elif kind == _ROUTE:
-            if a not in self.attempts:
-                return False  # it has its worker already
             self._route(now, a)
         elif kind == _JOB_END:
             # The consumer acks and releases: the worker reports itself empty.
@@ -311,24 +317,16 @@ class _Sim:
             book.report(now, Report(worker_id=a, cur_load=0.0, max_perf=MAX_PERF))
             self.alive -= 1
         elif kind == _READY:
-            if self.ledger.generation.get(a) != b:
-                return False
             book.started(now, a)
             book.report(now, Report(worker_id=a, cur_load=0.0, max_perf=MAX_PERF))
             self.ledger.enter(a, Phase.READY, now)
         elif kind == _STOPPED:
-            if self.ledger.generation.get(a) != b:
-                return False
             book.stopped(now, a)
             worker = book.workers.get(a)
             self.ledger.enter(a, worker.phase if worker is not None else None, now)
             # A worker gone was neither live nor cold while it stopped: the
             # decision cannot move, so only a worker kept cold needs a step.
             return worker is not None or self.exact
-        elif kind == _WAKE:
-            if now < self.wake_at:
-                return False  # superseded by an earlier wake
-            self.wake_at = math.inf
         return True
 
     def _settle(self, now: float) -> None:

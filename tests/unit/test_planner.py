@@ -85,6 +85,18 @@ def test_workers_kept_up_are_billed_to_the_fleets_last_change_not_to_a_wake_that
     assert woken.billed_worker_s == plain.billed_worker_s
 
 
+def test_a_worker_stopped_while_provisioning_does_not_lengthen_the_run_to_its_cancelled_start():
+    """The ready moment of a worker stopped before it was ready is no change to the fleet: billing ends at the stop."""
+    plan = Plan(params=EndpointParams(min_load=100.0, max_workers=2), cold_start=(10.0, 10.0))
+    # The second job waits past target_queue_time while the first runs, so a second worker starts at
+    # 10.7 s; the first worker frees up at 11 s and takes it, and the second goes 5 s later, unready.
+    result = simulate([Job(0.0, 1.0), Job(10.2, 1.0)], plan)
+    assert result.cold_starts == 2
+    assert result.waits == [pytest.approx(10.0), pytest.approx(0.8)]
+    assert result.horizon_s == pytest.approx(15.7)  # not 20.7, when the second would have been ready
+    assert result.billed_worker_s == pytest.approx(15.7 + 5.0)
+
+
 def test_one_worker_runs_simultaneous_jobs_one_after_another():
     """With max_workers 1, jobs that arrive together run one at a time on the one worker."""
     jobs = [Job(0.0, 2.0) for _ in range(6)]
