@@ -270,8 +270,8 @@ class _Sim:
                 moved = self._handle(now, kind, a, b) or moved
             if moved:
                 self._settle(now)
-        # The run ends when the last job has arrived and the fleet last changed; a wake that asked for
-        # nothing does not lengthen it.
+        # The run ends when the last job has arrived and the fleet last changed; an event that changed
+        # nothing (a wake that asked for nothing, a superseded start) does not lengthen it.
         horizon = max(self.last_change, self.jobs[-1].arrival if self.jobs else 0.0)
         phase_s = self.ledger.close(horizon)
         billed = sum(phase_s[p.value] for p in RUNNING_PHASES)
