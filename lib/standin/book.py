@@ -734,11 +734,16 @@ class Book:
         """Files the worker in the sets the tally and the room come from; the tally is redone only if its part moved."""
         wid = worker.id
         held, perf = self._held.get(wid), self._perf.get(wid)
-        was = (wid in self._live, wid in self._errored, wid in self._cold, wid in self._idle)
+        was_live, was_errored, was_cold, was_idle = (
+            wid in self._live,
+            wid in self._errored,
+            wid in self._cold,
+            wid in self._idle,
+        )
         # The tally's tuples of idle and of cold views are built again only when one of theirs changed.
-        if was[3]:
+        if was_idle:
             self._idle_views = None
-        if was[2]:
+        if was_cold:
             self._cold_views = None
         for ids in (self._reported, self._live, self._errored, self._cold, self._idle, self._busy_ids):
             ids.discard(wid)
@@ -772,11 +777,12 @@ class Book:
             self._cold.add(wid)
             self._cold_views = None
         if (
-            was[2]
-            or was[3]
+            was_cold
+            or was_idle
             or idle
             or phase is Phase.COLD
-            or was[:2] != (live, phase is Phase.ERRORED)
+            or was_live != live
+            or was_errored != (phase is Phase.ERRORED)
             or held != self._held[wid]
             or perf != self._perf[wid]
         ):
