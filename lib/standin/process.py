@@ -26,10 +26,26 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out on ``host``; the caller binds it next."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A free port on ``host``, kept from every other request for a free port until its caller binds it.
+
+    A port that is only bound and closed again goes back to the kernel, which
+    may hand it to the next ``bind(host, 0)`` anywhere on the machine before
+    the process it is meant for binds it; the later of the two then fails.
+    Here the port ends a connection of its own instead, and its side waits
+    in TIME_WAIT for a minute: the kernel gives it to no bind on port 0 in
+    that time, while a server binding it with SO_REUSEADDR, as aiohttp,
+    nats-server and Redis do, takes it at once.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, 0))
+        listener.listen(1)
+        address = listener.getsockname()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+            client.connect(address)
+            accepted, _ = listener.accept()
+            accepted.close()  # this side closes first, so the TIME_WAIT is on the port
+        return address[1]
 
 
 def _stop_with_parent() -> None:
@@ -52,12 +68,7 @@ class WorkerPorts:
 
     @classmethod
     def allocate(cls) -> WorkerPorts:
-        ports: list[int] = []
-        while len(ports) < 3:
-            port = free_port()
-            if port not in ports:
-                ports.append(port)
-        return cls(*ports)
+        return cls(free_port(), free_port(), free_port())  # three different ports: each is kept from the next
 
     @property
     def url(self) -> str:

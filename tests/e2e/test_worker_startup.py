@@ -50,11 +50,14 @@ IMPORT_ONLY = textwrap.dedent(
     """
     import os, socket, threading
     import workers.null.worker
-    # Nothing started: no thread, and every port the worker would serve is still free.
+    # Nothing started: no thread, and every port the worker would serve is still free
+    # to a server binding it as the worker does (SO_REUSEADDR).
     assert threading.active_count() == 1, threading.enumerate()
     for name in ("WORKER_PORT", "WORKER_HTTP_PORT", "NULL_CONTROL_PORT"):
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", int(os.environ[name])))
+            sock.listen()
     print("imported, nothing started")
     """
 )
