@@ -352,7 +352,8 @@ def change_from(
     params: EndpointParams,
     policy: LocalPolicy,
     busy: bool = False,
-    overdue: float = 0.0,
+    *,
+    overdue: float,
 ) -> float | None:
     """``next_change`` from the workers' tally and the ``overdue`` load at ``now``.
 
