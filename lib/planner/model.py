@@ -6,7 +6,7 @@ is gone, or the moment the book's ``next_wakeup`` names (a hold running out,
 a decision that can next change). At each moment the planner feeds the
 events to ``lib.standin.book.Book``, the bookkeeping the real-time stand-in
 drives, calls its ``step`` and carries out its commands, as the stand-in's
-fleet does; ``decide`` and ``choose_worker`` run inside it.
+fleet does; ``decide`` and ``choose_worker``'s rule run inside it.
 
 The planner plays the parts that are not the autoscaler's:
 

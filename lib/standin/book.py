@@ -75,6 +75,7 @@ import heapq
 import itertools
 import logging
 import math
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,14 +92,16 @@ from lib.standin.scaling import (
     WaitingRequest,
     WorkerView,
     change_from,
-    choose_worker,
     decide_from,
     has_room,
     inactive_since,
     is_overdue,
+    route_rank,
 )
 
 log = logging.getLogger(__name__)
+
+_IDLE_SINCE = operator.attrgetter("idle_since")
 
 # A remembered decision or next change is used again only while the moment at which it could
 # differ is at least this far ahead: well clear of the rounding by which a moment computed as a
@@ -247,6 +250,33 @@ class SeenSession:
     since: float
 
 
+class _Room:
+    """The workers with room for one cost, each with its view when it was found to have room, in a heap by
+    ``route_rank``; an entry whose view is no longer its worker's is skipped when it comes to the top."""
+
+    __slots__ = ("ids", "heap", "_seq")
+
+    def __init__(self) -> None:
+        self.ids: dict[int, WorkerView] = {}
+        self.heap: list[tuple[tuple[float, float, int], int, WorkerView]] = []
+        self._seq = itertools.count()
+
+    def put(self, view: WorkerView) -> None:
+        if self.ids.get(view.id) is not view:
+            self.ids[view.id] = view
+            heapq.heappush(self.heap, (route_rank(view), next(self._seq), view))
+
+    def first(self) -> int | None:
+        heap, ids = self.heap, self.ids
+        while heap and ids.get(heap[0][2].id) is not heap[0][2]:
+            heapq.heappop(heap)
+        if len(heap) > 2 * len(ids) + 32:
+            # Mostly entries left behind: keep one per worker.
+            self.heap = heap = [(route_rank(view), next(self._seq), view) for view in ids.values()]
+            heapq.heapify(heap)
+        return heap[0][2].id if heap else None
+
+
 class Book:
     # Beside the public records (workers, grants, waiting, sessions) the book
     # keeps what its decisions derive from them up to date as events change
@@ -311,11 +341,13 @@ class Book:
         self._busy_ids: set[int] = set()  # not cold, holding load or a session
         self._tally: Tally | None = None
         self._idle_views: tuple[WorkerView, ...] | None = None
+        # A tally's idle views, and when each became idle, in order.
+        self._idle_since: tuple[tuple[WorkerView, ...] | None, list[float]] = (None, [])
         self._cold_views: tuple[WorkerView, ...] | None = None
         # The last decision and what it was made from: (tally, overdue, inactive, at, until, decision).
         self._memo: tuple[Tally, float, bool, float, float, Decision] | None = None
         self._unclocked: set[int] = set(self.workers)  # changed since the idle clocks were looked at
-        self._room: dict[float, set[int]] = {}  # cost -> workers with room for it
+        self._room: dict[float, _Room] = {}  # cost -> the workers with room for it
         self._room_dirty: set[int] = set()
         for worker in self.workers.values():
             self._classify(worker)
@@ -610,7 +642,10 @@ class Book:
             if self._cold_views is None:
                 self._cold_views = tuple(sorted(map(view, self._cold), key=lambda w: (w.created_at, w.id)))
             if self._idle_views is None:
-                self._idle_views = tuple(map(view, sorted(self._idle)))
+                views = self._views
+                for wid in self._idle - views.keys():
+                    view(wid)
+                self._idle_views = tuple(map(views.__getitem__, sorted(self._idle)))
             self._tally = Tally(
                 perf=sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf,
                 held=sum(self._held.values()),
@@ -666,10 +701,17 @@ class Book:
         decision = decide_from(tally, overdue, now, self.last_activity, s.params, s.policy)
         # Kept until a margin before the first idle worker becomes stoppable (see _MEMO_MARGIN).
         delay = s.policy.scale_down_delay - EPSILON
-        until = min(
-            (w.idle_since + delay - _MEMO_MARGIN for w in tally.idle if now - w.idle_since < delay),  # type: ignore[operator]
-            default=math.inf,
-        )
+        if self._idle_since[0] is not tally.idle:
+            self._idle_since = (tally.idle, sorted(map(_IDLE_SINCE, tally.idle)))
+        since = self._idle_since[1]
+        # Those not stoppable yet, idle since after now - delay, are the last ones; the bisection
+        # is moved to where the test itself changes, as the subtraction rounds.
+        i = bisect.bisect_right(since, now - delay)
+        while i > 0 and now - since[i - 1] < delay:
+            i -= 1
+        while i < len(since) and not now - since[i] < delay:
+            i += 1
+        until = since[i] + delay - _MEMO_MARGIN if i < len(since) else math.inf
         self._memo = (tally, overdue, inactive, now, until, decision)
         return decision
 
@@ -700,26 +742,24 @@ class Book:
         return self._over_sum
 
     def _choose(self, cost: float) -> int | None:
-        """``choose_worker`` over the workers, looking only at those with room for ``cost``."""
+        """``choose_worker`` over the workers: the first, by ``route_rank``, of those with room for ``cost``."""
         params = self._settings.params
         room = self._room.get(cost)
         if room is None:
             if len(self._room) >= 8:
-                self._room.clear()  # many costs: keep the sets of the recent ones only
-            room = self._room[cost] = set()
+                self._room.clear()  # many costs: keep the rooms of the recent ones only
+            room = self._room[cost] = _Room()
             self._room_dirty.update(self._reported)  # has_room takes only these
         if self._room_dirty:
             for wid in self._room_dirty:
-                worker = self.workers.get(wid)
-                for each, ids in self._room.items():
-                    if worker is not None and has_room(self.view(wid), each, params):
-                        ids.add(wid)
+                view = self.view(wid) if wid in self.workers else None
+                for each, kept in self._room.items():
+                    if view is not None and has_room(view, each, params):
+                        kept.put(view)
                     else:
-                        ids.discard(wid)
+                        kept.ids.pop(wid, None)
             self._room_dirty.clear()
-        if not room:
-            return None
-        return choose_worker([self.view(wid) for wid in room], cost, params)
+        return room.first()
 
     def _changed(self, worker: Worker) -> None:
         """Whatever changed on ``worker`` (or its grants), what derives from it is worked out anew."""

@@ -158,8 +158,12 @@ def choose_worker(workers: Iterable[WorkerView], cost: float, params: EndpointPa
     candidates = [w for w in workers if has_room(w, cost, params)]
     if not candidates:
         return None
-    best = min(candidates, key=lambda w: (w.load / w.max_perf, w.created_at, w.id))
-    return best.id
+    return min(candidates, key=route_rank).id
+
+
+def route_rank(worker: WorkerView) -> tuple[float, float, int]:
+    """The order in which workers with room take a route: least loaded for its size, then oldest, then by id."""
+    return (worker.load / worker.max_perf, worker.created_at, worker.id)
 
 
 def worker_perf(workers: Iterable[WorkerView], policy: LocalPolicy) -> float:

@@ -424,3 +424,63 @@ def test_kept_figures_give_the_commands_a_recompute_gives(
             now = max(now, wake)
             book.step(now)
             book.next_wakeup(now)
+
+
+def _busy_fleet_script(book: Book, workers: int, rounds: int, seed: int) -> None:
+    """``workers`` ready workers; then rounds of routes of mixed costs, reports of their sessions and ends."""
+    import random
+
+    rng = random.Random(seed)
+    ids = [ready_worker(book) for _ in range(workers)]
+    now = T0
+    open_on: dict[int, list[int]] = {wid: [] for wid in ids}
+    for _ in range(rounds):
+        now += rng.uniform(0.0, 0.5)
+        routed = book.route(now, rng.choice([10.0, 50.0, 100.0]), 0)
+        if routed.worker_id is not None:
+            open_on[routed.worker_id].append(routed.request_idx)
+        wid = rng.choice(ids)
+        if open_on[wid] and rng.random() < 0.5:
+            open_on[wid].pop(0)  # its oldest session ends
+        working = tuple(open_on[wid])
+        book.report(now, Report(wid, cur_load=10.0 * len(working), max_perf=100.0, working=working))
+        book.step(now)
+
+
+def test_routes_on_a_large_fleet_with_changing_loads_pick_what_choose_worker_picks():
+    """Thirty workers whose loads keep changing: every route takes the worker a recompute over all of them takes."""
+    book = CheckedBook(book_with(max_workers=40).settings, T0)
+    _busy_fleet_script(book, workers=30, rounds=600, seed=5)
+    assert book.grants or book.sessions  # the script did route work onto the fleet
+
+
+def test_a_route_looks_at_the_workers_that_changed_not_at_the_whole_fleet(monkeypatch):
+    """The room check runs for each worker whose state moved, so a route costs the same on 10 workers or 200."""
+    import lib.standin.book as book_module
+    import lib.standin.scaling as scaling_module
+
+    calls = []
+    real = scaling_module.has_room
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(book_module, "has_room", counted)
+    monkeypatch.setattr(scaling_module, "has_room", counted)  # choose_worker's own
+    per_route = {}
+    for workers in (10, 200):
+        book = book_with(max_workers=workers, scale_down_delay=1e9)  # the idle fleet stays
+        ids = [ready_worker(book) for _ in range(workers)]
+        now = T0
+        for i in range(101):
+            if i == 1:
+                calls.clear()  # the first route of a cost looks at every worker once
+            now += 1.0
+            routed = book.route(now, 100.0, 0)
+            assert routed.worker_id == ids[0]  # the oldest idle worker, each time: its session ends at once
+            book.report(now, Report(ids[0], cur_load=100.0, max_perf=100.0, working=(routed.request_idx,)))
+            book.report(now, Report(ids[0], max_perf=100.0))
+            book.step(now)
+        per_route[workers] = len(calls) / 100
+    assert per_route[200] <= per_route[10] + 1, per_route
