@@ -29,13 +29,14 @@ def bench_planner(
     cold_start: float = 60.0,
     max_workers: int = 40,
     seed: int = 1,
+    min_load: float = 0.0,
 ) -> dict[str, Any]:
     """Seconds of one core to replay about ``jobs`` diurnal jobs over ``hours`` under one parameter set."""
     # The diurnal rate peak * (1 - cos(2 pi t / day)) / 2, summed over the hours.
     seconds = hours * 3600.0
     peak = jobs / (seconds / 2.0 - DAY / (4.0 * math.pi) * math.sin(2.0 * math.pi * seconds / DAY))
     trace = diurnal(peak, hours, JobSeconds(mean=job_seconds), random.Random(seed))
-    plan = Plan(params=EndpointParams(max_workers=max_workers), cold_start=(cold_start, cold_start))
+    plan = Plan(params=EndpointParams(max_workers=max_workers, min_load=min_load), cold_start=(cold_start, cold_start))
     cpu, wall = time.process_time(), time.perf_counter()
     result = simulate(trace, plan, seed=seed)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -44,7 +45,8 @@ def bench_planner(
         f"diurnal {hours:g} h, {len(trace)} jobs (peak {peak:.3g}/s), exponential jobs of mean {job_seconds:g} s, "
         f"seed {seed}"
     )
-    params = f"stand-in defaults with max_workers {max_workers}, cold start {cold_start:g} s"
+    kept = f", min_load {min_load:g}" if min_load else ""
+    params = f"stand-in defaults with max_workers {max_workers}{kept}, cold start {cold_start:g} s"
     waits = result.wait_stats()
     return {
         "trace": trace_name,
@@ -75,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--job-seconds", type=float, default=10.0, help="mean job length")
     parser.add_argument("--cold-start", type=float, default=60.0, help="seconds to a ready worker")
     parser.add_argument("--max-workers", type=int, default=40, help="cap on workers")
+    parser.add_argument("--min-load", type=float, default=0.0, help="load kept up (100 per worker)")
     args = parser.parse_args(argv)
     refuse_first(
         parser,
@@ -84,10 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             (non_negative(args.job_seconds), f"--job-seconds {args.job_seconds:g}: give seconds >= 0"),
             (non_negative(args.cold_start), f"--cold-start {args.cold_start:g}: give seconds >= 0"),
             (args.max_workers >= 1, f"--max-workers {args.max_workers}: give 1 or more workers"),
+            (non_negative(args.min_load), f"--min-load {args.min_load:g}: give a load >= 0"),
         ],
     )
     print("timing one parameter set...", file=sys.stderr, flush=True)
-    figure = bench_planner(args.jobs, args.hours, args.job_seconds, args.cold_start, args.max_workers)
+    figure = bench_planner(
+        args.jobs, args.hours, args.job_seconds, args.cold_start, args.max_workers, min_load=args.min_load
+    )
     print(figure["line"])
     return 0
 

@@ -75,7 +75,6 @@ import heapq
 import itertools
 import logging
 import math
-import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,8 +99,6 @@ from lib.standin.scaling import (
 )
 
 log = logging.getLogger(__name__)
-
-_IDLE_SINCE = operator.attrgetter("idle_since")
 
 # A remembered decision or next change is used again only while the moment at which it could
 # differ is at least this far ahead: well clear of the rounding by which a moment computed as a
@@ -341,8 +338,11 @@ class Book:
         self._busy_ids: set[int] = set()  # not cold, holding load or a session
         self._tally: Tally | None = None
         self._idle_views: tuple[WorkerView, ...] | None = None
-        # A tally's idle views, and when each became idle, in order.
-        self._idle_since: tuple[tuple[WorkerView, ...] | None, list[float]] = (None, [])
+        # The idle workers in id order, and by (idle_since, id); those whose view is not kept yet.
+        self._idle_ids: list[int] = []
+        self._idle_by_since: list[tuple[float, int]] = []
+        self._idle_key: dict[int, tuple[float, int]] = {}
+        self._idle_unviewed: set[int] = set()
         self._cold_views: tuple[WorkerView, ...] | None = None
         # The last decision and what it was made from: (tally, overdue, inactive, at, until, decision).
         self._memo: tuple[Tally, float, bool, float, float, Decision] | None = None
@@ -642,10 +642,10 @@ class Book:
             if self._cold_views is None:
                 self._cold_views = tuple(sorted(map(view, self._cold), key=lambda w: (w.created_at, w.id)))
             if self._idle_views is None:
-                views = self._views
-                for wid in self._idle - views.keys():
+                for wid in self._idle_unviewed:
                     view(wid)
-                self._idle_views = tuple(map(views.__getitem__, sorted(self._idle)))
+                self._idle_unviewed.clear()
+                self._idle_views = tuple(map(self._views.__getitem__, self._idle_ids))
             self._tally = Tally(
                 perf=sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf,
                 held=sum(self._held.values()),
@@ -701,17 +701,15 @@ class Book:
         decision = decide_from(tally, overdue, now, self.last_activity, s.params, s.policy)
         # Kept until a margin before the first idle worker becomes stoppable (see _MEMO_MARGIN).
         delay = s.policy.scale_down_delay - EPSILON
-        if self._idle_since[0] is not tally.idle:
-            self._idle_since = (tally.idle, sorted(map(_IDLE_SINCE, tally.idle)))
-        since = self._idle_since[1]
-        # Those not stoppable yet, idle since after now - delay, are the last ones; the bisection
-        # is moved to where the test itself changes, as the subtraction rounds.
-        i = bisect.bisect_right(since, now - delay)
-        while i > 0 and now - since[i - 1] < delay:
+        # The idle workers not stoppable yet, idle since after now - delay, come last by idle_since;
+        # the bisection is moved to where the test itself changes, as the subtraction rounds.
+        since = self._idle_by_since
+        i = bisect.bisect_right(since, (now - delay, math.inf))
+        while i > 0 and now - since[i - 1][0] < delay:
             i -= 1
-        while i < len(since) and not now - since[i] < delay:
+        while i < len(since) and not now - since[i][0] < delay:
             i += 1
-        until = since[i] + delay - _MEMO_MARGIN if i < len(since) else math.inf
+        until = since[i][0] + delay - _MEMO_MARGIN if i < len(since) else math.inf
         self._memo = (tally, overdue, inactive, now, until, decision)
         return decision
 
@@ -783,6 +781,7 @@ class Book:
         # The tally's tuples of idle and of cold views are built again only when one of theirs changed.
         if was_idle:
             self._idle_views = None
+            self._unfile_idle(wid)
         if was_cold:
             self._cold_views = None
         for ids in (self._reported, self._live, self._errored, self._cold, self._idle, self._busy_ids):
@@ -810,6 +809,7 @@ class Book:
             if load <= EPSILON and worker.sessions == 0 and worker.idle_since is not None:
                 self._idle.add(wid)
                 self._idle_views = None
+                self._file_idle(wid, worker.idle_since)
                 idle = True
         elif phase is Phase.ERRORED:
             self._errored.add(wid)
@@ -827,6 +827,19 @@ class Book:
             or perf != self._perf[wid]
         ):
             self._tally = None
+
+    def _file_idle(self, wid: int, since: float) -> None:
+        bisect.insort(self._idle_ids, wid)
+        key = self._idle_key[wid] = (since, wid)
+        bisect.insort(self._idle_by_since, key)
+        self._idle_unviewed.add(wid)  # its view was just dropped, or never made
+
+    def _unfile_idle(self, wid: int) -> None:
+        ids = self._idle_ids
+        del ids[bisect.bisect_left(ids, wid)]
+        by_since = self._idle_by_since
+        del by_since[bisect.bisect_left(by_since, self._idle_key.pop(wid))]
+        self._idle_unviewed.discard(wid)
 
     def _push_grant(self, grant: Grant) -> None:
         moment = grant.at + self._settings.grant_timeout

@@ -239,11 +239,25 @@ def test_speed_figure_names_the_trace_and_the_interpreter():
     assert f"{figure['jobs']} jobs" in figure["line"]
     assert platform.python_version() in figure["line"]
     assert "diurnal 24 h" in figure["trace"]
+    assert "min_load" not in figure["params"]
+
+
+def test_speed_figure_with_a_kept_fleet_names_its_min_load_and_keeps_it_up():
+    """A min_load keeps that many workers up the whole day, and the figure's line says so."""
+    from lib.planner.speed import bench_planner
+
+    figure = bench_planner(jobs=200, hours=24, job_seconds=2.0, cold_start=5.0, max_workers=8, min_load=800.0)
+    assert "min_load 800" in figure["line"]
+    assert figure["peak_workers"] == 8 and figure["cold_starts"] == 8
 
 
 @pytest.mark.parametrize(
     ("argv", "named"),
-    [(["--jobs", "0"], "--jobs 0: give 1 or more jobs"), (["--hours", "-1"], "--hours -1: give hours > 0")],
+    [
+        (["--jobs", "0"], "--jobs 0: give 1 or more jobs"),
+        (["--hours", "-1"], "--hours -1: give hours > 0"),
+        (["--min-load", "-100"], "--min-load -100: give a load >= 0"),
+    ],
 )
 def test_speed_refuses_a_bad_flag_in_one_line(argv, named, capsys):
     from lib.planner.speed import main
