@@ -280,7 +280,8 @@ class Book:
     # them, so an event costs about the same on a fleet of 2 or of 200: each
     # worker's view (rebuilt only when that worker changes), its reserved
     # load, the workers' tally for ``decide``, the workers with room for a
-    # cost, the held requests in arrival order and heaps of the deadlines.
+    # cost (by ``route_rank``), the idle workers in order, the held requests
+    # in arrival order and heaps of the deadlines.
     # Every change to a worker goes through ``_changed``, to a grant through
     # ``_add_grant``/``_drop_grant``, to a waiting request through
     # ``_put_waiting``/``_pop_waiting``/``_end_hold``.
