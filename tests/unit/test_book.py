@@ -315,8 +315,9 @@ class CheckedBook(Book):
         busy = bool(self.waiting or self.grants) or any(
             w.phase is not Phase.COLD and (w.cur_load > 1e-9 or w.sessions) for w in self.workers.values()
         )
-        if busy:
+        if busy and params.inactivity_timeout is not None and params.inactivity_timeout > 1e-9:
             # Each step moves the last activity on while anything is busy: no inactivity to wait for.
+            # (A timeout of 0 has run out even at the moment of the last activity: busy or not, it is.)
             params = replace(params, inactivity_timeout=None)
         change = next_change(self.fresh_snapshot(now), params, s.policy)
         if change is not None:
