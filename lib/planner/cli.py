@@ -204,6 +204,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="seconds from starting a worker to its ready report (uniform in MIN:MAX); measure yours",
     )
     group.add_argument(
+        "--cold-starts",
+        type=Path,
+        metavar="FILE",
+        help="a measured run's cold starts, seconds one per line, for the workers in the order they start; "
+        "later workers draw from --cold-start",
+    )
+    group.add_argument(
         "--resume",
         type=spans,
         default=[None],
@@ -286,7 +293,32 @@ _SWEPT = (
 )
 
 
-def plans_from(args: argparse.Namespace) -> list[Plan]:
+def read_cold_starts(path: Path) -> tuple[float, ...]:
+    """The seconds in a --cold-starts file, one per line (blank lines and # comments skipped); TraceError if bad."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise TraceError(f"--cold-starts {path}: no such file; give a file of seconds, one per line") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"--cold-starts {path}: cannot read it ({exc}); give a text file of seconds") from None
+    found = []
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not (seconds >= 0 and math.isfinite(seconds)):
+            raise TraceError(f"--cold-starts {path} line {number}: {text!r} is not seconds >= 0; one number per line")
+        found.append(seconds)
+    if not found:
+        raise TraceError(f"--cold-starts {path}: no cold starts in it; give seconds, one per line")
+    return tuple(found)
+
+
+def plans_from(args: argparse.Namespace, cold_start_each: tuple[float, ...] = ()) -> list[Plan]:
     """One plan per combination of the flags' comma lists, the first flag varying slowest."""
     plans = []
     for values in itertools.product(*(getattr(args, name) for name in _SWEPT)):
@@ -306,6 +338,7 @@ def plans_from(args: argparse.Namespace) -> list[Plan]:
                 params=params,
                 policy=policy,
                 cold_start=v["cold_start"],
+                cold_start_each=cold_start_each,
                 resume=v["resume"],
                 stop_seconds=v["stop_seconds"],
                 route_hold=v["route_hold"],
@@ -480,7 +513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = output_file_problem(flag, path)
         if problem:
             parser.error(problem)
-    plans = plans_from(args)
+    try:
+        each = read_cold_starts(args.cold_starts) if args.cold_starts is not None else ()
+    except TraceError as exc:
+        parser.error(str(exc))
+    plans = plans_from(args, each)
     for i, plan in enumerate(plans):
         problems = plan.problems()
         if problems:

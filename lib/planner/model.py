@@ -19,7 +19,8 @@ The planner plays the parts that are not the autoscaler's:
   which takes the oldest pending job: the job's wait is that moment minus its
   arrival, and the worker reports the session until the job ends;
 - a worker is ready its cold start (or resume time) after the book asks for
-  it, and stops ``stop_seconds`` after the book says so.
+  it (the n-th worker provisioned takes ``cold_start_each[n]`` where given),
+  and stops ``stop_seconds`` after the book says so.
 
 Billing: every second a worker is provisioning, loading, ready or stopping is
 billed at the running price; every second it is stopped and kept cold, at the
@@ -66,6 +67,8 @@ class Plan:
     cold_start: tuple[float, float] = (60.0, 60.0)
     # Seconds from resuming a cold (stopped) worker to its ready report; None: the cold start.
     resume: tuple[float, float] | None = None
+    # The cold starts of the first workers provisioned, in order (a measured run's); later ones draw from cold_start.
+    cold_start_each: tuple[float, ...] = ()
     # Seconds a worker spends stopping (billed) before it is gone or cold.
     stop_seconds: float = 1.0
     # The dispatcher's cap on sessions alive at once; None: no cap.
@@ -83,6 +86,10 @@ class Plan:
         for name, span in (("cold_start", self.cold_start), ("resume", self.resume)):
             if span is not None and not (0 <= span[0] <= span[1] and math.isfinite(span[1])):
                 found.append(f"{name} {span[0]:g}:{span[1]:g} must be seconds >= 0 with MIN <= MAX")
+        for n, seconds in enumerate(self.cold_start_each, start=1):
+            if not (seconds >= 0 and math.isfinite(seconds)):
+                found.append(f"cold start {n} of cold_start_each, {seconds}, must be seconds >= 0")
+                break
         if not (self.stop_seconds >= 0 and math.isfinite(self.stop_seconds)):
             found.append(f"stop_seconds {self.stop_seconds} must be a number of seconds >= 0")
         if not (self.route_hold >= 0 and math.isfinite(self.route_hold)):
@@ -111,6 +118,7 @@ class Plan:
             "inactivity_timeout": p.inactivity_timeout,
             "cold_start": _span_value(self.cold_start),
             "resume": _span_value(self.resume if self.resume is not None else self.cold_start),
+            "cold_start_each": list(self.cold_start_each),
             "stop_seconds": self.stop_seconds,
             "scale_down_delay": self.policy.scale_down_delay,
             "max_sessions": self.max_sessions,
@@ -245,6 +253,7 @@ class _Sim:
         self.waits = [0.0] * len(jobs)
         self.cold_starts = 0
         self.resumed = 0
+        self.provisioned = 0
         self.peak = 0
         self.busy = 0.0
         self.wake_at = math.inf
@@ -409,8 +418,11 @@ class _Sim:
                     self._poll_later(now, command.request_idx)  # its hold is over
             elif isinstance(command, Provision):
                 self.cold_starts += 1
+                each = self.plan.cold_start_each
+                cold = each[self.provisioned] if self.provisioned < len(each) else self._draw(self.plan.cold_start)
+                self.provisioned += 1
                 generation = ledger.enter(command.worker_id, Phase.PROVISIONING, now)
-                self._push(now + self._draw(self.plan.cold_start), _READY, command.worker_id, generation)
+                self._push(now + cold, _READY, command.worker_id, generation)
             elif isinstance(command, Resume):
                 self.cold_starts += 1
                 self.resumed += 1

@@ -273,3 +273,40 @@ def test_an_output_file_that_cannot_be_written_is_one_line_and_exit_2_before_any
         out, err = capsys.readouterr()
         assert out == "", out  # not even the trace line: nothing ran
         assert f"{flag} {target}: " in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cold_starts_file_gives_the_first_workers_their_cold_starts_in_order(tmp_path, capsys):
+    """Two jobs at once, each on a new worker: with --cold-starts 3 then 7 they wait 3 s and 7 s; a third worker
+    started later draws from --cold-start."""
+    colds = write(tmp_path, "colds.txt", "# measured\n3\n\n7.0\n")
+    trace = write(tmp_path, "t.csv", "arrival,duration\n0,10\n0,10\n100,1\n")
+    out_file, jobs_out = tmp_path / "r.json", tmp_path / "jobs.csv"
+    code, _, _ = run(
+        capsys, "--trace", str(trace), "--cold-starts", str(colds), "--cold-start", "4", "--target-queue-time", "0",
+        "--route-hold", "30", "--inactivity-timeout", "1", "--scale-down-delay", "0", "--json", str(out_file),
+        "--jobs-out", str(jobs_out), "--processes", "1",
+    )  # fmt: skip
+    assert code == 0
+    waits = [float(line.split(",")[-1]) for line in jobs_out.read_text().splitlines()[1:]]
+    assert waits == pytest.approx([3.0, 7.0, 4.0])
+    (result,) = json.loads(out_file.read_text())["results"]
+    assert result["cold_starts"] == 3
+    assert result["params"]["cold_start_each"] == [3.0, 7.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("3\nsoon\n", "colds.txt line 2: 'soon' is not seconds >= 0; one number per line"),
+        ("-1\n", "colds.txt line 1: '-1' is not seconds >= 0"),
+        ("# none yet\n\n", "colds.txt: no cold starts in it"),
+        (None, "colds.txt: no such file"),
+    ],
+)
+def test_a_bad_cold_starts_file_is_one_line_and_exit_2(text, named, tmp_path, capsys):
+    path = tmp_path / "colds.txt"
+    if text is not None:
+        path.write_text(text)
+    code, out, err = run(capsys, "--bursts", "1:2:0", "--cold-starts", str(path))
+    assert code == 2 and out == ""
+    assert named in err and len(err.strip().splitlines()) == 1, err
