@@ -201,6 +201,7 @@ class Fleet:
         self.workdir = Path(tempfile.mkdtemp(prefix="null-local-")) if workdir is None else workdir
         self.report_addr = ""
         self.instances: dict[int, Instance] = {}
+        self.urls: dict[int, str] = {}  # every worker's URL once its process started, kept after it is gone
         self.started_at = self.book.last_activity
         self._loop_task: asyncio.Future[None] | None = None
         self._poke = asyncio.Event()
@@ -477,6 +478,7 @@ class Fleet:
             self._drive()
             return
         self.book.started(self.clock(), inst.id)
+        self.urls[inst.id] = inst.url
         consumer = f", consumer pid {inst.consumer.pid}" if inst.consumer is not None else ""
         log.info("worker %d loading: pid %d, %s%s", inst.id, inst.process.pid, inst.url, consumer)
         asyncio.ensure_future(self._watch(inst, inst.process))

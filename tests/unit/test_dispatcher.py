@@ -257,3 +257,25 @@ def test_a_trace_replays_arrivals_from_its_first_row_in_seconds_or_iso_times(tmp
         '{"arrival": "2026-01-01T00:00:00Z", "duration": 1}\n{"arrival": "2026-01-01T00:00:03Z", "duration": 0}\n'
     )
     assert [j.arrival for j in load_trace(jl)] == [0.0, 3.0]
+
+
+def test_fleet_timeline_gives_each_workers_phases_and_url():
+    """The demo's fleet log: a worker's phases from the book's commands and events, and its URL where known."""
+    from lib.standin.book import Provision, Report, Stop
+    from workers.null.demo import fleet_timeline
+
+    issued = [(10.0, Provision(1)), (10.0, Provision(2)), (15.0, Stop(1, False, "surplus")), (11.0, Stop(2, False, ""))]
+    events = [
+        (11.0, "started", (1,)),
+        (12.5, "report", (Report(1, max_perf=100.0),)),
+        (15.2, "stopped", (1,)),
+        (11.0, "stopped", (2,)),
+    ]
+    timeline = fleet_timeline(events, issued, {1: "http://127.0.0.1:4000"})
+    first, second = timeline["workers"]
+    assert first == {
+        "id": 1,
+        "url": "http://127.0.0.1:4000",
+        "phases": [[10.0, "provisioning"], [11.0, "loading"], [12.5, "ready"], [15.0, "stopping"], [15.2, "gone"]],
+    }
+    assert second == {"id": 2, "phases": [[10.0, "provisioning"], [11.0, "stopping"], [11.0, "gone"]]}

@@ -35,3 +35,36 @@ def test_a_trace_with_a_bad_row_is_one_line_and_exit_2(tmp_path, capsys):
     trace.write_text("arrival,duration\n0,1\n2,-1\n")
     line = usage_refused(capsys, main, ["--trace", str(trace)])
     assert "bad.csv" in line, line
+
+
+def test_each_workers_cold_start_runs_to_its_consumers_first_claim():
+    """A worker's cold start, as the planner gets it, is its creation to its ready report plus the time its
+    consumer took to claim the first session; a worker stopped while provisioning takes the others' mean."""
+    from lib.planner.fidelity import real_figures
+
+    t0 = 1000.0
+    fleet = {
+        "workers": [
+            {"id": 1, "url": "http://w1", "phases": [[t0, "provisioning"], [t0 + 1, "loading"], [t0 + 2.0, "ready"],
+                                                     [t0 + 9, "stopping"], [t0 + 9.2, "gone"]]},
+            {"id": 2, "url": "http://w2", "phases": [[t0, "provisioning"], [t0 + 1, "loading"], [t0 + 2.4, "ready"],
+                                                     [t0 + 9, "stopping"], [t0 + 9.2, "gone"]]},
+            {"id": 3, "url": "http://w3", "phases": [[t0 + 3, "provisioning"], [t0 + 3.5, "stopping"],
+                                                     [t0 + 3.5, "gone"]]},
+        ]
+    }  # fmt: skip
+
+    def row(job: str, worker: str, reserved: float, claimed: float) -> dict:
+        return {"job_id": job, "attempt": 1, "enqueued": t0 - 0.5, "reserved": reserved, "claimed": claimed,
+                "started": claimed + 0.01, "outcome": "done", "worker": worker}  # fmt: skip
+
+    rows = [
+        row("j1", "http://w1", t0 + 2.0, t0 + 2.01),
+        row("j2", "http://w2", t0 + 2.4, t0 + 2.7),  # its consumer was still starting
+        row("j3", "http://w1", t0 + 5.0, t0 + 6.0),  # not the worker's first session: not counted
+    ]
+    figures = real_figures(rows, fleet)
+    assert figures["cold_start_s"] == pytest.approx(2.2)
+    assert figures["consumer_lag_s"] == pytest.approx((0.01 + 0.3) / 2)
+    assert figures["cold_start_each"] == pytest.approx([2.01, 2.7, (2.01 + 2.7) / 2])
+    assert figures["effective_cold_start_s"] == pytest.approx((2.01 + 2.7) / 2)

@@ -29,7 +29,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -196,13 +196,18 @@ async def sample_fleet(fleet: Any, sample: FleetSample) -> None:
         await asyncio.sleep(SAMPLE_EVERY)
 
 
-def fleet_timeline(events: Sequence[tuple[float, str, tuple[Any, ...]]], issued: Sequence[tuple[float, Any]]) -> dict:
+def fleet_timeline(
+    events: Sequence[tuple[float, str, tuple[Any, ...]]],
+    issued: Sequence[tuple[float, Any]],
+    urls: Mapping[int, str] | None = None,
+) -> dict:
     """Each worker's phases with their start times, from the book's recorded events and commands.
 
     A worker is ``provisioning`` from its Provision, ``loading`` once its
     process runs (or from a Resume), ``ready`` at its first report with a
     capacity (the book's rule), ``stopping`` from its Stop, and then ``cold``
-    (files kept) or ``gone``.
+    (files kept) or ``gone``. ``urls``: each worker's URL, written beside it
+    where known (the job log names a job's worker by it).
     """
     from lib.standin.book import Provision, Resume, Stop
 
@@ -241,7 +246,11 @@ def fleet_timeline(events: Sequence[tuple[float, str, tuple[Any, ...]]], issued:
             enter(what[0], at, "cold" if keep.get(what[0]) else "gone")
     return {
         "workers": [
-            {"id": worker_id, "phases": [[round(at, 6), phase] for at, phase in seen]}
+            {
+                "id": worker_id,
+                **({"url": urls[worker_id]} if urls and worker_id in urls else {}),
+                "phases": [[round(at, 6), phase] for at, phase in seen],
+            }
             for worker_id, seen in sorted(phases.items())
         ]
     }
@@ -525,7 +534,7 @@ def _write_fleet_log(out: IO[str], fleet: Any, settings: Any, args: argparse.Nam
         },
         "max_sessions": args.max_sessions,
         "sdk_max_poll_interval": SDK_MAX_POLL_INTERVAL,
-        **fleet_timeline(fleet.book.events or [], fleet.book.issued or []),
+        **fleet_timeline(fleet.book.events or [], fleet.book.issued or [], fleet.urls),
     }
     out.write(json.dumps(data, indent=1) + "\n")
 
