@@ -207,8 +207,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--cold-starts",
         type=Path,
         metavar="FILE",
-        help="a measured run's cold starts, seconds one per line, for the workers in the order they start; "
-        "later workers draw from --cold-start",
+        help="a measured run's cold starts, seconds one per line, for new workers in the order they are "
+        "provisioned; later ones draw from --cold-start (a resumed worker takes --resume)",
     )
     group.add_argument(
         "--resume",
