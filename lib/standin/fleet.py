@@ -381,22 +381,27 @@ class Fleet:
         while not self._closing:
             self._poke.clear()
             try:
-                self._drive(poke=False)
+                stepped = self._drive(poke=False)
             except Exception:
                 log.exception("scaling step failed; retrying shortly")
                 await asyncio.sleep(1.0)
                 continue
-            await self._nap(self._sleep_for(self.clock()))
+            await self._nap(self._sleep_for(stepped))
 
-    def _sleep_for(self, now: float) -> float | None:
-        """Seconds until the book's next deadline (or the next fleet line); None: until an event."""
+    def _sleep_for(self, stepped: float) -> float | None:
+        """Seconds from now until the book's next deadline (or the next fleet line); None: until an event.
+
+        The book names its next deadline as of the moment it last stepped (``stepped``). Asked as of a
+        later clock reading, a deadline that fell in between (a request becoming overdue a millisecond
+        after another) would already count, and the wake-up for it would be lost until the next event.
+        """
         moments = []
-        wake = self.book.next_wakeup(now)
+        wake = self.book.next_wakeup(stepped)
         if wake is not None:
             moments.append(wake)
         if self.instances:
             moments.append(self._last_summary_at + self.settings.summary_every)
-        return max(min(moments) - now, 0.0) if moments else None
+        return max(min(moments) - self.clock(), 0.0) if moments else None
 
     async def _nap(self, timeout: float | None) -> None:
         """Until poked or ``timeout`` passes."""
@@ -414,14 +419,18 @@ class Fleet:
         assert self.book.last_decision is not None
         return self.book.last_decision
 
-    def _drive(self, *, poke: bool = True) -> None:
-        """Steps the book now and carries out what it says; ``poke``: the loop then works out its sleep anew."""
+    def _drive(self, *, poke: bool = True) -> float:
+        """Steps the book now and carries out what it says; ``poke``: the loop then works out its sleep anew.
+
+        Returns the moment it stepped at.
+        """
         now = self.clock()
         self._carry_out(self.book.step(now))
         self._show(now)
         if poke:
             self._poke.set()
         self._notify()
+        return now
 
     def _carry_out(self, commands: list[Command]) -> None:
         for command in commands:

@@ -159,3 +159,44 @@ def test_a_free_port_is_kept_from_other_requests_for_one_and_a_server_takes_it()
             server.listen()
     ports = WorkerPorts.allocate()
     assert len({ports.worker, ports.http, ports.control}) == 3
+
+
+async def test_a_deadline_that_falls_while_the_loop_steps_wakes_it_at_once(tmp_path):
+    """Two requests half a millisecond apart: after the step for the first one's overdue moment, the loop
+    wakes at once for the second's, even when its clock read after the step is past it."""
+
+    class Slow:
+        """A clock that moves on 2 ms at each reading once running: the step's own work."""
+
+        def __init__(self) -> None:
+            self.now, self.running = 1000.0, False
+
+        def __call__(self) -> float:
+            if self.running:
+                self.now += 0.002
+            return self.now
+
+    clock = Slow()
+    settings = FleetSettings(
+        params=EndpointParams(inactivity_timeout=None, target_queue_time=0.5, max_workers=10),
+        provisioning_delay=3600.0,
+        route_hold=6.0,
+    )
+    fleet = Fleet(settings, workdir=tmp_path, clock=clock)
+    try:
+        fleet.book.route(1000.0, 100.0, 1, hold=True)
+        fleet.book.route(1000.0005, 100.0, 2, hold=True)
+        fleet.book.step(1000.0005)
+        clock.now, clock.running = 1000.4982, True  # the loop's step reads 1000.5002: only request 1 is overdue
+        naps = []
+
+        async def nap(timeout):
+            naps.append(timeout)
+            fleet._closing = True  # one turn of the loop
+
+        fleet._nap = nap
+        await fleet._run()
+        assert len(fleet.book.workers) == 1  # provisioned for request 1
+        assert naps == [0.0]  # request 2 was overdue by the time the loop looked: it steps again at once
+    finally:
+        await fleet.aclose()
