@@ -263,6 +263,9 @@ class _Room:
             self.ids[view.id] = view
             heapq.heappush(self.heap, (route_rank(view), next(self._seq), view))
 
+    def drop(self, wid: int) -> None:
+        self.ids.pop(wid, None)
+
     def first(self) -> int | None:
         heap, ids = self.heap, self.ids
         while heap and ids.get(heap[0][2].id) is not heap[0][2]:
@@ -335,14 +338,14 @@ class Book:
         self._live: set[int] = set()
         self._errored: set[int] = set()
         self._cold: set[int] = set()
-        self._idle: set[int] = set()  # live, holding nothing
+        # Live workers holding nothing, each with its key in _idle_by_since.
+        self._idle: dict[int, tuple[float, int]] = {}
         self._busy_ids: set[int] = set()  # not cold, holding load or a session
         self._tally: Tally | None = None
         self._idle_views: tuple[WorkerView, ...] | None = None
         # The idle workers in id order, and by (idle_since, id); those whose view is not kept yet.
         self._idle_ids: list[int] = []
         self._idle_by_since: list[tuple[float, int]] = []
-        self._idle_key: dict[int, tuple[float, int]] = {}
         self._idle_unviewed: set[int] = set()
         self._cold_views: tuple[WorkerView, ...] | None = None
         # The last decision and what it was made from: (tally, overdue, inactive, at, until, decision).
@@ -756,7 +759,7 @@ class Book:
                     if view is not None and has_room(view, each, params):
                         kept.put(view)
                     else:
-                        kept.ids.pop(wid, None)
+                        kept.drop(wid)
             self._room_dirty.clear()
         return room.first()
 
@@ -785,7 +788,7 @@ class Book:
             self._unfile_idle(wid)
         if was_cold:
             self._cold_views = None
-        for ids in (self._reported, self._live, self._errored, self._cold, self._idle, self._busy_ids):
+        for ids in (self._reported, self._live, self._errored, self._cold, self._busy_ids):
             ids.discard(wid)
         if wid not in self.workers:
             self._tally = None
@@ -808,7 +811,6 @@ class Book:
         if live:
             self._live.add(wid)
             if load <= EPSILON and worker.sessions == 0 and worker.idle_since is not None:
-                self._idle.add(wid)
                 self._idle_views = None
                 self._file_idle(wid, worker.idle_since)
                 idle = True
@@ -831,7 +833,7 @@ class Book:
 
     def _file_idle(self, wid: int, since: float) -> None:
         bisect.insort(self._idle_ids, wid)
-        key = self._idle_key[wid] = (since, wid)
+        key = self._idle[wid] = (since, wid)
         bisect.insort(self._idle_by_since, key)
         self._idle_unviewed.add(wid)  # its view was just dropped, or never made
 
@@ -839,7 +841,7 @@ class Book:
         ids = self._idle_ids
         del ids[bisect.bisect_left(ids, wid)]
         by_since = self._idle_by_since
-        del by_since[bisect.bisect_left(by_since, self._idle_key.pop(wid))]
+        del by_since[bisect.bisect_left(by_since, self._idle.pop(wid))]
         self._idle_unviewed.discard(wid)
 
     def _push_grant(self, grant: Grant) -> None:
