@@ -139,9 +139,10 @@ def real_figures(rows: Sequence[dict[str, Any]], fleet: dict[str, Any]) -> dict[
             colds.append(seen["ready"] - seen["provisioning"])
             # A consumer that starts beside its worker may still be starting when the worker reports
             # ready: its first session waits for it, and so does that session's job.
+            lag = 0.0
             first = first_session.get(worker.get("url", ""))
-            lag = max(0.0, first[1] - first[0]) if first is not None else 0.0
             if first is not None:
+                lag = max(0.0, first[1] - first[0])
                 lags.append(lag)
             each.append(colds[-1] + lag)
         elif "provisioning" in seen:
