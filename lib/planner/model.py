@@ -40,13 +40,13 @@ from typing import Any
 
 from lib.planner.trace import Job
 from lib.standin.book import Answer, Book, BookSettings, Command, Provision, Report, Resume, Stop
-from lib.standin.scaling import EndpointParams, LocalPolicy, Phase
+from lib.standin.scaling import COLD, LOADING, PROVISIONING, READY, STOPPING, EndpointParams, LocalPolicy, Phase
 
 # One job is one session of this cost on a worker of this max_perf: the fleet's cost rule.
 COST = 100.0
 MAX_PERF = 100.0
 
-RUNNING_PHASES = (Phase.PROVISIONING, Phase.LOADING, Phase.READY, Phase.STOPPING)
+RUNNING_PHASES = (PROVISIONING, LOADING, READY, STOPPING)
 
 # The SDK's pauses between /route/ calls while a session waits (vastai.serverless.client):
 # 1 s, then random and growing, up to the client's max_poll_interval (5 s by default).
@@ -54,7 +54,7 @@ SDK_FIRST_POLL = 1.0
 SDK_MAX_POLL = 5.0
 
 # Event kinds, in the order they are handled when they fall on the same moment.
-_STOPPED, _JOB_END, _READY, _ARRIVAL, _ROUTE, _WAKE = range(6)
+_STOPPED, _JOB_END, _UP, _ARRIVAL, _ROUTE, _WAKE = range(6)
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 # Timeline columns after the time: queue depth (pending jobs), then workers by phase.
-TIMELINE_PHASES = (Phase.PROVISIONING, Phase.LOADING, Phase.READY, Phase.STOPPING, Phase.COLD)
+TIMELINE_PHASES = (PROVISIONING, LOADING, READY, STOPPING, COLD)
 
 
 class _Ledger:
@@ -222,7 +222,7 @@ class _Ledger:
     @property
     def live(self) -> int:
         counts = self.counts
-        return counts[Phase.PROVISIONING] + counts[Phase.LOADING] + counts[Phase.READY]
+        return counts[PROVISIONING] + counts[LOADING] + counts[READY]
 
     def close(self, now: float) -> dict[str, float]:
         totals = dict(self.seconds)
@@ -292,7 +292,7 @@ class _Sim:
             resumed=self.resumed,
             peak_workers=self.peak,
             billed_worker_s=billed,
-            cold_worker_s=phase_s[Phase.COLD.value],
+            cold_worker_s=phase_s[COLD.value],
             busy_worker_s=self.busy,
             horizon_s=horizon,
             phase_s=phase_s,
@@ -312,7 +312,7 @@ class _Sim:
             return True
         if kind == _ROUTE and a not in self.attempts:
             return False  # it has its worker already
-        if kind in (_READY, _STOPPED) and self.ledger.generation.get(a) != b:
+        if kind in (_UP, _STOPPED) and self.ledger.generation.get(a) != b:
             return False  # a start or stop superseded by a later command
         self.last_change = now
         if kind == _ARRIVAL:
@@ -325,10 +325,10 @@ class _Sim:
             # and the report showing the session already ended that one.)
             book.report(now, Report(worker_id=a, cur_load=0.0, max_perf=MAX_PERF))
             self.alive -= 1
-        elif kind == _READY:
+        elif kind == _UP:
             book.started(now, a)
             book.report(now, Report(worker_id=a, cur_load=0.0, max_perf=MAX_PERF))
-            self.ledger.enter(a, Phase.READY, now)
+            self.ledger.enter(a, READY, now)
         elif kind == _STOPPED:
             book.stopped(now, a)
             worker = book.workers.get(a)
@@ -421,19 +421,19 @@ class _Sim:
                 each = self.plan.cold_start_each
                 cold = each[self.provisioned] if self.provisioned < len(each) else self._draw(self.plan.cold_start)
                 self.provisioned += 1
-                generation = ledger.enter(command.worker_id, Phase.PROVISIONING, now)
-                self._push(now + cold, _READY, command.worker_id, generation)
+                generation = ledger.enter(command.worker_id, PROVISIONING, now)
+                self._push(now + cold, _UP, command.worker_id, generation)
             elif isinstance(command, Resume):
                 self.cold_starts += 1
                 self.resumed += 1
-                generation = ledger.enter(command.worker_id, Phase.LOADING, now)
+                generation = ledger.enter(command.worker_id, LOADING, now)
                 resume = self.plan.resume if self.plan.resume is not None else self.plan.cold_start
-                self._push(now + self._draw(resume), _READY, command.worker_id, generation)
+                self._push(now + self._draw(resume), _UP, command.worker_id, generation)
             elif isinstance(command, Stop):
                 # A worker still provisioning has no process yet: it is gone at once.
                 was = ledger.phase.get(command.worker_id)
-                takes = self.plan.stop_seconds if was in (Phase.LOADING, Phase.READY) else 0.0
-                generation = ledger.enter(command.worker_id, Phase.STOPPING, now)
+                takes = self.plan.stop_seconds if was in (LOADING, READY) else 0.0
+                generation = ledger.enter(command.worker_id, STOPPING, now)
                 self._push(now + takes, _STOPPED, command.worker_id, generation)
         return opened
 

@@ -80,8 +80,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lib.standin.scaling import (
+    COLD,
     EPSILON,
+    ERRORED,
     LIVE,
+    LOADING,
+    PROVISIONING,
+    READY,
+    STOPPING,
     Decision,
     EndpointParams,
     LocalPolicy,
@@ -211,7 +217,7 @@ Command = Provision | Resume | Stop | Answer
 class Worker:
     id: int
     created_at: float
-    phase: Phase = Phase.PROVISIONING
+    phase: Phase = PROVISIONING
     phase_since: float = 0.0
     booted_at: float = 0.0  # created, or resumed from cold
     cur_load: float = 0.0
@@ -379,7 +385,7 @@ class Book:
             self._push_waiting(idx, entry)
         self._load_heap: list[tuple[float, int, int, float]] = []
         for worker in self.workers.values():
-            if worker.phase is Phase.LOADING:
+            if worker.phase is LOADING:
                 moment = worker.phase_since + s.load_timeout
                 heapq.heappush(self._load_heap, (moment, next(self._seq), worker.id, worker.phase_since))
 
@@ -431,7 +437,7 @@ class Book:
         self._record(now, "report", (report,))
         self._touch(now)
         worker = self.workers.get(report.worker_id)
-        if worker is None or worker.phase not in (Phase.LOADING, Phase.READY, Phase.STOPPING):
+        if worker is None or worker.phase not in (LOADING, READY, STOPPING):
             return False
         worker.last_report = now
         worker.cur_load = report.cur_load
@@ -440,14 +446,14 @@ class Book:
         worker.sessions = report.sessions
         self._track_sessions(worker, now)
         self._changed(worker)
-        if worker.phase is Phase.STOPPING:
+        if worker.phase is STOPPING:
             return True
         if report.error:
             worker.error = report.error
-            self._set_phase(worker, Phase.ERRORED, now)
+            self._set_phase(worker, ERRORED, now)
             log.warning("worker %d reported an error: %s", worker.id, report.error)
-        elif worker.phase is Phase.LOADING and worker.max_perf > 0:
-            self._set_phase(worker, Phase.READY, now)
+        elif worker.phase is LOADING and worker.max_perf > 0:
+            self._set_phase(worker, READY, now)
             # Its scale-down clock starts now: a waiting client may take a
             # few seconds to poll again and find it.
             if worker.idle_since is not None:
@@ -482,22 +488,22 @@ class Book:
         """Its process runs: the worker loads until it reports ready."""
         self._record(now, "started", (worker_id,))
         worker = self.workers.get(worker_id)
-        if worker is None or worker.phase not in (Phase.PROVISIONING, Phase.LOADING):
+        if worker is None or worker.phase not in (PROVISIONING, LOADING):
             return
         worker.cur_load = worker.max_perf = 0.0
         worker.working = ()
         worker.sessions = 0
         worker.error = ""
-        self._set_phase(worker, Phase.LOADING, now)
+        self._set_phase(worker, LOADING, now)
 
     def failed(self, now: float, worker_id: int, error: str) -> None:
         """Its process exited or never started: it is errored, and replaced where still needed."""
         self._record(now, "failed", (worker_id, error))
         worker = self.workers.get(worker_id)
-        if worker is None or worker.phase not in (Phase.PROVISIONING, Phase.LOADING, Phase.READY):
+        if worker is None or worker.phase not in (PROVISIONING, LOADING, READY):
             return
         worker.error = error
-        self._set_phase(worker, Phase.ERRORED, now)
+        self._set_phase(worker, ERRORED, now)
         log.warning("worker %d %s", worker.id, error)
 
     def stopped(self, now: float, worker_id: int) -> None:
@@ -516,7 +522,7 @@ class Book:
             worker.cur_load = worker.max_perf = 0.0
             worker.working = ()
             worker.sessions = 0
-            self._set_phase(worker, Phase.COLD, now)
+            self._set_phase(worker, COLD, now)
         else:
             del self.workers[worker_id]
             del self._held[worker_id]
@@ -598,7 +604,7 @@ class Book:
         self.closing = True
         commands: list[Command] = []
         for worker in list(self.workers.values()):
-            if worker.phase is not Phase.STOPPING:
+            if worker.phase is not STOPPING:
                 commands.append(self._stop(worker, now, keep=False, reason="shutdown"))
         for idx, entry in list(self.waiting.items()):
             if entry.held_until is not None:
@@ -796,13 +802,13 @@ class Book:
         phase = worker.phase
         load = worker.cur_load + self._reserved.get(wid, 0)
         live = phase in LIVE
-        if phase is not Phase.COLD and (worker.cur_load > EPSILON or worker.sessions):
+        if phase is not COLD and (worker.cur_load > EPSILON or worker.sessions):
             self._busy_ids.add(wid)
-        if live or phase is Phase.ERRORED:
+        if live or phase is ERRORED:
             self._held[wid] = load
         else:
             self._held[wid] = 0.0
-        if phase is Phase.READY and worker.max_perf > 0:
+        if phase is READY and worker.max_perf > 0:
             self._reported.add(wid)
             self._perf[wid] = worker.max_perf
         else:
@@ -814,18 +820,18 @@ class Book:
                 self._idle_views = None
                 self._file_idle(wid, worker.idle_since)
                 idle = True
-        elif phase is Phase.ERRORED:
+        elif phase is ERRORED:
             self._errored.add(wid)
-        elif phase is Phase.COLD:
+        elif phase is COLD:
             self._cold.add(wid)
             self._cold_views = None
         if (
             was_cold
             or was_idle
             or idle
-            or phase is Phase.COLD
+            or phase is COLD
             or was_live != live
-            or was_errored != (phase is Phase.ERRORED)
+            or was_errored != (phase is ERRORED)
             or held != self._held[wid]
             or perf != self._perf[wid]
         ):
@@ -890,7 +896,7 @@ class Book:
 
     def _loads(self, item: tuple[float, int, int, float]) -> bool:
         worker = self.workers.get(item[2])
-        return worker is not None and worker.phase is Phase.LOADING and worker.phase_since == item[3]
+        return worker is not None and worker.phase is LOADING and worker.phase_since == item[3]
 
     def _push_waiting(self, idx: int, entry: Waiting) -> None:
         if entry.held_until is not None:
@@ -987,7 +993,7 @@ class Book:
             if self._loads(item):
                 worker = self.workers[item[2]]
                 worker.error = f"not ready {s.load_timeout:g}s after starting"
-                self._set_phase(worker, Phase.ERRORED, now)
+                self._set_phase(worker, ERRORED, now)
                 log.warning("worker %d %s", worker.id, worker.error)
 
     def _clock_idle(self, now: float) -> None:
@@ -1010,7 +1016,7 @@ class Book:
     def _apply(self, decision: Decision, now: float, commands: list[Command]) -> None:
         for worker_id in decision.destroy:
             worker = self.workers[worker_id]
-            reason = f"errored: {worker.error}" if worker.phase is Phase.ERRORED else self._surplus(worker, now)
+            reason = f"errored: {worker.error}" if worker.phase is ERRORED else self._surplus(worker, now)
             commands.append(self._stop(worker, now, keep=False, reason=reason))
         for worker_id in decision.stop:
             worker = self.workers[worker_id]
@@ -1018,7 +1024,7 @@ class Book:
         for worker_id in decision.resume:
             worker = self.workers[worker_id]
             worker.idle_since = worker.booted_at = now
-            self._set_phase(worker, Phase.LOADING, now)
+            self._set_phase(worker, LOADING, now)
             log.info(
                 "worker %d starting again from cold: load %g, workers wanted %d",
                 worker_id,
@@ -1040,7 +1046,7 @@ class Book:
 
     def _stop(self, worker: Worker, now: float, *, keep: bool, reason: str) -> Stop:
         worker.keep_on_stop = keep
-        self._set_phase(worker, Phase.STOPPING, now)
+        self._set_phase(worker, STOPPING, now)
         log.info("worker %d stopping (%s)", worker.id, reason)
         return Stop(worker.id, keep, reason)
 
@@ -1052,7 +1058,7 @@ class Book:
     def _set_phase(self, worker: Worker, phase: Phase, now: float) -> None:
         worker.phase = phase
         worker.phase_since = now
-        if phase is Phase.LOADING:
+        if phase is LOADING:
             moment = now + self._settings.load_timeout
             heapq.heappush(self._load_heap, (moment, next(self._seq), worker.id, now))
         self._changed(worker)

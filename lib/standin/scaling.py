@@ -40,9 +40,18 @@ class Phase(str, enum.Enum):
     COLD = "cold"  # stopped with its files kept: starting it again skips provisioning
 
 
-LIVE = (Phase.PROVISIONING, Phase.LOADING, Phase.READY)
+# The phases under module names: a member looked up on its enum class costs several times a
+# global's look-up, and the book and the planner test phases at every event.
+PROVISIONING = Phase.PROVISIONING
+LOADING = Phase.LOADING
+READY = Phase.READY
+ERRORED = Phase.ERRORED
+STOPPING = Phase.STOPPING
+COLD = Phase.COLD
+
+LIVE = (PROVISIONING, LOADING, READY)
 # Scale-down gives up the least useful first: not yet started, then loading, then ready.
-_STOP_ORDER = {Phase.PROVISIONING: 0, Phase.LOADING: 1, Phase.READY: 2}
+_STOP_ORDER = {PROVISIONING: 0, LOADING: 1, READY: 2}
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ class Decision:
 def has_room(worker: WorkerView, cost: float, params: EndpointParams) -> bool:
     """Whether ``worker`` may take a route of ``cost`` now."""
     perf = worker.max_perf
-    if worker.phase is not Phase.READY or perf <= 0:
+    if worker.phase is not READY or perf <= 0:
         return False
     load = worker.cur_load + worker.reserved
     # An idle worker takes any single request, even one costlier than its max_perf.
@@ -168,7 +177,7 @@ def route_rank(worker: WorkerView) -> tuple[float, float, int]:
 
 def worker_perf(workers: Iterable[WorkerView], policy: LocalPolicy) -> float:
     """P: the mean max_perf ready workers report, or the assumed figure before any has."""
-    reported = [w.max_perf for w in workers if w.phase is Phase.READY and w.max_perf > 0]
+    reported = [w.max_perf for w in workers if w.phase is READY and w.max_perf > 0]
     return sum(reported) / len(reported) if reported else policy.assumed_perf
 
 
@@ -219,17 +228,17 @@ def tally(workers: Sequence[WorkerView], policy: LocalPolicy) -> Tally:
     live = 0
     for w in workers:
         phase = w.phase
-        if phase is Phase.COLD:
+        if phase is COLD:
             cold.append(w)
             continue
-        if phase is Phase.STOPPING:
+        if phase is STOPPING:
             continue
         held.append(w.load)
-        if phase is Phase.ERRORED:
+        if phase is ERRORED:
             errored.append(w.id)
             continue
         live += 1
-        if phase is Phase.READY and w.max_perf > 0:
+        if phase is READY and w.max_perf > 0:
             reported.append(w.max_perf)
         if _idle(w):
             idle.append(w)
@@ -290,7 +299,7 @@ def decide_from(
         kept_cold = len(cold)
         for worker in idle[:-missing]:
             # Only a loaded worker is worth keeping cold.
-            if worker.phase is Phase.READY and kept_cold < params.cold_workers:
+            if worker.phase is READY and kept_cold < params.cold_workers:
                 stop.append(worker.id)
                 kept_cold += 1
             else:
