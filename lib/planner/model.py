@@ -343,13 +343,13 @@ class _Sim:
         book = self.book
         if len(self.pending) > self.unclaimed:
             self._open_sessions(now)
-        for _ in range(8):
-            commands = book.step(now)
-            # The stand-in steps again after carrying out commands; a decision
-            # just applied asks for nothing more, so only a session that opened
-            # (its worker's report changed the book) needs that second step.
-            if not self._carry_out(commands, now) and not self.exact:
-                break
+        # The stand-in steps again after carrying out commands. Here that step
+        # would ask for nothing: a decision just applied asks for nothing more,
+        # and a session that opened turned its grant into its worker's report
+        # of the same cost, so the tally, the room and the deadlines are as the
+        # step left them. Only the exact replay takes it, and more.
+        for _ in range(8 if self.exact else 1):
+            self._carry_out(book.step(now), now)
         wake = book.next_wakeup(now)
         if wake is not None and wake < self.wake_at:
             self.wake_at = wake
@@ -403,17 +403,15 @@ class _Sim:
         self.busy += job.duration
         self._push(now + job.duration, _JOB_END, worker_id, session)
 
-    def _carry_out(self, commands: Sequence[Command], now: float) -> bool:
-        """Does what the book asked; True when a session opened on a worker."""
+    def _carry_out(self, commands: Sequence[Command], now: float) -> None:
+        """Does what the book asked."""
         ledger = self.ledger
-        opened = False
         if commands:
             self.last_change = now
         for command in commands:
             if isinstance(command, Answer):
                 if command.worker_id is not None:
                     self._start(now, command.request_idx, command.worker_id)
-                    opened = True
                 else:
                     self._poll_later(now, command.request_idx)  # its hold is over
             elif isinstance(command, Provision):
@@ -435,7 +433,6 @@ class _Sim:
                 takes = self.plan.stop_seconds if was in (LOADING, READY) else 0.0
                 generation = ledger.enter(command.worker_id, STOPPING, now)
                 self._push(now + takes, _STOPPED, command.worker_id, generation)
-        return opened
 
     def _draw(self, span: tuple[float, float]) -> float:
         low, high = span
