@@ -23,6 +23,7 @@ import enum
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # Loads are sums of floats: 3 x 100 / 1.0 / 100 must give 3 workers, not 4.
 EPSILON = 1e-9
@@ -99,8 +100,9 @@ class LocalPolicy:
     assumed_perf: float = 100.0
 
 
-@dataclass(frozen=True)
-class WorkerView:
+# The records made anew as events come (a worker's view, the tally, a decision) are named
+# tuples: as immutable as a frozen dataclass, and made in a quarter of its time.
+class WorkerView(NamedTuple):
     id: int
     phase: Phase
     created_at: float
@@ -135,8 +137,7 @@ class Snapshot:
     last_activity: float = 0.0
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     target: int  # live workers wanted
     load: float  # L
     perf: float  # P
@@ -205,8 +206,7 @@ def inactive_since(last_activity: float, now: float, params: EndpointParams) -> 
     return timeout is not None and now - last_activity >= timeout - EPSILON
 
 
-@dataclass(frozen=True)
-class Tally:
+class Tally(NamedTuple):
     """What ``decide`` reads from the workers, gathered once; the book keeps one up to date as events come."""
 
     perf: float  # P
