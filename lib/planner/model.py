@@ -347,7 +347,7 @@ class _Sim:
         # would ask for nothing: a decision just applied asks for nothing more,
         # and a session that opened turned its grant into its worker's report
         # of the same cost, so the tally, the room and the deadlines are as the
-        # step left them. Only the exact replay takes it, and more.
+        # step left them. Only the exact replay takes it: it steps eight times.
         for _ in range(8 if self.exact else 1):
             self._carry_out(book.step(now), now)
         wake = book.next_wakeup(now)
