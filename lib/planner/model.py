@@ -40,7 +40,7 @@ from typing import Any
 
 from lib.planner.trace import Job
 from lib.standin.book import Answer, Book, BookSettings, Command, Provision, Report, Resume, Stop
-from lib.standin.scaling import COLD, LOADING, PROVISIONING, READY, STOPPING, EndpointParams, LocalPolicy, Phase
+from lib.standin.scaling import COLD, LIVE, LOADING, PROVISIONING, READY, STOPPING, EndpointParams, LocalPolicy, Phase
 
 # One job is one session of this cost on a worker of this max_perf: the fleet's cost rule.
 COST = 100.0
@@ -200,6 +200,7 @@ class _Ledger:
         self.generation: dict[int, int] = {}
         self.counts = {phase: 0 for phase in Phase}
         self.seconds = {phase: 0.0 for phase in Phase}
+        self.live = 0  # provisioning, loading or ready
 
     def enter(self, worker_id: int, phase: Phase | None, now: float) -> int:
         """Moves the worker to ``phase`` (None: gone) and returns its new generation."""
@@ -207,6 +208,8 @@ class _Ledger:
         if old is not None:
             self.seconds[old] += now - self.since[worker_id]
             self.counts[old] -= 1
+            if old in LIVE:
+                self.live -= 1
         generation = self.generation.get(worker_id, 0) + 1
         if phase is None:
             self.phase.pop(worker_id, None)
@@ -217,12 +220,9 @@ class _Ledger:
         self.since[worker_id] = now
         self.generation[worker_id] = generation
         self.counts[phase] += 1
+        if phase in LIVE:
+            self.live += 1
         return generation
-
-    @property
-    def live(self) -> int:
-        counts = self.counts
-        return counts[PROVISIONING] + counts[LOADING] + counts[READY]
 
     def close(self, now: float) -> dict[str, float]:
         totals = dict(self.seconds)
@@ -250,6 +250,7 @@ class _Sim:
         self.alive = 0  # sessions asked for and not yet ended
         self.next_session = itertools.count(1)
         self.attempts: dict[int, int] = {}  # waiting session -> /route/ calls it has made
+        self.empty_reports: dict[int, Report] = {}
         self.waits = [0.0] * len(jobs)
         self.cold_starts = 0
         self.resumed = 0
@@ -267,16 +268,26 @@ class _Sim:
     # -- the loop ------------------------------------------------------------
 
     def run(self) -> Result:
-        for i, job in enumerate(self.jobs):
-            self._push(job.arrival, _ARRIVAL, i)
+        # The arrivals are taken in trace order beside the heap of the other events, which
+        # stays as small as what is under way: as if each were in the heap at (arrival, _ARRIVAL).
+        heap = self.heap
+        arrivals = [job.arrival for job in self.jobs]
+        arrivals.append(math.inf)
+        nxt = 0
         now = 0.0
         self._settle(now)
-        while self.heap:
-            now = self.heap[0][0]
+        while heap or arrivals[nxt] < math.inf:
+            now = heap[0][0] if heap and heap[0][0] < arrivals[nxt] else arrivals[nxt]
             moved = False
-            while self.heap and self.heap[0][0] <= now:
-                _, kind, _, a, b = heapq.heappop(self.heap)
-                moved = self._handle(now, kind, a, b) or moved
+            while True:
+                if heap and heap[0][0] <= now and (heap[0][1] < _ARRIVAL or arrivals[nxt] > now):
+                    _, kind, _, a, b = heapq.heappop(heap)
+                    moved = self._handle(now, kind, a, b) or moved
+                elif arrivals[nxt] <= now:
+                    moved = self._handle(now, _ARRIVAL, nxt, 0) or moved
+                    nxt += 1
+                else:
+                    break
             if moved:
                 self._settle(now)
         # The run ends when the last job has arrived and the fleet last changed; an event that changed
@@ -323,11 +334,11 @@ class _Sim:
             # The consumer acks and releases: the worker reports itself empty.
             # (Its /delete_requests/ entry for the session would end a grant,
             # and the report showing the session already ended that one.)
-            book.report(now, Report(worker_id=a, cur_load=0.0, max_perf=MAX_PERF))
+            book.report(now, self._empty(a))
             self.alive -= 1
         elif kind == _UP:
             book.started(now, a)
-            book.report(now, Report(worker_id=a, cur_load=0.0, max_perf=MAX_PERF))
+            book.report(now, self._empty(a))
             self.ledger.enter(a, READY, now)
         elif kind == _STOPPED:
             book.stopped(now, a)
@@ -337,6 +348,13 @@ class _Sim:
             # decision cannot move, so only a worker kept cold needs a step.
             return worker is not None or self.exact
         return True
+
+    def _empty(self, worker_id: int) -> Report:
+        """The worker's report of itself ready and holding nothing; one per worker, as a report is immutable."""
+        report = self.empty_reports.get(worker_id)
+        if report is None:
+            report = self.empty_reports[worker_id] = Report(worker_id=worker_id, cur_load=0.0, max_perf=MAX_PERF)
+        return report
 
     def _settle(self, now: float) -> None:
         """Everything that happens at ``now`` once its events are in: new sessions, the book's step, the next wake."""
