@@ -563,7 +563,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lib.planner.plot import plot_results
 
         shown = chosen if chosen is not None else min(front, key=lambda i: results[i].wait_stats()["p95"])
-        timeline = simulate(jobs, results[shown].plan, seed=args.seed, record=True)
+        if len(jobs) >= 20_000:
+            print(f"replaying set {shown + 1} again for its timeline...", file=sys.stderr)
+        replay = Progress()
+        try:
+            with sigterm_as_ctrl_c():
+                timeline = simulate(
+                    jobs,
+                    results[shown].plan,
+                    seed=args.seed,
+                    record=True,
+                    progress=lambda n: replay(0, 1, n / len(jobs)),
+                )
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        replay(1, 1, 1.0)
         plot_results(args.plot, results, front, shown, timeline, source)
         print(f"plot written to {args.plot} (timeline of set {shown + 1})")
     return status

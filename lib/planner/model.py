@@ -34,7 +34,7 @@ import itertools
 import math
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,9 @@ RUNNING_PHASES = (PROVISIONING, LOADING, READY, STOPPING)
 # 1 s, then random and growing, up to the client's max_poll_interval (5 s by default).
 SDK_FIRST_POLL = 1.0
 SDK_MAX_POLL = 5.0
+
+# A replay tells its progress (the jobs started so far) after every this many job starts.
+PROGRESS_EVERY = 1024
 
 # Event kinds, in the order they are handled when they fall on the same moment.
 _STOPPED, _JOB_END, _UP, _ARRIVAL, _ROUTE, _WAKE = range(6)
@@ -232,7 +235,15 @@ class _Ledger:
 
 
 class _Sim:
-    def __init__(self, jobs: Sequence[Job], plan: Plan, seed: int, record: bool, exact: bool = False):
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        plan: Plan,
+        seed: int,
+        record: bool,
+        exact: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ):
         self.jobs = jobs
         self.plan = plan
         self.rng = random.Random(seed)  # cold starts
@@ -252,6 +263,8 @@ class _Sim:
         self.attempts: dict[int, int] = {}  # waiting session -> /route/ calls it has made
         self.empty_reports: dict[int, Report] = {}
         self.waits = [0.0] * len(jobs)
+        self.started = 0  # jobs a consumer has taken
+        self.progress = progress
         self.cold_starts = 0
         self.resumed = 0
         self.provisioned = 0
@@ -419,6 +432,9 @@ class _Sim:
         job = self.jobs[job_index]
         self.waits[job_index] = now - job.arrival
         self.busy += job.duration
+        self.started += 1
+        if self.progress is not None and self.started % PROGRESS_EVERY == 0:
+            self.progress(self.started)
         self._push(now + job.duration, _JOB_END, worker_id, session)
 
     def _carry_out(self, commands: Sequence[Command], now: float) -> None:
@@ -457,9 +473,19 @@ class _Sim:
         return low if low == high else self.rng.uniform(low, high)
 
 
-def simulate(jobs: Sequence[Job], plan: Plan, *, seed: int = 0, record: bool = False, exact: bool = False) -> Result:
+def simulate(
+    jobs: Sequence[Job],
+    plan: Plan,
+    *,
+    seed: int = 0,
+    record: bool = False,
+    exact: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Result:
     """The waits, worker-seconds and cost of ``jobs`` under ``plan``; ``record`` keeps a timeline.
 
     ``exact`` steps the book after every event, also where a step can ask for nothing.
+    ``progress(started)`` is called with the number of jobs started so far, after every
+    ``PROGRESS_EVERY`` of them (a backlog makes a replay slow: each waiting session keeps asking).
     """
-    return _Sim(jobs, plan, seed, record, exact).run()
+    return _Sim(jobs, plan, seed, record, exact, progress).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import signal
@@ -9,26 +10,39 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lib.planner.model import Plan, Result, simulate
 from lib.planner.trace import Job
 
 # The trace a pool's processes replay, set once per process by the pool's
-# initializer so it is sent to each process once rather than with every set.
+# initializer so it is sent to each process once rather than with every set;
+# and the jobs started so far in each set, shared with the parent for its progress line.
 _pool_jobs: Sequence[Job] = ()
 _pool_seed = 0
+_pool_started: Any = None
+
+# How often the parent looks at the sets under way while none has finished.
+_PROGRESS_POLL = 0.5
 
 
-def _init_pool(jobs: Sequence[Job], seed: int) -> None:
+def _init_pool(jobs: Sequence[Job], seed: int, started: Any) -> None:
     # Ctrl-C and SIGTERM are the parent's to handle: it ends the pool, which stops each process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    global _pool_jobs, _pool_seed
-    _pool_jobs, _pool_seed = jobs, seed
+    global _pool_jobs, _pool_seed, _pool_started
+    _pool_jobs, _pool_seed, _pool_started = jobs, seed, started
 
 
-def _run_one(plan: Plan) -> Result:
-    return simulate(_pool_jobs, plan, seed=_pool_seed)
+def _run_one(item: tuple[int, Plan]) -> Result:
+    index, plan = item
+
+    def tell(started: int) -> None:
+        _pool_started[index] = started
+
+    result = simulate(_pool_jobs, plan, seed=_pool_seed, progress=tell)
+    _pool_started[index] = len(_pool_jobs)
+    return result
 
 
 def run_sweep(
@@ -37,25 +51,45 @@ def run_sweep(
     *,
     seed: int = 0,
     processes: int = 1,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> list[Result]:
-    """Each plan's result, in the order given; ``progress(done, total)`` after each."""
+    """Each plan's result, in the order given.
+
+    ``progress(done, total, share)``: ``done`` sets of ``total`` are back, and ``share`` of
+    all their jobs have started, counting the sets under way; called as each set comes
+    back and while one runs.
+    """
     total = len(plans)
+    all_jobs = max(len(jobs) * total, 1)
     results: list[Result] = []
     if processes <= 1 or total <= 1:
         for plan in plans:
-            results.append(simulate(jobs, plan, seed=seed))
+            before = len(results) * len(jobs)
+
+            def tell(started: int, before: int = before) -> None:
+                if progress:
+                    progress(len(results), total, (before + started) / all_jobs)
+
+            results.append(simulate(jobs, plan, seed=seed, progress=tell))
             if progress:
-                progress(len(results), total)
+                progress(len(results), total, len(results) * len(jobs) / all_jobs)
         return results
     # fork shares the trace without pickling it where the platform allows.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(min(processes, total), _init_pool, (jobs, seed))
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    started = context.RawArray("q", total)
+    pool = context.Pool(min(processes, total), _init_pool, (jobs, seed, started))
     try:
-        for result in pool.imap(_run_one, plans):
+        answers = pool.imap(_run_one, enumerate(plans))
+        while len(results) < total:
+            try:
+                result = answers.next(timeout=_PROGRESS_POLL)
+            except multiprocessing.TimeoutError:
+                if progress:
+                    progress(len(results), total, sum(started) / all_jobs)
+                continue
             results.append(result)
             if progress:
-                progress(len(results), total)
+                progress(len(results), total, sum(started) / all_jobs)
         pool.close()
     finally:
         pool.terminate()
@@ -92,26 +126,43 @@ def cheapest_within(results: Sequence[Result], max_p95: float) -> int | None:
 class Progress:
     """A line on stderr for sweeps that take more than a moment: redrawn on a terminal, else every tenth."""
 
-    stream: object = sys.stderr
+    stream: Any = sys.stderr
     after: float = 1.0
+    # On a terminal, the least time between two redraws.
+    every: float = 0.2
     started: float = 0.0
     _last_tenth: int = -1
+    _last_drawn: float = -math.inf
+    _last_width: int = 0
 
     def __post_init__(self) -> None:
         self.started = time.monotonic()
 
-    def __call__(self, done: int, total: int) -> None:
-        elapsed = time.monotonic() - self.started
+    def __call__(self, done: int, total: int, share: float) -> None:
+        """``done`` sets of ``total`` are back; ``share`` of all their jobs have started."""
+        now = time.monotonic()
+        elapsed = now - self.started
+        finished = done >= total
         if elapsed < self.after:
             return
+        text = f"replayed {done}/{total} parameter set{'s' if total > 1 else ''}"
+        if not finished:
+            # A set's jobs start unevenly in time (a backlog slows the replay), so the time left
+            # is told from whole sets only.
+            text += f", {100 * share:.0f}% of all jobs started"
+        text += f", {elapsed:.0f}s elapsed"
+        if 0 < done < total:
+            text += f", about {elapsed / done * (total - done):.0f}s left"
         tty = getattr(self.stream, "isatty", lambda: False)()
-        left = elapsed / done * (total - done) if done else 0.0
-        text = f"simulated {done}/{total} parameter sets, {elapsed:.0f}s elapsed, about {left:.0f}s left"
         if tty:
-            self.stream.write("\r" + text + ("\n" if done == total else ""))
-            self.stream.flush()
+            if finished or now - self._last_drawn >= self.every:
+                self._last_drawn = now
+                # Spaces over what a longer line before left.
+                self.stream.write("\r" + text.ljust(self._last_width) + ("\n" if finished else ""))
+                self._last_width = len(text)
+                self.stream.flush()
         else:
-            tenth = done * 10 // total
+            tenth = 10 if finished else min(int(share * 10), 9)
             if tenth != self._last_tenth:
                 self._last_tenth = tenth
                 self.stream.write(text + "\n")
