@@ -26,6 +26,7 @@ from lib.planner.sweep import Progress, cheapest_within, default_processes, pare
 from lib.planner.trace import Job, JobSeconds, TraceError, bursts, describe, diurnal, load_trace, poisson
 from lib.standin.scaling import EndpointParams, LocalPolicy
 from workers.null.cli import DefaultsShown, output_file_problem, sigterm_as_ctrl_c
+from workers.null.ledger import DEFAULT_MAX_SESSIONS
 
 _DEFAULT_PARAMS = EndpointParams()
 _DEFAULT_POLICY = LocalPolicy()
@@ -472,6 +473,15 @@ def format_choice(result: Result, max_p95: float) -> str:
     lines += [f"  {key} = {_value(d[key])}" for key in _ENDPOINT_KEYS]
     flags = " ".join(f"{flag} {_value(d[key])}" for key, _, flag in _PARAM_COLUMNS if key in _ENDPOINT_KEYS)
     lines.append(f"  (the stand-in: python -m lib.standin {flags})")
+    if result.plan.max_sessions is not None:
+        lines.append(f"run the dispatcher with --max-sessions {result.plan.max_sessions}")
+    else:
+        # Uncapped here; a dispatcher capped at the most sessions this replay had alive opens the same ones.
+        sessions = max(result.peak_sessions, 1)
+        fewer = f"; its default, {DEFAULT_MAX_SESSIONS}, would open fewer" if sessions > DEFAULT_MAX_SESSIONS else ""
+        lines.append(
+            f"run the dispatcher with --max-sessions {sessions} or more: the most sessions alive at once here{fewer}"
+        )
     return "\n".join(lines)
 
 

@@ -144,6 +144,7 @@ class Result:
     cold_starts: int  # worker starts: new workers plus cold workers resumed
     resumed: int
     peak_workers: int  # most live (provisioning, loading, ready) workers at once
+    peak_sessions: int  # most sessions the dispatcher had alive at once
     billed_worker_s: float  # provisioning + loading + ready + stopping
     cold_worker_s: float  # stopped and kept cold
     busy_worker_s: float
@@ -171,6 +172,7 @@ class Result:
             "cold_starts": self.cold_starts,
             "resumed": self.resumed,
             "peak_workers": self.peak_workers,
+            "peak_sessions": self.peak_sessions,
             "wait_s": {k: round(v, 6) for k, v in self.wait_stats().items()},
             "billed_worker_s": round(self.billed_worker_s, 3),
             "cold_worker_s": round(self.cold_worker_s, 3),
@@ -269,6 +271,7 @@ class _Sim:
         self.resumed = 0
         self.provisioned = 0
         self.peak = 0
+        self.peak_sessions = 0
         self.busy = 0.0
         self.wake_at = math.inf
         self.last_change = 0.0  # the last event that changed something, other than a wake, or the last command
@@ -315,6 +318,7 @@ class _Sim:
             cold_starts=self.cold_starts,
             resumed=self.resumed,
             peak_workers=self.peak,
+            peak_sessions=self.peak_sessions,
             billed_worker_s=billed,
             cold_worker_s=phase_s[COLD.value],
             busy_worker_s=self.busy,
@@ -402,6 +406,8 @@ class _Sim:
             self.alive += 1
             self.attempts[session] = 0
             self._route(now, session)
+        if self.alive > self.peak_sessions:
+            self.peak_sessions = self.alive
 
     def _route(self, now: float, session: int) -> None:
         """The SDK's /route/ call for ``session`` (its request index): a worker now, or wait."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -177,6 +178,28 @@ def test_dispatcher_cap_limits_sessions_and_so_workers():
     jobs = [Job(0.0, 3.0) for _ in range(10)]
     result = simulate(jobs, plan(cold=1.0, max_sessions=2, target_queue_time=0.0))
     assert result.peak_workers <= 2
+
+
+def test_peak_sessions_counts_the_sessions_alive_at_once_under_the_cap():
+    """Six jobs at once open six sessions, or as many as the dispatcher's cap allows."""
+    jobs = [Job(0.0, 2.0) for _ in range(6)]
+    assert simulate(jobs, plan(cold=1.0, max_workers=1)).peak_sessions == 6
+    assert simulate(jobs, plan(cold=1.0, max_workers=1, max_sessions=4)).peak_sessions == 4
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_cap_at_the_peak_sessions_replays_the_same_as_no_cap(seed):
+    """What the planner tells the dispatcher to set: a cap no lower than the most sessions alive changes nothing."""
+    jobs = mixed_trace(seed)
+    uncapped = plan(cold=8.0, max_workers=3)
+    free = simulate(jobs, uncapped, seed=seed)
+    assert free.peak_sessions > 3  # a backlog, so the sessions outnumber the workers
+    capped = simulate(jobs, dataclasses.replace(uncapped, max_sessions=free.peak_sessions), seed=seed)
+    assert capped.waits == free.waits
+    assert {**capped.as_dict(), "params": None} == {**free.as_dict(), "params": None}
+    # A cap that binds does change them.
+    one = simulate(jobs, dataclasses.replace(uncapped, max_sessions=1), seed=seed)
+    assert one.peak_sessions == 1 and one.waits != free.waits
 
 
 def test_timeline_records_queue_depth_and_workers():

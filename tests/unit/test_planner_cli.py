@@ -211,6 +211,9 @@ def test_max_p95_wait_picks_the_cheapest_set_that_meets_it(tmp_path, capsys):
     assert code == 0
     assert f"max_workers = {results[cheapest]['params']['max_workers']}" in out
     assert "set on the endpoint" in out
+    peak_sessions = results[cheapest]["peak_sessions"]
+    assert peak_sessions >= results[cheapest]["peak_workers"]
+    assert f"run the dispatcher with --max-sessions {peak_sessions} or more" in out
     code, out, _ = run(capsys, *argv, "--max-p95-wait", "0", "--processes", "1")
     assert code == 1
     assert "no set keeps p95 wait <= 0s" in out

@@ -48,7 +48,7 @@ from .cli import (
     run_command,
     short,
 )
-from .ledger import Attempt, Ledger, SessionRecord
+from .ledger import DEFAULT_MAX_SESSIONS, Attempt, Ledger, SessionRecord
 from .queues.base import Queue, QueueError
 
 log = logging.getLogger("workers.null.dispatcher")  # the command's logger, also when run as __main__
@@ -65,7 +65,7 @@ CONNECT_TIMEOUT = 5.0  # seconds to reach the queue server at start (a server st
 
 @dataclass(frozen=True)
 class DispatchOptions:
-    max_sessions: int = 10
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     lifetime: float = 60.0  # the session's lease; the consumer renews it every lifetime/3
     timeout: float = 600.0  # seconds a session may wait for a worker; then it is asked for again
     reconcile_every: float = 10.0  # read the queue's counts this often (a backstop)

@@ -47,6 +47,10 @@ TRUST_PENDING = 2.0
 EARLY_KEEP = 120.0
 
 
+# The dispatcher's cap on sessions alive at once, unless told otherwise: so on workers.
+DEFAULT_MAX_SESSIONS = 10
+
+
 def to_open(pending: int, unclaimed: int, alive: int, max_sessions: int) -> int:
     """Sessions to ask for now: enough for the jobs no session covers, never past ``max_sessions``."""
     return max(0, min(pending - unclaimed, max_sessions - alive))
