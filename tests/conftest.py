@@ -16,6 +16,30 @@ from lib.standin.grants import GrantSigner
 from tests.helpers import DESK_ENV, RunningWorker, StartWorker, public_app, running_worker
 
 
+@pytest.fixture(autouse=True)
+def logging_as_it_was():
+    """Each test leaves logging as it found it.
+
+    A command's ``main()`` run in-process sets its loggers' levels and adds a
+    handler on the root; left in place, the stand-in's book would log every
+    route of every later replay at INFO, into a stream that test has closed.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    loggers = logging.root.manager.loggerDict
+    levels = {name: each.level for name, each in loggers.items() if isinstance(each, logging.Logger)}
+    yield
+    for handler in root.handlers[:]:
+        # pytest's own capture handlers come and go with each phase of the test.
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    if root.level != level:
+        root.setLevel(level)
+    for name, each in list(loggers.items()):
+        if isinstance(each, logging.Logger) and each.level != levels.get(name, logging.NOTSET):
+            each.setLevel(levels.get(name, logging.NOTSET))
+
+
 @pytest.fixture(scope="session")
 def signer() -> GrantSigner:
     return GrantSigner()
