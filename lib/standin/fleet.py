@@ -198,7 +198,7 @@ class Fleet:
         self.clock = clock
         self.book = Book(settings.book, clock())
         self._own_workdir = workdir is None
-        self.workdir = Path(tempfile.mkdtemp(prefix="null-local-")) if workdir is None else workdir
+        self._workdir = workdir
         self.report_addr = ""
         self.instances: dict[int, Instance] = {}
         self.urls: dict[int, str] = {}  # every worker's URL once its process started, kept after it is gone
@@ -244,6 +244,17 @@ class Fleet:
             held.setdefault(seen.worker_id, []).append(idx)
         return held
 
+    @property
+    def workdir(self) -> Path:
+        """Where the workers' files go: the one given, or a temporary one of its own.
+
+        Its own is made on first use (when the fleet starts) and removed when it
+        closes, so a fleet that is built and never started leaves nothing behind.
+        """
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="null-local-"))
+        return self._workdir
+
     # -- lifecycle ------------------------------------------------------------
 
     def start(self, report_addr: str) -> None:
@@ -264,8 +275,8 @@ class Fleet:
             await asyncio.gather(*pending, return_exceptions=True)
         self.kill_now()
         atexit.unregister(self.kill_now)
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._own_workdir and self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
     def kill_now(self) -> None:
         """SIGKILL to every worker's process group (its consumer too); safe from atexit with no event loop."""

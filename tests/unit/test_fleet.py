@@ -200,3 +200,19 @@ async def test_a_deadline_that_falls_while_the_loop_steps_wakes_it_at_once(tmp_p
         assert naps == [0.0]  # request 2 was overdue by the time the loop looked: it steps again at once
     finally:
         await fleet.aclose()
+
+
+async def test_a_fleet_makes_its_own_directory_only_when_it_starts_and_removes_it_when_it_closes(
+    tmp_path: Path, monkeypatch
+):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    unstarted = Fleet(FleetSettings())
+    await unstarted.aclose()
+    assert list(tmp_path.iterdir()) == []  # built and closed, never started: nothing left
+    fleet = Fleet(FleetSettings(params=EndpointParams(inactivity_timeout=None)))
+    assert list(tmp_path.iterdir()) == []
+    fleet.start("127.0.0.1:9")
+    (made,) = tmp_path.iterdir()
+    assert made == fleet.workdir and made.name.startswith("null-local-")
+    await fleet.aclose()
+    assert list(tmp_path.iterdir()) == []
