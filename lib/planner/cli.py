@@ -28,6 +28,9 @@ from lib.standin.scaling import EndpointParams, LocalPolicy
 from workers.null.cli import DefaultsShown, output_file_problem, sigterm_as_ctrl_c
 from workers.null.ledger import DEFAULT_MAX_SESSIONS
 
+# Jobs replayed (over all sets) from which a line says what is under way before any progress.
+_LONG_REPLAY = 20_000
+
 _DEFAULT_PARAMS = EndpointParams()
 _DEFAULT_POLICY = LocalPolicy()
 _DEFAULT_PLAN = Plan()
@@ -539,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     print(f"trace: {source}", flush=True)
     processes = args.processes or default_processes()
-    if len(jobs) * len(plans) >= 20_000:
+    if len(jobs) * len(plans) >= _LONG_REPLAY:
         # A set of many jobs takes a while before the first progress line.
         sets = f"{len(plans)} parameter set{'s' if len(plans) > 1 else ''}"
         print(f"replaying {sets} over {len(jobs)} jobs on {min(processes, len(plans))} process(es)...", file=sys.stderr)
@@ -573,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lib.planner.plot import plot_results
 
         shown = chosen if chosen is not None else min(front, key=lambda i: results[i].wait_stats()["p95"])
-        if len(jobs) >= 20_000:
+        if len(jobs) >= _LONG_REPLAY:
             print(f"replaying set {shown + 1} again for its timeline...", file=sys.stderr)
         replay = Progress()
         try:

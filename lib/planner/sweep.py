@@ -82,12 +82,9 @@ def run_sweep(
         answers = pool.imap(_run_one, enumerate(plans))
         while len(results) < total:
             try:
-                result = answers.next(timeout=_PROGRESS_POLL)
+                results.append(answers.next(timeout=_PROGRESS_POLL))
             except multiprocessing.TimeoutError:
-                if progress:
-                    progress(len(results), total, sum(started) / all_jobs)
-                continue
-            results.append(result)
+                pass  # none back yet: the line still moves with the sets under way
             if progress:
                 progress(len(results), total, sum(started) / all_jobs)
         pool.close()
