@@ -306,6 +306,8 @@ class _Sim:
                     break
             if moved:
                 self._settle(now)
+            elif self.record:
+                self._mark(now)  # a worker gone: no step, but the timeline shows it
         # The run ends when the last job has arrived and the fleet last changed; an event that changed
         # nothing (a wake that asked for nothing, a superseded start) does not lengthen it.
         horizon = max(self.last_change, self.jobs[-1].arrival if self.jobs else 0.0)
@@ -334,8 +336,8 @@ class _Sim:
         """Takes one event; False when it changed nothing (a stale wake or a superseded start)."""
         book = self.book
         if kind == _WAKE:
-            if now < self.wake_at:
-                return False  # superseded by an earlier wake
+            if now != self.wake_at:
+                return False  # the book has since named another moment, or none
             self.wake_at = math.inf
             return True
         if kind == _ROUTE and a not in self.attempts:
@@ -385,16 +387,23 @@ class _Sim:
         # step left them. Only the exact replay takes it: it steps eight times.
         for _ in range(8 if self.exact else 1):
             self._carry_out(book.step(now), now)
+        # Only the moment the book names last counts: one it named before, and has since moved
+        # on from (the session it waited for got a worker), comes and passes without a step.
         wake = book.next_wakeup(now)
-        if wake is not None and wake < self.wake_at:
+        if wake is None:
+            self.wake_at = math.inf
+        elif wake != self.wake_at:
             self.wake_at = wake
             self._push(wake, _WAKE, 0)
         live = self.ledger.live
         if live > self.peak:
             self.peak = live
         if self.record:
-            counts = self.ledger.counts
-            self.timeline.append((now, len(self.pending), *(counts[p] for p in TIMELINE_PHASES)))
+            self._mark(now)
+
+    def _mark(self, now: float) -> None:
+        counts = self.ledger.counts
+        self.timeline.append((now, len(self.pending), *(counts[p] for p in TIMELINE_PHASES)))
 
     def _open_sessions(self, now: float) -> None:
         cap = self.plan.max_sessions

@@ -330,6 +330,25 @@ def _stoppable(idle: Sequence[WorkerView], now: float, policy: LocalPolicy) -> l
     return sorted(due, key=lambda w: (_STOP_ORDER[w.phase], -w.created_at, -w.id))
 
 
+def first_after(origin: float, span: float) -> float:
+    """The first clock value ``t`` at which ``t - origin >= span``, as the subtraction rounds.
+
+    ``origin + span`` can round to an instant a little before that (the test
+    then still fails there) or a little after it: on epoch-second clocks an ulp
+    is 2e-7 s. A moment named for a test to change is this one, so the step
+    taken there sees the change, and no earlier instant would.
+    """
+    moment = origin + span
+    if moment - origin >= span:
+        below = math.nextafter(moment, -math.inf)
+        while below - origin >= span:
+            moment, below = below, math.nextafter(below, -math.inf)
+    else:
+        while moment - origin < span:
+            moment = math.nextafter(moment, math.inf)
+    return moment
+
+
 def next_change(snapshot: Snapshot, params: EndpointParams, policy: LocalPolicy) -> float | None:
     """The earliest moment after ``snapshot.now`` at which ``decide`` may act differently, or None.
 
@@ -380,8 +399,10 @@ def change_from(
     load = t.held + overdue
     target = _target(t, load, now, last_activity, params)
     moments = []
-    fresh = sorted((r.since + queue_time - EPSILON, r.cost) for r in waiting if now - r.since < queue_time - EPSILON)
-    for moment, cost in fresh:
+    wait = queue_time - EPSILON
+    fresh = sorted((r.since, r.cost) for r in waiting if now - r.since < wait)
+    for since, cost in fresh:
+        moment = first_after(since, wait)
         # The load grows by each request in turn; the first that moves the target counts.
         # Summed in another order than decide's, so a target that a rounding could move counts too.
         load += cost
@@ -395,8 +416,10 @@ def change_from(
             break
     if target < t.live:
         # Every worker in t.idle has an idle_since; each not idle long enough yet becomes stoppable then.
-        delay = policy.scale_down_delay
-        moments.extend(w.idle_since + delay - EPSILON for w in t.idle if now - w.idle_since < delay - EPSILON)  # type: ignore[operator]
+        delay = policy.scale_down_delay - EPSILON
+        waiting_since = [w.idle_since for w in t.idle if now - w.idle_since < delay]  # type: ignore[operator]
+        if waiting_since:
+            moments.append(first_after(min(waiting_since), delay))  # type: ignore[type-var]
     timeout = params.inactivity_timeout
     if (
         timeout is not None
@@ -405,7 +428,7 @@ def change_from(
         and not busy
         and not inactive_since(last_activity, now, params)
     ):
-        moments.append(last_activity + timeout - EPSILON)
+        moments.append(first_after(last_activity, timeout - EPSILON))
     if not moments:
         return None
     # On large clock values (epoch seconds) the sum above can round to now or

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from lib.standin.scaling import (
@@ -18,6 +18,7 @@ from lib.standin.scaling import (
     WorkerView,
     choose_worker,
     decide,
+    first_after,
     has_room,
     next_change,
     target_workers,
@@ -372,6 +373,61 @@ def test_next_change_moves_on_even_where_the_clock_cannot_resolve_epsilon():
     shot = Snapshot(now=now, waiting=(request,), last_activity=now)
     moment = next_change(shot, params, POLICY)
     assert moment is None or moment > now
+
+
+@given(
+    origin=st.floats(min_value=0.0, max_value=2e9, allow_nan=False, allow_infinity=False),
+    span=st.floats(min_value=0.0, max_value=3600.0, allow_nan=False, allow_infinity=False),
+)
+def test_first_after_is_the_first_instant_the_subtraction_reaches_the_span(origin, span):
+    """first_after(o, s) - o >= s, and at the float just before it the test still fails."""
+    moment = first_after(origin, span)
+    assert moment - origin >= span
+    assert math.nextafter(moment, -math.inf) - origin < span
+    assert abs(moment - (origin + span)) <= 4 * math.ulp(origin + span)
+
+
+@given(
+    now=st.floats(min_value=1e3, max_value=2e9, allow_nan=False, allow_infinity=False),
+    waited=st.floats(min_value=0.0, max_value=0.499),
+    idle_for=st.floats(min_value=0.0, max_value=4.99),
+    quiet_for=st.floats(min_value=0.0, max_value=9.99),
+    case=st.sampled_from(["overdue", "stoppable", "inactive"]),
+)
+# Moments from a replayed day where the sum rounded to just before the test changes.
+@example(now=4124.638079741971, waited=0.0, idle_for=0.0, quiet_for=0.0, case="overdue")
+@example(now=4151.283413049335, waited=0.0, idle_for=0.0, quiet_for=0.0, case="stoppable")
+@example(now=4124.638079741971, waited=0.0, idle_for=0.0, quiet_for=0.0, case="inactive")
+def test_a_step_at_next_change_sees_the_change(now, waited, idle_for, quiet_for, case):
+    """On any clock, even epoch seconds, decide acts differently at the moment named, not an ulp after it.
+
+    A moment that came a rounding too early would cost a driver a step that
+    does nothing and a second step an instant later.
+    """
+    params = EndpointParams(target_util=1.0, target_queue_time=0.5, inactivity_timeout=10.0)
+
+    def ready(id: int, **kw: float | None) -> WorkerView:
+        return WorkerView(id=id, phase=Phase.READY, created_at=now - 60.0 + id, max_perf=100.0, **kw)  # type: ignore[arg-type]
+
+    if case == "overdue":
+        workers: tuple[WorkerView, ...] = (ready(1, cur_load=100.0),)
+        waiting: tuple[WaitingRequest, ...] = (WaitingRequest(1, 100.0, now - waited),)
+        last = now
+    elif case == "stoppable":
+        workers = (ready(1, cur_load=100.0), ready(2, idle_since=now - idle_for))
+        waiting, last = (), now
+    else:
+        workers, waiting, last = (ready(1, idle_since=now - 60.0),), (), now - quiet_for
+    shot = Snapshot(now=now, workers=workers, waiting=waiting, last_activity=last)
+    moment = next_change(shot, params, POLICY)
+    assert moment is not None and moment > now
+    at = Snapshot(moment, workers, waiting, last)
+    assert acts(decide(at, params, POLICY)) != acts(decide(shot, params, POLICY))
+    before = math.nextafter(moment, -math.inf)
+    if before > now:
+        assert acts(decide(Snapshot(before, workers, waiting, last), params, POLICY)) == acts(
+            decide(shot, params, POLICY)
+        )
 
 
 _phases = st.sampled_from(list(Phase))
