@@ -77,7 +77,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from lib.standin.scaling import (
     COLD,
@@ -133,8 +133,7 @@ class BookSettings:
 # -- what goes in -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(NamedTuple):
     """A worker's /worker_status/ report, the fields the book uses."""
 
     worker_id: int
@@ -174,8 +173,7 @@ class Deleted:
 # -- what comes out -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Routed:
+class Routed(NamedTuple):
     """The answer to a /route/ call: a grant on ``worker_id``, or (None) wait and poll with ``request_idx``."""
 
     request_idx: int
@@ -213,7 +211,7 @@ Command = Provision | Resume | Stop | Answer
 # -- what is kept -------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Worker:
     id: int
     created_at: float
@@ -230,7 +228,7 @@ class Worker:
     keep_on_stop: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Grant:
     request_idx: int
     worker_id: int
@@ -239,14 +237,14 @@ class Grant:
     queued_since: float
 
 
-@dataclass
+@dataclass(slots=True)
 class Waiting:
     request: WaitingRequest
     last_poll: float
     held_until: float | None = None  # a /route/ call is held open until then
 
 
-@dataclass
+@dataclass(slots=True)
 class SeenSession:
     request_idx: int
     worker_id: int
@@ -788,6 +786,26 @@ class Book:
             wid in self._cold,
             wid in self._idle,
         )
+        gone = wid not in self.workers
+        if not gone:
+            phase = worker.phase
+            load = worker.cur_load + self._reserved.get(wid, 0)
+            live = phase in LIVE
+            errored = phase is ERRORED
+            cold = phase is COLD
+            busy = not cold and (worker.cur_load > EPSILON or worker.sessions != 0)
+            idle = live and load <= EPSILON and worker.sessions == 0 and worker.idle_since is not None
+            new_held = load if live or errored else 0.0
+            new_perf = worker.max_perf if phase is READY and worker.max_perf > 0 else 0.0
+            if (
+                not (was_idle or was_cold or idle or cold)
+                and live == was_live
+                and errored == was_errored
+                and busy == (wid in self._busy_ids)
+                and new_held == held
+                and new_perf == perf
+            ):
+                return  # none of the tally's views is its own, and its counts and sums are as they were
         # The tally's tuples of idle and of cold views are built again only when one of theirs changed.
         if was_idle:
             self._idle_views = None
@@ -796,44 +814,34 @@ class Book:
             self._cold_views = None
         for ids in (self._reported, self._live, self._errored, self._cold, self._busy_ids):
             ids.discard(wid)
-        if wid not in self.workers:
+        if gone:
             self._tally = None
             return
-        phase = worker.phase
-        load = worker.cur_load + self._reserved.get(wid, 0)
-        live = phase in LIVE
-        if phase is not COLD and (worker.cur_load > EPSILON or worker.sessions):
+        if busy:
             self._busy_ids.add(wid)
-        if live or phase is ERRORED:
-            self._held[wid] = load
-        else:
-            self._held[wid] = 0.0
-        if phase is READY and worker.max_perf > 0:
+        self._held[wid] = new_held
+        self._perf[wid] = new_perf
+        if new_perf:
             self._reported.add(wid)
-            self._perf[wid] = worker.max_perf
-        else:
-            self._perf[wid] = 0.0
-        idle = False
         if live:
             self._live.add(wid)
-            if load <= EPSILON and worker.sessions == 0 and worker.idle_since is not None:
+            if idle:
                 self._idle_views = None
-                self._file_idle(wid, worker.idle_since)
-                idle = True
-        elif phase is ERRORED:
+                self._file_idle(wid, worker.idle_since)  # type: ignore[arg-type]
+        elif errored:
             self._errored.add(wid)
-        elif phase is COLD:
+        elif cold:
             self._cold.add(wid)
             self._cold_views = None
         if (
             was_cold
             or was_idle
             or idle
-            or phase is COLD
+            or cold
             or was_live != live
-            or was_errored != (phase is ERRORED)
-            or held != self._held[wid]
-            or perf != self._perf[wid]
+            or was_errored != errored
+            or held != new_held
+            or perf != new_perf
         ):
             self._tally = None
 

@@ -100,8 +100,8 @@ class LocalPolicy:
     assumed_perf: float = 100.0
 
 
-# The records made anew as events come (a worker's view, the tally, a decision) are named
-# tuples: as immutable as a frozen dataclass, and made in a quarter of its time.
+# The records made anew as events come (a worker's view, a waiting request, the tally, a
+# decision) are named tuples: as immutable as a frozen dataclass, and made in a quarter of its time.
 class WorkerView(NamedTuple):
     id: int
     phase: Phase
@@ -121,8 +121,7 @@ class WorkerView(NamedTuple):
         return self.cur_load + self.reserved
 
 
-@dataclass(frozen=True)
-class WaitingRequest:
+class WaitingRequest(NamedTuple):
     request_idx: int
     cost: float
     since: float
