@@ -211,6 +211,26 @@ def test_timeline_records_queue_depth_and_workers():
     assert max(row[2] + row[3] + row[4] for row in result.timeline) == 2
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_timeline_shows_each_phase_change_at_its_moment(seed):
+    """The workers by phase in the timeline, summed over time, are the billed worker-seconds.
+
+    A worker stopped while provisioning is gone at once, with no step of the
+    book: its row must still come at that moment, or the timeline would show it
+    stopping until the next step.
+    """
+    jobs = mixed_trace(seed)
+    result = simulate(jobs, plan(cold=8.0, max_workers=6, stop_seconds=0.5), seed=seed, record=True)
+    rows = result.timeline
+    assert rows
+    billed = 0.0
+    for row, after in zip(rows, rows[1:] + [(result.horizon_s,)], strict=True):
+        end = min(after[0], result.horizon_s)
+        if end > row[0]:
+            billed += (end - row[0]) * sum(row[2:6])  # provisioning, loading, ready, stopping
+    assert billed == pytest.approx(result.billed_worker_s, rel=1e-9)
+
+
 def test_generators_are_seeded_and_shaped():
     """Generated traces repeat under a seed, and a diurnal day is quiet at midnight and busy at noon."""
     first = diurnal(0.5, 24, JobSeconds(mean=10), random.Random(7))
