@@ -414,11 +414,12 @@ def change_from(
             moments.append(moment)
             break
     if target < t.live:
-        # Every worker in t.idle has an idle_since; each not idle long enough yet becomes stoppable then.
+        # Every worker in t.idle has an idle_since. Of those not idle long enough yet, the one idle
+        # longest becomes stoppable first.
         delay = policy.scale_down_delay - EPSILON
-        waiting_since = [w.idle_since for w in t.idle if now - w.idle_since < delay]  # type: ignore[operator]
-        if waiting_since:
-            moments.append(first_after(min(waiting_since), delay))  # type: ignore[type-var]
+        not_yet = [w.idle_since for w in t.idle if now - w.idle_since < delay]  # type: ignore[operator]
+        if not_yet:
+            moments.append(first_after(min(not_yet), delay))  # type: ignore[type-var]
     timeout = params.inactivity_timeout
     if (
         timeout is not None
