@@ -402,8 +402,8 @@ class _Sim:
             self._mark(now)
 
     def _mark(self, now: float) -> None:
-        counts = self.ledger.counts
-        self.timeline.append((now, len(self.pending), *(counts[p] for p in TIMELINE_PHASES)))
+        c = self.ledger.counts
+        self.timeline.append((now, len(self.pending), c[PROVISIONING], c[LOADING], c[READY], c[STOPPING], c[COLD]))
 
     def _open_sessions(self, now: float) -> None:
         cap = self.plan.max_sessions

@@ -143,9 +143,12 @@ def _from_job_log(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> list[Jo
         enqueued = _time_value(path, number, "enqueued", row["enqueued"])
         started = _time_value(path, number, "started", row["started"])
         finished = _time_value(path, number, "finished", row["finished"])
-        if type(started) is not type(finished):
+        if isinstance(started, datetime) and isinstance(finished, datetime):
+            duration = (finished - started).total_seconds()
+        elif not isinstance(started, datetime) and not isinstance(finished, datetime):
+            duration = finished - started
+        else:
             raise TraceError(f"{path}:{number}: started and finished mix ISO times and seconds; use one kind")
-        duration = (finished - started).total_seconds() if isinstance(started, datetime) else finished - started
         if duration < 0:
             raise TraceError(f"{path}:{number}: finished is before started; fix the times of that attempt")
         parsed.append((number, enqueued, duration))
@@ -262,7 +265,7 @@ def diurnal(peak: float, hours: float, job_seconds: JobSeconds, rng: random.Rand
     ``peak * 43200`` jobs on average. Drawn by thinning a Poisson stream at ``peak``.
     """
     seconds = hours * 3600.0
-    jobs = []
+    jobs: list[Job] = []
     if peak <= 0:
         return jobs
     t = rng.expovariate(peak)

@@ -550,26 +550,26 @@ class Book:
         """When ``step`` must next run if no event comes first; None: only an event changes anything."""
         s = self._settings
         moments = []
-        heap = self._grant_heap
-        while heap and self.grants.get(heap[0][2]) is not heap[0][3]:
-            heapq.heappop(heap)
-        if heap:
-            moments.append(heap[0][0])
-        heap = self._hold_heap
-        while heap and not self._holds(heap[0]):
-            heapq.heappop(heap)
-        if heap:
-            moments.append(heap[0][0])
-        heap = self._poll_heap
-        while heap and not self._polls(heap[0]):
-            heapq.heappop(heap)
-        if heap:
-            moments.append(heap[0][0])
-        heap = self._load_heap
-        while heap and not self._loads(heap[0]):
-            heapq.heappop(heap)
-        if heap:
-            moments.append(heap[0][0])
+        grants = self._grant_heap
+        while grants and self.grants.get(grants[0][2]) is not grants[0][3]:
+            heapq.heappop(grants)
+        if grants:
+            moments.append(grants[0][0])
+        holds = self._hold_heap
+        while holds and not self._holds(holds[0]):
+            heapq.heappop(holds)
+        if holds:
+            moments.append(holds[0][0])
+        polls = self._poll_heap
+        while polls and not self._polls(polls[0]):
+            heapq.heappop(polls)
+        if polls:
+            moments.append(polls[0][0])
+        loads = self._load_heap
+        while loads and not self._loads(loads[0]):
+            heapq.heappop(loads)
+        if loads:
+            moments.append(loads[0][0])
         if not self.closing:
             overdue = self._count_overdue(now)
             tally = self.tally()
@@ -983,23 +983,23 @@ class Book:
 
     def _expire(self, now: float, commands: list[Command]) -> None:
         s = self._settings
-        heap = self._grant_heap
-        while heap and (self.grants.get(heap[0][2]) is not heap[0][3] or now >= heap[0][0] - EPSILON):
-            _, _, idx, grant = heapq.heappop(heap)
+        grants = self._grant_heap
+        while grants and (self.grants.get(grants[0][2]) is not grants[0][3] or now >= grants[0][0] - EPSILON):
+            _, _, idx, grant = heapq.heappop(grants)
             if self.grants.get(idx) is grant:
                 self._drop_grant(idx)
                 log.debug("grant %d on worker %d not seen in its reports; no longer counted", idx, grant.worker_id)
-        heap = self._poll_heap
-        while heap and (not self._polls(heap[0]) or now >= heap[0][0] - EPSILON):
-            item = heapq.heappop(heap)
-            if self._polls(item):
-                self._pop_waiting(item[2])
-                log.info("request %d no longer polled; dropped", item[2])
-        heap = self._load_heap
-        while heap and (not self._loads(heap[0]) or now >= heap[0][0] - EPSILON):
-            item = heapq.heappop(heap)
-            if self._loads(item):
-                worker = self.workers[item[2]]
+        polls = self._poll_heap
+        while polls and (not self._polls(polls[0]) or now >= polls[0][0] - EPSILON):
+            poll = heapq.heappop(polls)
+            if self._polls(poll):
+                self._pop_waiting(poll[2])
+                log.info("request %d no longer polled; dropped", poll[2])
+        loads = self._load_heap
+        while loads and (not self._loads(loads[0]) or now >= loads[0][0] - EPSILON):
+            load = heapq.heappop(loads)
+            if self._loads(load):
+                worker = self.workers[load[2]]
                 worker.error = f"not ready {s.load_timeout:g}s after starting"
                 self._set_phase(worker, ERRORED, now)
                 log.warning("worker %d %s", worker.id, worker.error)

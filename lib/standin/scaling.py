@@ -417,9 +417,9 @@ def change_from(
         # Every worker in t.idle has an idle_since. Of those not idle long enough yet, the one idle
         # longest becomes stoppable first.
         delay = policy.scale_down_delay - EPSILON
-        not_yet = [w.idle_since for w in t.idle if now - w.idle_since < delay]  # type: ignore[operator]
+        not_yet = [w.idle_since for w in t.idle if w.idle_since is not None and now - w.idle_since < delay]
         if not_yet:
-            moments.append(first_after(min(not_yet), delay))  # type: ignore[type-var]
+            moments.append(first_after(min(not_yet), delay))
     timeout = params.inactivity_timeout
     if (
         timeout is not None
