@@ -40,7 +40,18 @@ from typing import Any
 
 from lib.planner.trace import Job
 from lib.standin.book import Answer, Book, BookSettings, Command, Provision, Report, Resume, Stop
-from lib.standin.scaling import COLD, LIVE, LOADING, PROVISIONING, READY, STOPPING, EndpointParams, LocalPolicy, Phase
+from lib.standin.scaling import (
+    COLD,
+    LIVE,
+    LOADING,
+    PROVISIONING,
+    READY,
+    STOPPING,
+    EndpointParams,
+    LocalPolicy,
+    Phase,
+    Rebuilt,
+)
 
 # One job is one session of this cost on a worker of this max_perf: the fleet's cost rule.
 COST = 100.0
@@ -61,7 +72,7 @@ _STOPPED, _JOB_END, _UP, _ARRIVAL, _ROUTE, _WAKE = range(6)
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(Rebuilt):
     """One parameter set: the endpoint's parameters, the cold start and the prices."""
 
     params: EndpointParams = field(default_factory=EndpointParams)

@@ -92,6 +92,7 @@ from lib.standin.scaling import (
     EndpointParams,
     LocalPolicy,
     Phase,
+    Rebuilt,
     Snapshot,
     Tally,
     WaitingRequest,
@@ -116,7 +117,7 @@ REJECTED = "Rejected"
 
 
 @dataclass(frozen=True)
-class BookSettings:
+class BookSettings(Rebuilt):
     params: EndpointParams = field(default_factory=EndpointParams)
     policy: LocalPolicy = field(default_factory=LocalPolicy)
     # A worker not ready this long after its process started is replaced.
@@ -162,7 +163,7 @@ class Report(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Deleted:
+class Deleted(Rebuilt):
     """One entry of a worker's /delete_requests/ list: a request or session that ended."""
 
     request_idx: int
@@ -183,24 +184,24 @@ class Routed(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Provision:
+class Provision(Rebuilt):
     worker_id: int
 
 
 @dataclass(frozen=True)
-class Resume:
+class Resume(Rebuilt):
     worker_id: int
 
 
 @dataclass(frozen=True)
-class Stop:
+class Stop(Rebuilt):
     worker_id: int
     keep: bool
     reason: str
 
 
 @dataclass(frozen=True)
-class Answer:
+class Answer(Rebuilt):
     request_idx: int
     worker_id: int | None
 
