@@ -621,16 +621,10 @@ class Book:
         view = self._views.get(worker_id)
         if view is None:
             w = self.workers[worker_id]
-            view = self._views[worker_id] = WorkerView(
-                id=w.id,
-                phase=w.phase,
-                created_at=w.created_at,
-                cur_load=w.cur_load,
-                max_perf=w.max_perf,
-                reserved=self._reserved.get(worker_id, 0),
-                idle_since=w.idle_since,
-                sessions=w.sessions,
-            )
+            # In WorkerView's field order: positional, as compiled a call with keywords first builds a dict of them.
+            reserved = self._reserved.get(worker_id, 0)
+            view = WorkerView(w.id, w.phase, w.created_at, w.cur_load, w.max_perf, reserved, w.idle_since, w.sessions)
+            self._views[worker_id] = view
         return view
 
     def views(self) -> list[WorkerView]:
@@ -655,15 +649,12 @@ class Book:
                     view(wid)
                 self._idle_unviewed.clear()
                 self._idle_views = tuple(map(self._views.__getitem__, self._idle_ids))
-            self._tally = Tally(
-                perf=sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf,
-                held=sum(self._held.values()),
-                live=len(self._live),
-                still_there=bool(self._live or self._errored),
-                errored=tuple(sorted(self._errored)),  # workers' order is id order
-                cold=self._cold_views,
-                idle=self._idle_views,
-            )
+            perf = sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf
+            held = sum(self._held.values())
+            still_there = bool(self._live or self._errored)
+            errored = tuple(sorted(self._errored))  # workers' order is id order
+            # In Tally's field order (positional, as a worker's view is made).
+            self._tally = Tally(perf, held, len(self._live), still_there, errored, self._cold_views, self._idle_views)
         return self._tally
 
     def live(self) -> list[Worker]:

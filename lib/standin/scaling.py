@@ -319,15 +319,8 @@ def decide_from(
     surplus_cold = len(cold) + len(stop) - params.cold_workers
     if surplus_cold > 0:
         destroy.extend(w.id for w in cold[:surplus_cold])
-    return Decision(
-        target=target,
-        load=load,
-        perf=t.perf,
-        provision=provision,
-        resume=resume,
-        stop=tuple(stop),
-        destroy=tuple(destroy),
-    )
+    # Positional, as the book's hot records are made: compiled, a call with keywords first builds a dict of them.
+    return Decision(target, load, t.perf, provision, resume, tuple(stop), tuple(destroy))
 
 
 def _idle(worker: WorkerView) -> bool:
