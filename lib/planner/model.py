@@ -457,8 +457,8 @@ class _Sim:
     def _start(self, now: float, session: int, worker_id: int) -> None:
         """The session opens on ``worker_id`` and its consumer takes the oldest pending job."""
         self.attempts.pop(session, None)
-        # Positional (worker_id, cur_load, max_perf, working), as the book makes its hot records.
-        self.book.report(now, Report(worker_id, COST, MAX_PERF, (session,)))
+        # (worker_id, cur_load, max_perf, working, num_working, error), made as the book makes its hot records.
+        self.book.report(now, tuple.__new__(Report, (worker_id, COST, MAX_PERF, (session,), 0, "")))
         self.unclaimed -= 1
         job_index = self.pending.popleft()
         job = self.jobs[job_index]

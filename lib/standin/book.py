@@ -407,13 +407,13 @@ class Book:
             if entry is None:
                 log.info("request %d waits for a worker (cost %g)", request_idx, cost)
             held_until = now + self.settings.route_hold if hold and self.settings.route_hold > 0 else None
-            request = WaitingRequest(request_idx, cost, queued_since)
+            request = tuple.__new__(WaitingRequest, (request_idx, cost, queued_since))
             if entry is not None and entry.request == request:
                 request = entry.request
             self._put_waiting(request_idx, Waiting(request, now, held_until))
-            return Routed(request_idx, None, held_until)
+            return tuple.__new__(Routed, (request_idx, None, held_until))
         self._grant(now, request_idx, worker_id, cost, queued_since)
-        return Routed(request_idx, worker_id)
+        return tuple.__new__(Routed, (request_idx, worker_id, None))
 
     def route_gone(self, now: float, request_idx: int) -> bool:
         """The client of a /route/ call went away before its answer reached it: no demand from now on.
@@ -621,10 +621,9 @@ class Book:
         view = self._views.get(worker_id)
         if view is None:
             w = self.workers[worker_id]
-            # In WorkerView's field order: positional, as compiled a call with keywords first builds a dict of them.
             reserved = self._reserved.get(worker_id, 0)
-            view = WorkerView(w.id, w.phase, w.created_at, w.cur_load, w.max_perf, reserved, w.idle_since, w.sessions)
-            self._views[worker_id] = view
+            fields = (w.id, w.phase, w.created_at, w.cur_load, w.max_perf, reserved, w.idle_since, w.sessions)
+            view = self._views[worker_id] = tuple.__new__(WorkerView, fields)
         return view
 
     def views(self) -> list[WorkerView]:
@@ -653,8 +652,8 @@ class Book:
             held = sum(self._held.values())
             still_there = bool(self._live or self._errored)
             errored = tuple(sorted(self._errored))  # workers' order is id order
-            # In Tally's field order (positional, as a worker's view is made).
-            self._tally = Tally(perf, held, len(self._live), still_there, errored, self._cold_views, self._idle_views)
+            fields = (perf, held, len(self._live), still_there, errored, self._cold_views, self._idle_views)
+            self._tally = tuple.__new__(Tally, fields)
         return self._tally
 
     def live(self) -> list[Worker]:
