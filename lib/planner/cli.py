@@ -27,7 +27,7 @@ from lib.planner.sweep import Progress, cheapest_within, default_processes, pare
 from lib.planner.trace import Job, JobSeconds, TraceError, bursts, describe, diurnal, load_trace, poisson
 from lib.standin.scaling import EndpointParams, LocalPolicy
 from workers.null.cli import DefaultsShown, output_file_problem, sigterm_as_ctrl_c
-from workers.null.ledger import DEFAULT_MAX_SESSIONS
+from workers.null.dispatch.ledger import DEFAULT_MAX_SESSIONS
 
 # Jobs replayed (over all sets) from which a line says what is under way before any progress.
 _LONG_REPLAY = 20_000
