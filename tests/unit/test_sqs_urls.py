@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from lib.standin.process import REPO_ROOT, python_env
-from workers.null.queues import QueueError, SqsAddress, parse_queue_url
+from workers.null.queues import QueueError, SqsAddress, open_queue, parse_queue_url
 
 FIX = (
     "use sqs://QUEUE?region=REGION[&endpoint=URL&dead=DEAD&events=EVENTS] "
@@ -121,3 +121,18 @@ def test_parsing_an_sqs_address_imports_no_aws_client():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_open_queue_picks_the_sqs_adapter_without_connecting():
+    """An sqs:// address opens the SQS adapter, not connected, with the visibility rounded up to whole seconds."""
+    from workers.null.queues.sqs import SqsQueue
+
+    queue = open_queue("sqs://work?region=us-east-1", ack_wait=2.5, max_deliver=3)
+    assert isinstance(queue, SqsQueue)
+    assert (queue.ack_wait, queue.visibility, queue.max_deliver, queue.max_receive_count) == (2.5, 3, 3, 5)
+
+
+def test_open_queue_refuses_an_ack_wait_past_the_visibility_limit():
+    """SQS holds a message at most 12 hours: a longer ack_wait is refused in one line."""
+    with pytest.raises(QueueError, match="longer than SQS's 12 h visibility limit"):
+        open_queue("sqs://work?region=us-east-1", ack_wait=50000)
