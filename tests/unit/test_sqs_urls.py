@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from lib.standin.process import REPO_ROOT, python_env
-from workers.null.queues import QueueError, SqsAddress, open_queue, parse_queue_url
+from workers.null.queues import JobEvent, QueueError, SqsAddress, open_queue, parse_queue_url
 
 FIX = (
     "use sqs://QUEUE?region=REGION[&endpoint=URL&dead=DEAD&events=EVENTS] "
@@ -136,3 +138,25 @@ def test_open_queue_refuses_an_ack_wait_past_the_visibility_limit():
     """SQS holds a message at most 12 hours: a longer ack_wait is refused in one line."""
     with pytest.raises(QueueError, match="longer than SQS's 12 h visibility limit"):
         open_queue("sqs://work?region=us-east-1", ack_wait=50000)
+
+
+def _sqs_docs() -> str:
+    """The SQS reference, wherever it lives: its own page, or merged into the queues page."""
+    pages = [REPO_ROOT / "docs" / name for name in ("sqs.md", "queues.md")]
+    return "\n".join(page.read_text() for page in pages if page.exists())
+
+
+def test_the_documented_address_examples_parse():
+    """Every example address in the SQS docs parses, so the docs and the parser cannot drift apart."""
+    examples = re.findall(r"^- `(sqs://[^`]+)`$", _sqs_docs(), flags=re.MULTILINE)
+    assert len(examples) >= 4
+    for example in examples:
+        assert isinstance(parse_queue_url(example), SqsAddress)
+
+
+def test_the_documented_event_body_is_a_job_event():
+    """The events queue's documented message body reads as a JobEvent with every field the docs show."""
+    [body] = re.findall(r"```json\n(\{\"kind\".*\})\n```", _sqs_docs())
+    data = json.loads(body)
+    event = JobEvent.from_dict(data)
+    assert event.to_dict() == data
