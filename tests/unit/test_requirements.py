@@ -10,9 +10,11 @@ from pathlib import Path
 from tests.helpers import parse_module
 
 ROOT = Path(__file__).resolve().parents[2]
-PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+!-]*)(\s*;.*)?$")
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[A-Za-z0-9,._-]+\])?==([0-9][A-Za-z0-9.+!-]*)(\s*;.*)?$")
 # What the worker and the consumer beside it run; nothing else belongs on an instance.
-RUNTIME = {"vastai-sdk", "vastai", "aiohttp", "pycryptodome", "setuptools", "nats-py", "redis"}
+RUNTIME = {
+    "vastai-sdk", "vastai", "aiohttp", "pycryptodome", "setuptools", "nats-py", "redis", "aiobotocore", "botocore",
+}  # fmt: skip
 # The distribution each third-party import comes from.
 IMPORTS = {
     "aiohttp": "aiohttp",
@@ -20,6 +22,8 @@ IMPORTS = {
     "Crypto": "pycryptodome",
     "nats": "nats-py",
     "redis": "redis",
+    "aiobotocore": "aiobotocore",
+    "botocore": "botocore",
     "prometheus_client": "prometheus-client",
     "matplotlib": "matplotlib",
 }

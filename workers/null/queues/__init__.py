@@ -10,6 +10,12 @@ A queue is named by one URL (docs/queues.md has the full table):
     rediss://...   (the same over TLS)
         Redis 7+ or Valkey Streams. DB defaults to 0, STREAM (the stream's
         key) to ``jobs``, GROUP (the consumer group) to ``null``.
+    sqs://QUEUE[?region=REGION&endpoint=URL&dead=DEAD&events=EVENTS]
+    sqs://sqs.REGION.amazonaws.com/ACCOUNT/QUEUE[?dead=DEAD&events=EVENTS]
+        Amazon SQS (or an SQS-compatible server at ``endpoint``). QUEUE is the
+        work queue's name (``.fifo`` for a FIFO queue); DEAD defaults to
+        ``QUEUE-dead``, EVENTS to ``QUEUE-events``. Credentials come from the
+        AWS chain (environment, profile, instance role), never from the URL.
 
 ``open_queue(url)`` returns the adapter, not yet connected; the client
 libraries are imported only then, so parsing a URL needs neither.
@@ -17,7 +23,7 @@ libraries are imported only then, so parsing a URL needs neither.
 
 from __future__ import annotations
 
-from workers.null.queues.address import QueueAddress, masked, parse_queue_url
+from workers.null.queues.address import QueueAddress, SqsAddress, masked, parse_queue_url
 from workers.null.queues.base import (
     Claim,
     Depth,
@@ -39,6 +45,7 @@ __all__ = [
     "QueueAddress",
     "QueueError",
     "QueueUnavailable",
+    "SqsAddress",
     "masked",
     "open_queue",
     "parse_queue_url",
@@ -59,6 +66,10 @@ def open_queue(url: str, *, ack_wait: float = 30.0, max_deliver: int = 5, connec
         raise QueueError(f"max_deliver {max_deliver!r} is not a whole number >= 1: use e.g. 5")
     if not connect_timeout > 0:
         raise QueueError(f"connect_timeout {connect_timeout!r} is not a positive number of seconds: use e.g. 5")
+    if isinstance(address, SqsAddress):
+        from workers.null.queues.sqs import SqsQueue
+
+        return SqsQueue(address, ack_wait=ack_wait, max_deliver=max_deliver, connect_timeout=connect_timeout)
     if address.kind == "nats":
         from workers.null.queues.jetstream import JetStreamQueue
 
