@@ -16,7 +16,7 @@ from lib.standin.process import free_port
 from tests.e2e.conftest import QUEUE_KINDS, OpenQueue
 from tests.helpers import side_by_side
 from workers.null.protocol import CLAIMED, DONE, FINISHED, JobEvent
-from workers.null.queues import Depth, NotOwned, QueueUnavailable, open_queue
+from workers.null.queues import Depth, NotOwned, QueueError, QueueUnavailable, open_queue, redis_streams
 
 # Short, as the tests that wait for a claim to lapse (or to see that nothing
 # comes back) wait a few of these; the renewal test keeps a longer one, so a
@@ -118,7 +118,7 @@ async def test_ack_removes_the_job(open_test_queues: dict[str, OpenQueue]):
 
 
 async def test_retry_comes_back_after_the_delay_and_not_before(open_test_queues: dict[str, OpenQueue]):
-    """A job handed back with retry(delay) is not delivered before the delay and is after it, as attempt 2."""
+    """A failed job, retry(delay), is not delivered before the delay and is after it, as attempt 2 with 1 failure."""
 
     async def check(open_test_queue: OpenQueue) -> None:
         queue = await open_test_queue(ack_wait=5.0)
@@ -130,9 +130,36 @@ async def test_retry_comes_back_after_the_delay_and_not_before(open_test_queues:
         handed_back = time.monotonic()
         assert await queue.claim("c2", timeout=delay * 0.5) is None
         again = await queue.claim("c2", timeout=delay * 3)
-        assert again is not None and (again.job.id, again.job.attempt, again.job.body) == ("a", 2, b"x")
+        assert again is not None
+        assert (again.job.id, again.job.attempt, again.job.failures, again.job.body) == ("a", 2, 1, b"x")
         assert time.monotonic() - handed_back >= delay * 0.9
         await again.ack()
+
+    await on_each_server(open_test_queues, check)
+
+
+async def test_a_hand_back_comes_back_at_once_and_counts_no_failure(open_test_queues: dict[str, OpenQueue]):
+    """hand_back: delivered again at once as the next attempt, its failures unchanged; the failures survive it."""
+
+    async def check(open_test_queue: OpenQueue) -> None:
+        queue = await open_test_queue(ack_wait=5.0)
+        await queue.publish("a", b"x")
+        first = await queue.claim("c1", timeout=2)
+        assert first is not None
+        await first.retry(0)
+        second = await queue.claim("c1", timeout=2)
+        assert second is not None and (second.job.attempt, second.job.failures) == (2, 1)
+        await second.hand_back()
+        third = await queue.claim("c2", timeout=2)
+        assert third is not None and (third.job.attempt, third.job.failures) == (3, 1)
+        await third.give_up("exit 1")
+        [dead] = await queue.dead_letters()
+        assert (dead.id, dead.attempt, dead.failures, dead.reason) == ("a", 3, 1, "exit 1")
+        assert dead.at is not None and abs(dead.at - time.time()) < 60
+        # A job published again under the same id after it is settled starts with no failures.
+        await asyncio.sleep(0)
+        if hasattr(queue, "failures_bucket"):
+            assert await queue._failures("a") == 0
 
     await on_each_server(open_test_queues, check)
 
@@ -283,3 +310,48 @@ async def test_setup_is_idempotent_and_keeps_the_jobs(open_test_queues: dict[str
         assert await again.depth() == Depth(1, 0)
 
     await on_each_server(open_test_queues, check)
+
+
+async def test_a_body_past_the_servers_limit_is_refused_in_one_line(open_test_queues: dict[str, OpenQueue]):
+    """NATS refuses a body past its max_payload before sending it: one line naming the limit and the fix."""
+    queue = await open_test_queues["nats"]()
+    too_big = b"x" * (1024 * 1024)
+    with pytest.raises(QueueError) as refused:
+        await queue.publish("big", too_big)
+    message = str(refused.value)
+    assert "\n" not in message and "max_payload" in message and "object storage" in message
+    assert await queue.depth() == Depth(0, 0)
+
+
+async def test_an_entry_without_the_adapters_fields_is_dead_lettered_at_once(open_test_queues: dict[str, OpenQueue]):
+    """Redis entries another producer wrote badly are dead-lettered by the first claim, with the reason, unrun."""
+    if "redis" not in open_test_queues:
+        pytest.skip("no valkey-server for this interpreter")
+    queue = await open_test_queues["redis"](ack_wait=ACK_WAIT)
+    raw = queue._redis
+    await raw.xadd(queue.stream, {"id": "no-body"})
+    await raw.xadd(queue.stream, {"id": "bad-attempt", "body": "x", "attempt": "two"})
+    await raw.xadd(queue.stream, {"id": "bad-enqueued", "body": "x", "enqueued": "yesterday"})
+    await queue.publish("good", b"ok")
+    claim = await queue.claim("c", timeout=2)
+    assert claim is not None and claim.job.id == "good"
+    dead = {letter.id: letter.reason for letter in await queue.dead_letters()}
+    assert set(dead) == {"no-body", "bad-attempt", "bad-enqueued"}
+    assert "no body field" in dead["no-body"]
+    assert "attempt 'two' is not a whole number" in dead["bad-attempt"]
+    assert "enqueued 'yesterday' is not a number" in dead["bad-enqueued"]
+    assert await queue.depth() == Depth(0, 1)
+
+
+async def test_new_jobs_outlives_a_quiet_stream(open_test_queues: dict[str, OpenQueue]):
+    """A Redis feed on a stream nothing is published to for longer than one blocking read still pushes the next job."""
+    if "redis" not in open_test_queues:
+        pytest.skip("no valkey-server for this interpreter")
+    queue = await open_test_queues["redis"]()
+    watcher = await open_test_queues["redis"](setup=False)
+    async with watcher.new_jobs() as feed:
+        nothing = asyncio.ensure_future(feed.__anext__())
+        await asyncio.sleep(redis_streams.FEED_BLOCK * 1.5)
+        assert not nothing.done(), nothing.result() if not nothing.exception() else nothing.exception()
+        await queue.publish("late", b"")
+        assert await asyncio.wait_for(nothing, 5) == "late"

@@ -24,7 +24,7 @@ from lib.standin.process import free_port
 from lib.standin.queueservers import moto_server
 from workers.null.protocol import CLAIMED, DONE, FINISHED, JobEvent
 from workers.null.queues import Depth, NotOwned, QueueError, QueueUnavailable, open_queue
-from workers.null.queues.sqs import ATTEMPT, JOB_ID, REASON, SqsQueue
+from workers.null.queues.sqs import ATTEMPT, FAILURES, JOB_ID, REASON, SqsQueue
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -228,7 +228,7 @@ async def test_ack_removes_the_job(open_sqs: OpenSqs):
 
 
 async def test_retry_comes_back_after_the_delay_and_not_before(open_sqs: OpenSqs):
-    """A job handed back with retry(delay) is in flight during the delay, then delivered again as attempt 2."""
+    """A failed job, retry(delay), is delayed for the delay, then delivered as attempt 2 with its failure counted."""
     queue = await open_sqs(ack_wait=5.0)
     await queue.publish("a", b"x")
     claim = await queue.claim("c1", timeout=2)
@@ -236,14 +236,15 @@ async def test_retry_comes_back_after_the_delay_and_not_before(open_sqs: OpenSqs
     delay = 2
     await claim.retry(delay)
     handed_back = time.monotonic()
-    assert await queue.depth() == Depth(0, 1)
+    assert await queue.depth() == Depth(0, 0, delayed=1)
     assert await queue.claim("c2", timeout=1) is None
     again = await queue.claim("c2", timeout=delay + 3)
-    assert again is not None and (again.job.id, again.job.attempt, again.job.body) == ("a", 2, b"x")
+    assert again is not None
+    assert (again.job.id, again.job.attempt, again.job.failures, again.job.body) == ("a", 2, 1, b"x")
     assert time.monotonic() - handed_back >= delay * 0.9
-    await again.retry(0)
+    await again.hand_back()  # no failure counted
     third = await queue.claim("c3", timeout=2)
-    assert third is not None and third.job.attempt == 3
+    assert third is not None and (third.job.attempt, third.job.failures) == (3, 1)
     await third.ack()
 
 
@@ -258,7 +259,7 @@ async def test_give_up_dead_letters_with_id_attempt_and_reason(open_sqs: OpenSqs
     assert await queue.depth() == Depth(0, 0)
     [message] = await peek(raw, queue.address.dead)
     attributes = {k: v["StringValue"] for k, v in message["MessageAttributes"].items()}
-    assert attributes == {JOB_ID: "a", ATTEMPT: "1", REASON: "exit 3"}
+    assert attributes == {JOB_ID: "a", ATTEMPT: "1", FAILURES: "0", REASON: "exit 3"}
     # Looking does not take them: the second look sees the same.
     for _ in range(2):
         assert [(j.id, j.body, j.attempt) for j in await queue.dead_letters()] == [("a", b"poison", 1)]
@@ -272,7 +273,7 @@ async def test_attempts_count_across_redeliveries_and_the_last_lapse_is_dead_let
     assert first is not None and first.job.attempt == 1  # then it "crashes": no renewal, no ack
     second = await queue.claim("c", timeout=4)
     assert second is not None and second.job.attempt == 2
-    await second.retry(0)  # the last allowed attempt handed back: the next delivery is past max_deliver
+    await second.hand_back()  # the last allowed delivery handed back: the next one is past max_deliver
     assert await queue.claim("c", timeout=2) is None
     assert await queue.depth() == Depth(0, 0)
     assert [(j.id, j.attempt) for j in await queue.dead_letters()] == [("a", 3)]

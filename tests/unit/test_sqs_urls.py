@@ -157,7 +157,7 @@ def test_the_documented_address_examples_parse():
 
 def test_the_documented_event_body_is_a_job_event():
     """The events queue's documented message body reads as a JobEvent with every field the docs show."""
-    [body] = re.findall(r"```json\n(\{\"kind\".*\})\n```", _sqs_docs())
+    [body] = re.findall(r"```json\n(\{\"v\": 1, \"kind\".*\})\n```", _sqs_docs())
     data = json.loads(body)
     event = JobEvent.from_dict(data)
     assert event.to_dict() == data

@@ -5,17 +5,26 @@ A job's life, and how each step lines up with the worker's session:
     claim       the consumer takes one job (no prefetch)       after /claim returned a session
     keep_alive  renews the queue's claim, every ack_wait / 3    beside /extend naming the session
     ack         done, confirmed by the server                   then /release naming the session
-    retry       back to the queue after a delay                 then /release
+    retry       the job failed: back after a delay, counted     then /release
+    hand_back   unfinished through no fault of its own: back    then /release
+                at once, not counted as a failure
     give_up     dead-lettered, never delivered again            then /release
 
 A consumer that dies stops renewing: the queue hands the job to another
 consumer once ``ack_wait`` has passed, and the worker's lease lapses on its own.
+
+Two counts per job (docs/protocol.md, "Attempts"): ``attempt`` is the
+delivery's number as the server counts deliveries, every kind of ending
+included; ``failures`` is how many times the job itself failed (``retry``).
+``claim`` dead-letters at once, unrun, a delivery past ``max_deliver`` (a job
+that keeps killing its worker) and a message it cannot read.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -59,18 +68,66 @@ def check_job_id(job_id: str) -> None:
         raise QueueError("a job needs a non-empty id: pass the id the job is known by")
 
 
+def check_body_size(job_id: str, body: bytes, limit: int, what: str) -> None:
+    """A body the queue cannot carry is refused before it is sent, in one line naming the limit."""
+    if len(body) > limit:
+        raise QueueError(
+            f"job {job_id}'s body is {len(body)} bytes, more than {what} holds ({limit} bytes): "
+            "put large inputs in object storage and publish a reference to them"
+        )
+
+
+def past_deliveries(job: Job, max_deliver: int) -> str | None:
+    """Why a delivery must not run (it is past the delivery budget), else None."""
+    if job.attempt <= max_deliver:
+        return None
+    return (
+        f"delivered {job.attempt} times, more than max deliveries {max_deliver}, without finishing: "
+        "it may be killing its worker"
+    )
+
+
+def lease_margin(ack_wait: float) -> float:
+    """How long before its window ends a claim stops counting as owned: room for one round trip."""
+    return min(1.0, ack_wait * 0.1)
+
+
 @dataclass(frozen=True)
 class Job:
     id: str  # stable across redeliveries; the publisher's id, unique per job
     body: bytes
-    attempt: int  # 1 on the first delivery
+    attempt: int  # the delivery's number, 1 on the first; every delivery counts
     enqueued_at: float | None = None  # wall-clock seconds, when the server tells
+    failures: int = 0  # how many earlier deliveries the job itself failed
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead-lettered job as the dead-letter stream keeps it."""
+
+    id: str
+    body: bytes
+    attempt: int  # the delivery that was given up (0: unknown)
+    failures: int
+    reason: str
+    at: float | None = None  # wall-clock seconds it was dead-lettered, when known
 
 
 @dataclass(frozen=True)
 class Depth:
-    pending: int  # not delivered to any consumer yet (including handed back for redelivery)
-    in_flight: int  # delivered and not yet acked
+    pending: int  # deliverable now: never delivered, handed back, or (where the server tells) lapsed
+    in_flight: int  # delivered and not yet settled; on NATS also lapsed ones no one fetched yet
+    delayed: int = 0  # failed jobs waiting for their retry's delay, where the server tells them apart
+
+
+class Gap:
+    """Put in a feed when it was cut off and came back: what was pushed meanwhile is not in it."""
+
+    def __repr__(self) -> str:
+        return "GAP"
+
+
+GAP = Gap()
 
 
 T = TypeVar("T")
@@ -87,8 +144,9 @@ class Feed(Generic[T]):
 
     def __init__(self, opener: Callable[[Callable[[T], None], Callable[[BaseException], None]], Awaitable[Any]]):
         # ``opener(put, fail)`` subscribes, arranges for ``put(item)`` on each
-        # item and ``fail(error)`` when the subscription breaks, and returns an
-        # async callable that undoes it all.
+        # item and returns an async callable that undoes it all. A feed that is
+        # cut off reconnects by itself and puts ``GAP`` once back; ``fail(error)``
+        # is for what no retry mends.
         self._opener = opener
         self._items: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
         self._closer: Callable[[], Awaitable[None]] | None = None
@@ -154,7 +212,11 @@ class Claim(abc.ABC):
 
     @abc.abstractmethod
     async def retry(self, delay: float) -> None:
-        """Hands the job back to be delivered again after ``delay`` seconds; raises NotOwned when lapsed."""
+        """The job failed: delivered again after ``delay`` seconds, one more failure counted; NotOwned when lapsed."""
+
+    @abc.abstractmethod
+    async def hand_back(self) -> None:
+        """Unfinished through no fault of the job: delivered again at once, no failure counted; NotOwned when lapsed."""
 
     @abc.abstractmethod
     async def give_up(self, reason: str) -> None:
@@ -162,11 +224,15 @@ class Claim(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def owned(self) -> bool:
-        """True while the claim is surely held: not settled, and renewed within ``ack_wait``.
+    def owned_until(self) -> float:
+        """The monotonic time until which the claim is surely held: its last confirmed renewal's send
+        time plus ``ack_wait``, less a margin (-inf once settled or lost). Past it the job may be running
+        elsewhere, so whatever runs it here must be stopped by then."""
 
-        False does not always mean taken: on Redis the next verb asks the server.
-        """
+    @property
+    def owned(self) -> bool:
+        """True while the claim is surely held. False does not always mean taken: on Redis the next verb asks."""
+        return time.monotonic() < self.owned_until
 
 
 class Queue(abc.ABC):
@@ -201,9 +267,9 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     async def depth(self) -> Depth: ...
 
-    async def dead_letters(self) -> list[Job]:
-        """The dead-lettered jobs, oldest first; ``attempt`` is the delivery that was given up."""
-        raise NotImplementedError(f"{type(self).__name__} cannot list its dead letters")
+    @abc.abstractmethod
+    async def dead_letters(self) -> list[DeadLetter]:
+        """The dead-lettered jobs, oldest first."""
 
     @abc.abstractmethod
     async def publish_event(self, event: JobEvent) -> None: ...

@@ -8,9 +8,15 @@ How each verb maps onto JetStream:
   one and is redelivered after AckWait. The claim is then confirmed with an
   in-progress ack (``+WPI``) whose send time anchors the lease.
 - ``keep_alive``: a confirmed ``+WPI``, which restarts AckWait on the server.
-- ``ack``: a confirmed ``+ACK``. ``retry``: a confirmed ``-NAK`` with a delay.
+- ``ack``: a confirmed ``+ACK``. ``retry``: the job's failures, one more, are
+  put in the failures bucket, then a confirmed ``-NAK`` with the delay.
+  ``hand_back``: a confirmed ``-NAK`` with no delay and no failure counted.
 - ``give_up``: the message is published to the dead-letter stream, then
   ``+TERM``-ed, so the work stream never delivers it again.
+
+Failures: a nak cannot change a message, so a job's own failures are kept in a
+key-value bucket, ``STREAM_failures``, under the job id in base64url (no
+padding); ``claim`` reads them, ``ack`` and ``give_up`` delete the key.
 
 Ownership: the server accepts acks (and naks and terms) of a delivery that
 already lapsed and went to another worker (nats-server #4786), so the claim
@@ -21,7 +27,7 @@ verb raises NotOwned and sends nothing.
 
 Attempts: the consumer's MaxDeliver is unlimited on the server. ``claim`` counts
 the deliveries itself (``num_delivered``) and dead-letters at once a delivery
-past ``max_deliver`` (the last attempt crashed or lapsed). A server-side
+past ``max_deliver`` (one that keeps crashing or lapsing). A server-side
 MaxDeliver would leave such a message in the stream, delivered to no one and
 counted nowhere (nats-server #6905); this way it is always either pending, in
 flight, acked or dead-lettered.
@@ -30,8 +36,10 @@ flight, acked or dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -43,11 +51,13 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from workers.null.protocol import JobEvent
+from workers.null.protocol import JobEvent, parse_event
 from workers.null.queues.address import QueueAddress
 from workers.null.queues.base import (
+    GAP,
     SETUP_HINT,
     Claim,
+    DeadLetter,
     Depth,
     Feed,
     Job,
@@ -55,9 +65,12 @@ from workers.null.queues.base import (
     Queue,
     QueueError,
     QueueUnavailable,
+    check_body_size,
     check_job_id,
     describe,
+    lease_margin,
     not_connected,
+    past_deliveries,
     server_failed,
 )
 
@@ -66,6 +79,11 @@ log = logging.getLogger(__name__)
 MSG_ID = "Nats-Msg-Id"
 REASON = "Null-Reason"
 ATTEMPT = "Null-Attempt"
+FAILURES = "Null-Failures"
+# Failure counts outlive a job by at most this long (a key left by a consumer that died between ack and delete).
+FAILURES_TTL = 7 * 86400.0
+# Room left in the server's max_payload for a message's headers.
+HEADER_ROOM = 1024
 # Enough for any fleet; a worker holds at most one job.
 MAX_ACK_PENDING = 100_000
 # How long the server remembers a job id to drop a duplicate publish.
@@ -74,9 +92,9 @@ DUPLICATE_WINDOW = 120.0
 REPLY_TIMEOUT = 2.0
 
 
-def lease_margin(ack_wait: float) -> float:
-    """How long before AckWait ends a claim stops counting as owned: room for one round trip."""
-    return min(1.0, ack_wait * 0.1)
+def failures_key(job_id: str) -> str:
+    """A job's key in the failures bucket: its id in base64url, which every key-value client accepts."""
+    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=") or "_"
 
 
 class JetStreamClaim(Claim):
@@ -88,10 +106,10 @@ class JetStreamClaim(Claim):
         self._settled = False
 
     @property
-    def owned(self) -> bool:
+    def owned_until(self) -> float:
         if self._settled:
-            return False
-        return time.monotonic() < self._renewed + self._queue.ack_wait - lease_margin(self._queue.ack_wait)
+            return -math.inf
+        return self._renewed + self._queue.ack_wait - lease_margin(self._queue.ack_wait)
 
     def _check(self, verb: str) -> None:
         if self._settled:
@@ -117,13 +135,20 @@ class JetStreamClaim(Claim):
         self._check("ack")
         await self._reply(b"+ACK", "ack")
         self._settled = True
+        await self._queue._forget_failures(self.job)
 
     async def retry(self, delay: float) -> None:
         self._check("retry")
+        await self._queue._count_failure(self.job)
         payload = b"-NAK"
         if delay > 0:
             payload += b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
         await self._reply(payload, "retry")
+        self._settled = True
+
+    async def hand_back(self) -> None:
+        self._check("hand back")
+        await self._reply(b"-NAK", "hand back")
         self._settled = True
 
     async def give_up(self, reason: str) -> None:
@@ -132,11 +157,12 @@ class JetStreamClaim(Claim):
         await self._reply(b"+TERM", "dead-letter")
         self._settled = True
         log.info("job %s dead-lettered after attempt %d: %s", self.job.id, self.job.attempt, reason)
+        await self._queue._forget_failures(self.job)
 
 
 class JetStreamQueue(Queue):
     def __init__(
-        self, address: QueueAddress, *, ack_wait: float = 30.0, max_deliver: int = 5, connect_timeout: float = 5.0
+        self, address: QueueAddress, *, ack_wait: float = 30.0, max_deliver: int = 10, connect_timeout: float = 5.0
     ) -> None:
         assert address.kind == "nats" and address.subject
         self.address = address
@@ -150,8 +176,11 @@ class JetStreamQueue(Queue):
         self.dead_stream = f"{address.stream}_dead"
         self.dead_subject = f"{address.subject}.dead"
         self.events_subject = f"{address.subject}.events"
+        self.failures_bucket = f"{address.stream}_failures"
         self._nc: Any = None
         self._js: Any = None
+        self._kv: Any = None
+        self._on_reconnect: set[Callable[[], None]] = set()  # each feed's way to say it may have missed items
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}"
 
     # -- connection ---------------------------------------------------------
@@ -171,6 +200,8 @@ class JetStreamQueue(Queue):
 
         async def on_reconnect() -> None:
             log.info("reconnected to %s", self.address.server)
+            for gap in list(self._on_reconnect):
+                gap()
 
         nc = nats.NATS()
         try:
@@ -281,6 +312,9 @@ class JetStreamQueue(Queue):
                     filter_subject=self.subject,
                 ),
             )
+            self._kv = await jsm.create_key_value(
+                config=api.KeyValueConfig(bucket=self.failures_bucket, history=1, ttl=FAILURES_TTL)
+            )
         log.info("set up stream %s on %s (ack_wait %gs)", self.stream, self.address.server, self.ack_wait)
 
     async def _ensure_stream(self, jsm: Any, config: api.StreamConfig) -> None:
@@ -306,11 +340,14 @@ class JetStreamQueue(Queue):
             await self._js.stream_info(self.stream)
             await self._js.stream_info(self.dead_stream)
             await self._js.consumer_info(self.stream, self.consumer)
+            self._kv = await self._js.key_value(self.failures_bucket)
 
     # -- jobs ---------------------------------------------------------------
 
     async def publish(self, job_id: str, body: bytes) -> bool:
         check_job_id(job_id)
+        if self._nc is not None:
+            check_body_size(job_id, body, self._nc.max_payload - HEADER_ROOM, "a message on this server (max_payload)")
         with self._translate(f"publish job {job_id}"):
             ack = await self._js.publish(self.subject, body, stream=self.stream, headers={MSG_ID: job_id})
         return not ack.duplicate
@@ -326,21 +363,22 @@ class JetStreamQueue(Queue):
                 return None
             sent = time.monotonic()
             meta = msg.metadata
+            job_id = (msg.headers or {}).get(MSG_ID) or f"{self.stream}:{meta.sequence.stream}"
+            with self._translate(f"confirm the claim of job {job_id}"):
+                await self._nc.request(msg.reply, b"+WPI", timeout=REPLY_TIMEOUT)
             job = Job(
-                id=(msg.headers or {}).get(MSG_ID) or f"{self.stream}:{meta.sequence.stream}",
+                id=job_id,
                 body=msg.data,
                 attempt=meta.num_delivered,
                 enqueued_at=meta.timestamp.timestamp() if meta.timestamp else None,
+                failures=await self._failures(job_id),
             )
-            with self._translate(f"confirm the claim of job {job.id}"):
-                await self._nc.request(msg.reply, b"+WPI", timeout=REPLY_TIMEOUT)
             claim = JetStreamClaim(self, msg, job, renewed=sent)
-            if job.attempt <= self.max_deliver:
+            problem = past_deliveries(job, self.max_deliver)
+            if problem is None:
                 log.debug("%s claimed job %s attempt %d", consumer, job.id, job.attempt)
                 return claim
-            # The last allowed attempt ended without an answer (crash, lost
-            # lease): it will not run again.
-            await claim.give_up(f"attempt {self.max_deliver} of {self.max_deliver} did not finish")
+            await claim.give_up(problem)
 
     async def _pull_one(self, wait: float) -> Msg | None:
         """One message, or None when none came within ``wait`` seconds; nothing is left buffered."""
@@ -371,8 +409,36 @@ class JetStreamQueue(Queue):
                 raise nats.js.errors.NotFoundError(description=description)
             raise QueueUnavailable(f"cannot claim a job on {self.address.server}: server said {status} {description}")
 
+    # -- failures -----------------------------------------------------------
+
+    async def _failures(self, job_id: str) -> int:
+        with self._translate(f"read job {job_id}'s failures"):
+            try:
+                entry = await self._kv.get(failures_key(job_id))
+            except nats.js.errors.KeyNotFoundError:
+                return 0
+        try:
+            return max(0, int(entry.value or b"0"))
+        except ValueError:
+            return 0
+
+    async def _count_failure(self, job: Job) -> None:
+        with self._translate(f"count job {job.id}'s failure"):
+            await self._kv.put(failures_key(job.id), str(job.failures + 1).encode())
+
+    async def _forget_failures(self, job: Job) -> None:
+        if job.failures:
+            # Best effort: a key left behind ages out after FAILURES_TTL.
+            with _quiet():
+                await self._kv.purge(failures_key(job.id))
+
     async def _dead_letter(self, msg: Msg, job: Job, reason: str) -> None:
-        headers = {MSG_ID: job.id, REASON: reason[:1000], ATTEMPT: str(job.attempt)}
+        headers = {
+            MSG_ID: job.id,
+            REASON: reason[:1000],
+            ATTEMPT: str(job.attempt),
+            FAILURES: str(job.failures),
+        }
         with self._translate(f"dead-letter job {job.id}"):
             await self._js.publish(self.dead_subject, msg.data, stream=self.dead_stream, headers=headers)
 
@@ -381,8 +447,8 @@ class JetStreamQueue(Queue):
             info = await self._js.consumer_info(self.stream, self.consumer)
         return Depth(pending=info.num_pending or 0, in_flight=info.num_ack_pending or 0)
 
-    async def dead_letters(self) -> list[Job]:
-        """The dead-lettered jobs, oldest first (attempt = the attempt that was given up)."""
+    async def dead_letters(self) -> list[DeadLetter]:
+        """The dead-lettered jobs, oldest first."""
         with self._translate("read the dead letters"):
             info = await self._js.stream_info(self.dead_stream)
             jobs = []
@@ -392,23 +458,30 @@ class JetStreamQueue(Queue):
                 except nats.js.errors.NotFoundError:
                     continue
                 headers = raw.headers or {}
-                jobs.append(Job(headers.get(MSG_ID, ""), raw.data or b"", int(headers.get(ATTEMPT, "0"))))
+                jobs.append(
+                    DeadLetter(
+                        id=headers.get(MSG_ID, ""),
+                        body=raw.data or b"",
+                        attempt=_whole(headers.get(ATTEMPT)),
+                        failures=_whole(headers.get(FAILURES)),
+                        reason=headers.get(REASON, ""),
+                        at=raw.time.timestamp() if getattr(raw, "time", None) else None,
+                    )
+                )
         return jobs
 
     # -- events -------------------------------------------------------------
 
     async def publish_event(self, event: JobEvent) -> None:
         with self._translate(f"publish a {event.kind} event"):
-            await self._nc.publish(self.events_subject, json.dumps(event.to_dict()).encode())
+            await self._nc.publish(self.events_subject, event.to_json().encode())
             await self._sync()
 
     def events(self) -> Feed[JobEvent]:
+        warned: set[str] = set()
+
         def parse(msg: Msg) -> JobEvent | None:
-            try:
-                return JobEvent.from_dict(json.loads(msg.data))
-            except (ValueError, TypeError) as exc:
-                log.warning("ignored a malformed event on %s: %s", self.events_subject, exc)
-                return None
+            return parse_event(msg.data, self.events_subject, warned)
 
         return Feed(self._core_feed(self.events_subject, parse))
 
@@ -431,7 +504,14 @@ class JetStreamQueue(Queue):
                 sub = await self._nc.subscribe(subject, cb=on_msg)
                 await self._sync()  # the server holds the subscription now
 
+            # The client resubscribes after a reconnect; what was published meanwhile is gone.
+            def gap() -> None:
+                put(GAP)
+
+            self._on_reconnect.add(gap)
+
             async def closer() -> None:
+                self._on_reconnect.discard(gap)
                 with _quiet():
                     await sub.unsubscribe()
 
@@ -446,3 +526,7 @@ def _quiet() -> Iterator[None]:
         yield
     except Exception as exc:  # cleanup of a connection that may already be gone
         log.debug("ignored while closing: %s", exc)
+
+
+def _whole(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 0

@@ -3,8 +3,9 @@
 Keys, for a stream named S:
 
     S              the stream; each entry has fields id, body, attempt (deliveries
-                   before this entry, carried over by a retry) and enqueued
-    S:dead         dead-lettered jobs (id, body, attempt, reason)
+                   before this entry, carried over by a retry), failures (the
+                   job's own failures before it, likewise) and enqueued
+    S:dead         dead-lettered jobs (id, body, attempt, failures, reason, at)
     S:delayed      retries waiting for their delay: a sorted set of job ids by due time
     S:retry:<id>   the body and attempt of one waiting retry
     S:seen:<id>    present for DEDUPE_WINDOW seconds after a publish, to drop duplicates
@@ -23,22 +24,28 @@ How each verb maps onto Streams:
 - ``ack``: the same check, then ``XACK`` and ``XDEL``, in one script.
 - ``retry(delay)``: Streams have no delayed redelivery. The script acks and
   deletes the entry and parks the job in ``S:delayed``; once due, ``claim`` or
-  ``depth`` adds it back as a new entry with the same job id and its attempt
-  count carried over.
+  ``depth`` adds it back as a new entry with the same job id, its attempt
+  count carried over and one more failure. ``hand_back`` is the same with no
+  delay and no failure added.
 - ``give_up``: the check, then ``XADD`` to ``S:dead``, ``XACK``, ``XDEL``.
 
 Ownership is the server's pending list, read and acted on atomically, so a
 claim whose entry went to another consumer cannot ack, renew or hand it back.
 ``ack_wait`` lives on the clients: it is the idle time after which a claim
 takes an entry back, so every consumer of a stream should use the same one.
-A delivery past ``max_deliver`` is dead-lettered by ``claim`` at once.
+A delivery past ``max_deliver`` is dead-lettered by ``claim`` at once, and so is
+an entry whose fields it cannot read (no body, a count that is not a number).
+
+Every command but a blocking read answers within ``SOCKET_TIMEOUT``; a blocking
+read blocks for less. The two push feeds reconnect on their own when their
+connection breaks, with backoff, and say so with ``GAP``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Iterator
@@ -48,11 +55,13 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from workers.null.protocol import JobEvent
+from workers.null.protocol import JobEvent, parse_event
 from workers.null.queues.address import QueueAddress
 from workers.null.queues.base import (
+    GAP,
     SETUP_HINT,
     Claim,
+    DeadLetter,
     Depth,
     Feed,
     Job,
@@ -60,9 +69,12 @@ from workers.null.queues.base import (
     Queue,
     QueueError,
     QueueUnavailable,
+    check_body_size,
     check_job_id,
     describe,
+    lease_margin,
     not_connected,
+    past_deliveries,
     server_failed,
 )
 
@@ -74,6 +86,15 @@ DEDUPE_WINDOW = 120.0
 RECLAIM_LOCK_MS = 5000
 # Retries are parked until due; a claim waiting for jobs looks at them this often at most.
 MAX_BLOCK = 1.0
+# Each command's answer is awaited this long (redis-py's own default is 5 s); a blocking
+# read asks the server to block for less, so a quiet stream is never a timeout.
+SOCKET_TIMEOUT = 10.0
+FEED_BLOCK = 5.0
+# A feed that lost its connection tries again after this, doubling up to FEED_RETRY_CAP.
+FEED_RETRY_FIRST = 0.2
+FEED_RETRY_CAP = 5.0
+# The server's largest bulk string (proto-max-bulk-len's default): the largest body.
+MAX_BODY_BYTES = 512 * 1024 * 1024
 
 _OWNED = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
@@ -98,23 +119,26 @@ _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
-# KEYS: stream, delayed, retry hash; ARGV: group, consumer, entry, delay ms, job id, body, attempt, enqueued
+# KEYS: stream, delayed, retry hash; ARGV: group, consumer, entry, delay ms, job id, body, attempt, enqueued,
+# failures (the count the job comes back with)
 RETRY = (
     _OWNED
     + _NOW
     + """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
-redis.call('HSET', KEYS[3], 'body', ARGV[6], 'attempt', ARGV[7], 'enqueued', ARGV[8])
+redis.call('HSET', KEYS[3], 'body', ARGV[6], 'attempt', ARGV[7], 'enqueued', ARGV[8], 'failures', ARGV[9])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[5])
 return 1
 """
 )
-# KEYS: stream, dead; ARGV: group, consumer, entry, job id, body, attempt, reason
+# KEYS: stream, dead; ARGV: group, consumer, entry, job id, body, attempt, reason, failures
 GIVE_UP = (
     _OWNED
+    + _NOW
     + """
-redis.call('XADD', KEYS[2], '*', 'id', ARGV[4], 'body', ARGV[5], 'attempt', ARGV[6], 'reason', ARGV[7])
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[4], 'body', ARGV[5], 'attempt', ARGV[6], 'failures', ARGV[8],
+  'reason', ARGV[7], 'at', string.format('%.3f', now / 1000))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
@@ -127,9 +151,10 @@ PROMOTE = (
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(due) do
   local h = ARGV[1] .. id
-  local f = redis.call('HMGET', h, 'body', 'attempt', 'enqueued')
+  local f = redis.call('HMGET', h, 'body', 'attempt', 'enqueued', 'failures')
   if f[1] then
-    redis.call('XADD', KEYS[1], '*', 'id', id, 'body', f[1], 'attempt', f[2] or '0', 'enqueued', f[3] or '')
+    redis.call('XADD', KEYS[1], '*', 'id', id, 'body', f[1], 'attempt', f[2] or '0', 'enqueued', f[3] or '',
+      'failures', f[4] or '0')
   end
   redis.call('DEL', h)
   redis.call('ZREM', KEYS[2], id)
@@ -143,7 +168,7 @@ return {#due, -1}
 PUBLISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOSTREAM the stream does not exist') end
 if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return 0 end
-redis.call('XADD', KEYS[1], '*', 'id', ARGV[2], 'body', ARGV[3], 'attempt', '0', 'enqueued', ARGV[4])
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[2], 'body', ARGV[3], 'attempt', '0', 'failures', '0', 'enqueued', ARGV[4])
 return 1
 """
 UNLOCK = """
@@ -153,22 +178,21 @@ return 0
 
 
 class RedisStreamClaim(Claim):
-    def __init__(self, queue: RedisStreamQueue, entry: bytes, consumer: str, job: Job, carried: int) -> None:
+    def __init__(self, queue: RedisStreamQueue, entry: bytes, consumer: str, job: Job) -> None:
         self.job = job
         self._queue = queue
         self._entry = entry
         self._consumer = consumer
-        self._carried = carried  # deliveries before this entry (a retry re-adds the job)
         self._settled = False
         self._lost = False
         self._renewed = time.monotonic()  # before this, the entry was surely ours
 
     @property
-    def owned(self) -> bool:
+    def owned_until(self) -> float:
         # Past ack_wait the entry may have been taken back; the server decides at the next verb.
         if self._settled or self._lost:
-            return False
-        return time.monotonic() < self._renewed + self._queue.ack_wait
+            return -math.inf
+        return self._renewed + self._queue.ack_wait - lease_margin(self._queue.ack_wait)
 
     async def _run(self, verb: str, script: Any, keys: list[Any], extra: list[Any]) -> None:
         if self._settled:
@@ -195,14 +219,21 @@ class RedisStreamClaim(Claim):
         self._settled = True
 
     async def retry(self, delay: float) -> None:
+        await self._back("retry", delay, self.job.failures + 1)
+
+    async def hand_back(self) -> None:
+        await self._back("hand back", 0.0, self.job.failures)
+
+    async def _back(self, verb: str, delay: float, failures: int) -> None:
         q = self._queue
-        extra = [int(max(0.0, delay) * 1000), self.job.id, self.job.body, self.job.attempt, self.job.enqueued_at or ""]
-        await self._run("retry", q._retry, [q.delayed_key, q.retry_key(self.job.id)], extra)
+        job = self.job
+        extra = [int(max(0.0, delay) * 1000), job.id, job.body, job.attempt, job.enqueued_at or "", failures]
+        await self._run(verb, q._retry, [q.delayed_key, q.retry_key(job.id)], extra)
         self._settled = True
 
     async def give_up(self, reason: str) -> None:
         q = self._queue
-        extra = [self.job.id, self.job.body, self.job.attempt, reason[:1000]]
+        extra = [self.job.id, self.job.body, self.job.attempt, reason[:1000], self.job.failures]
         await self._run("give up", q._give_up, [q.dead_key], extra)
         self._settled = True
         log.info("job %s dead-lettered after attempt %d: %s", self.job.id, self.job.attempt, reason)
@@ -210,7 +241,7 @@ class RedisStreamClaim(Claim):
 
 class RedisStreamQueue(Queue):
     def __init__(
-        self, address: QueueAddress, *, ack_wait: float = 30.0, max_deliver: int = 5, connect_timeout: float = 5.0
+        self, address: QueueAddress, *, ack_wait: float = 30.0, max_deliver: int = 10, connect_timeout: float = 5.0
     ) -> None:
         assert address.kind == "redis"
         self.address = address
@@ -237,6 +268,7 @@ class RedisStreamQueue(Queue):
         return aioredis.Redis.from_url(
             self.address.server_url,
             socket_connect_timeout=self.connect_timeout,
+            socket_timeout=SOCKET_TIMEOUT,
             health_check_interval=15,
         )
 
@@ -315,6 +347,7 @@ class RedisStreamQueue(Queue):
 
     async def publish(self, job_id: str, body: bytes) -> bool:
         check_job_id(job_id)
+        check_body_size(job_id, body, MAX_BODY_BYTES, "a Redis bulk string")
         with self._translate(f"publish job {job_id}"):
             added = await self._publish(
                 keys=[self.stream, self.seen_key(job_id)],
@@ -337,14 +370,14 @@ class RedisStreamQueue(Queue):
                     if time.monotonic() >= deadline:
                         return None
                     continue
-                claim = got
-                if claim.job.attempt <= self.max_deliver:
+                claim, problem = got
+                problem = problem or past_deliveries(claim.job, self.max_deliver)
+                if problem is None:
                     log.debug("%s claimed job %s attempt %d", consumer, claim.job.id, claim.job.attempt)
                     return claim
-                # The last allowed attempt ended without an answer: it will not run again.
-                await claim.give_up(f"attempt {self.max_deliver} of {self.max_deliver} did not finish")
+                await claim.give_up(problem)
 
-    async def _reclaim(self, consumer: str) -> RedisStreamClaim | None:
+    async def _reclaim(self, consumer: str) -> tuple[RedisStreamClaim, str | None] | None:
         """An entry another consumer left idle past ack_wait, taken by one reclaimer at a time."""
         token = secrets.token_hex(8)
         if not await self._redis.set(self.lock_key, token, nx=True, px=RECLAIM_LOCK_MS):
@@ -362,7 +395,9 @@ class RedisStreamQueue(Queue):
                 return self._claim(entry, fields, consumer, delivered)
         return None
 
-    async def _read(self, consumer: str, deadline: float, next_due: float | None) -> RedisStreamClaim | None:
+    async def _read(
+        self, consumer: str, deadline: float, next_due: float | None
+    ) -> tuple[RedisStreamClaim, str | None] | None:
         wait = min(deadline - time.monotonic(), MAX_BLOCK, max(0.05, self.ack_wait / 4))
         if next_due is not None:
             wait = min(wait, next_due + 0.005)
@@ -373,16 +408,28 @@ class RedisStreamQueue(Queue):
                 return self._claim(entry, fields, consumer, 1)
         return None
 
-    def _claim(self, entry: bytes, fields: dict, consumer: str, delivered: int) -> RedisStreamClaim:
-        carried = int(fields.get(b"attempt", b"0") or 0)
-        enqueued = fields.get(b"enqueued") or b""
+    def _claim(self, entry: bytes, fields: dict, consumer: str, delivered: int) -> tuple[RedisStreamClaim, str | None]:
+        """The claim of an entry, and why it cannot be run when its fields cannot be read (else None)."""
+        problems = []
+        carried = _count(fields, b"attempt", problems)
+        failures = _count(fields, b"failures", problems)
+        enqueued = _text(fields.get(b"enqueued"))
+        try:
+            enqueued_at = float(enqueued) if enqueued else None
+        except ValueError:
+            enqueued_at = None
+            problems.append(f"enqueued {enqueued[:40]!r} is not a number of seconds")
+        if b"body" not in fields:
+            problems.append("the entry has no body field")
         job = Job(
             id=_text(fields.get(b"id")) or _text(entry),
             body=fields.get(b"body", b""),
             attempt=carried + delivered,
-            enqueued_at=float(enqueued) if enqueued else None,
+            enqueued_at=enqueued_at,
+            failures=failures,
         )
-        return RedisStreamClaim(self, entry, consumer, job, carried)
+        problem = f"unreadable entry {_text(entry)}: {'; '.join(problems)}" if problems else None
+        return RedisStreamClaim(self, entry, consumer, job), problem
 
     async def depth(self) -> Depth:
         with self._translate("read the depth"):
@@ -405,46 +452,69 @@ class RedisStreamQueue(Queue):
                 lapsed = len(idle)
             delayed = await self._redis.zcard(self.delayed_key)
         # A lapsed entry is handed to the next claim, so it counts as pending.
-        return Depth(pending=int(lag) + lapsed, in_flight=held - lapsed + int(delayed))
+        return Depth(pending=int(lag) + lapsed, in_flight=held - lapsed, delayed=int(delayed))
 
-    async def dead_letters(self) -> list[Job]:
+    async def dead_letters(self) -> list[DeadLetter]:
         with self._translate("read the dead letters"):
             entries = await self._redis.xrange(self.dead_key)
-        return [
-            Job(_text(f.get(b"id")), f.get(b"body", b""), int(f.get(b"attempt", b"0") or 0)) for _entry, f in entries
-        ]
+        letters = []
+        for _entry, f in entries:
+            at = _text(f.get(b"at"))
+            letters.append(
+                DeadLetter(
+                    id=_text(f.get(b"id")),
+                    body=f.get(b"body", b""),
+                    attempt=_count(f, b"attempt", []),
+                    failures=_count(f, b"failures", []),
+                    reason=_text(f.get(b"reason")),
+                    at=float(at) if at.replace(".", "", 1).isdigit() else None,
+                )
+            )
+        return letters
 
     # -- events -------------------------------------------------------------
 
     async def publish_event(self, event: JobEvent) -> None:
         with self._translate(f"publish a {event.kind} event"):
-            await self._redis.publish(self.events_channel, json.dumps(event.to_dict()))
+            await self._redis.publish(self.events_channel, event.to_json())
 
     def events(self) -> Feed[JobEvent]:
-        async def opener(put: Any, fail: Any) -> Any:
-            with self._translate(f"subscribe to {self.events_channel}"):
-                pubsub = self._redis.pubsub()
+        async def subscribe() -> Any:
+            pubsub = self._redis.pubsub()
+            try:
                 await pubsub.subscribe(self.events_channel)
                 # The server's confirmation: from here on nothing published is missed.
-                while (await pubsub.get_message(timeout=5.0)) is None:
+                while (await pubsub.get_message(timeout=SOCKET_TIMEOUT)) is None:
                     pass
+            except BaseException:
+                await pubsub.aclose()
+                raise
+            return pubsub
+
+        async def opener(put: Any, fail: Any) -> Any:
+            with self._translate(f"subscribe to {self.events_channel}"):
+                held = [await subscribe()]
+
+            warned: set[str] = set()
 
             async def read() -> None:
-                try:
-                    while True:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                        if message is None or message.get("type") != "message":
-                            continue
-                        try:
-                            put(JobEvent.from_dict(json.loads(message["data"])))
-                        except (ValueError, TypeError) as exc:
-                            log.warning("ignored a malformed event on %s: %s", self.events_channel, exc)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    fail(QueueUnavailable(f"events from {self.address.server} stopped: {describe(exc)}"))
+                pubsub = held[0]
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is not None and message.get("type") == "message":
+                        event = parse_event(message["data"], self.events_channel, warned)
+                        if event is not None:
+                            put(event)
 
-            return self._background(read(), pubsub.aclose)
+            async def reconnect() -> None:
+                with suppress(Exception):
+                    await held[0].aclose()
+                held[0] = await subscribe()
+
+            async def close() -> None:
+                await held[0].aclose()
+
+            return self._background(self._lasting(read, reconnect, put, "job events"), close)
 
         return Feed(opener)
 
@@ -462,23 +532,50 @@ class RedisStreamQueue(Queue):
 
             async def read() -> None:
                 nonlocal last
-                try:
-                    while True:
-                        answer = await client.xread({self.stream: last}, block=int(MAX_BLOCK * 5000))
-                        for _stream, entries in answer or ():
-                            for entry, fields in entries:
-                                last = entry
-                                # A retry coming back is no new job (as on NATS, where a nak is not republished).
-                                if int(fields.get(b"attempt", b"0") or 0) == 0:
-                                    put(_text(fields.get(b"id")) or _text(entry))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    fail(QueueUnavailable(f"new jobs from {self.address.server} stopped: {describe(exc)}"))
+                while True:
+                    # An idle stream answers None after the block: read again. The block is
+                    # shorter than the socket's timeout, so a quiet stream is never an error.
+                    answer = await client.xread({self.stream: last}, block=int(FEED_BLOCK * 1000))
+                    for _stream, entries in answer or ():
+                        for entry, fields in entries:
+                            last = entry
+                            # A retry coming back is no new job (as on NATS, where a nak is not republished).
+                            if _text(fields.get(b"attempt")) in ("", "0"):
+                                put(_text(fields.get(b"id")) or _text(entry))
 
-            return self._background(read(), client.aclose)
+            async def reconnect() -> None:
+                # The same client: redis-py reconnects it; XREAD from ``last`` then also
+                # returns what was added while the connection was down.
+                await client.ping()
+
+            return self._background(self._lasting(read, reconnect, put, "new jobs"), client.aclose)
 
         return Feed(opener)
+
+    async def _lasting(self, read: Any, reconnect: Any, put: Any, what: str) -> None:
+        """Runs ``read()`` for as long as the feed lives: a broken connection is reconnected with
+        backoff, and ``GAP`` put once it is back, since what was pushed meanwhile may be missing."""
+        pause = FEED_RETRY_FIRST
+        while True:
+            try:
+                await read()
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncio.TimeoutError, redis.exceptions.RedisError) as exc:
+                log.warning("%s from %s: connection lost (%s); reconnecting", what, self.address.server, describe(exc))
+            while True:
+                await asyncio.sleep(pause)
+                pause = min(FEED_RETRY_CAP, pause * 2)
+                try:
+                    await reconnect()
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except (OSError, asyncio.TimeoutError, redis.exceptions.RedisError) as exc:
+                    log.debug("%s from %s: still unreachable (%s)", what, self.address.server, describe(exc))
+            log.info("%s from %s: reconnected", what, self.address.server)
+            pause = FEED_RETRY_FIRST
+            put(GAP)
 
     @staticmethod
     def _background(reader: Any, close: Any) -> Any:
@@ -492,6 +589,17 @@ class RedisStreamQueue(Queue):
             await close()
 
         return closer
+
+
+def _count(fields: dict, name: bytes, problems: list[str]) -> int:
+    """A whole-number field (absent or empty: 0); one more line in ``problems`` when it is not one."""
+    raw = _text(fields.get(name)).strip()
+    if not raw:
+        return 0
+    if raw.isdigit():
+        return int(raw)
+    problems.append(f"{name.decode()} {raw[:40]!r} is not a whole number")
+    return 0
 
 
 def _text(value: Any) -> str:

@@ -17,8 +17,13 @@ How each verb maps onto SQS:
   may hand the message out at any moment of its wait, so the claim is then
   confirmed with ``ChangeMessageVisibility`` whose send time anchors the lease.
 - ``keep_alive``: ``ChangeMessageVisibility`` to ack_wait again.
-- ``ack``: ``DeleteMessage``. ``retry(delay)``: ``ChangeMessageVisibility`` to
-  the delay (rounded up to whole seconds; 0 is at once).
+- ``ack``: ``DeleteMessage``.
+- ``retry(delay)``: a visibility change cannot change a message, and the job's
+  own failures must travel with it, so the job is sent again with one more
+  failure and its deliveries so far as attributes, delayed by ``delay`` (SQS
+  delays a message 900 s at most), and then the delivery is deleted.
+- ``hand_back``: ``ChangeMessageVisibility`` to 0: delivered again at once,
+  no failure counted.
 - ``give_up``: ``SendMessage`` of the same body to the dead-letter queue with
   the job id, the attempt and the reason as message attributes, then
   ``DeleteMessage`` from the work queue: it is never delivered again.
@@ -33,8 +38,9 @@ until that time plus ack_wait (less a margin for the round trip). Past it every
 verb raises NotOwned and sends nothing. A receipt handle the server refuses
 (``ReceiptHandleIsInvalid``, ``MessageNotInflight``) is NotOwned too.
 
-Attempts: ``ApproximateReceiveCount``. ``claim`` dead-letters at once a
-delivery past ``max_deliver`` (the last attempt crashed or lapsed). The work
+Attempts: ``ApproximateReceiveCount``, plus the deliveries a retried job
+carries (``null-deliveries``). ``claim`` dead-letters at once a delivery past
+``max_deliver`` (one that keeps crashing or lapsing). The work
 queue's ``RedrivePolicy`` (maxReceiveCount = max_deliver + 2) is a backstop
 only: it lets the server move a message our claims failed to dead-letter twice
 (the dead-letter send refused, say, for a body at SQS's size limit), which
@@ -74,11 +80,13 @@ import botocore.exceptions
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from workers.null.protocol import JobEvent
+from workers.null.protocol import JobEvent, parse_event
 from workers.null.queues.address import SqsAddress
 from workers.null.queues.base import (
+    GAP,
     SETUP_HINT,
     Claim,
+    DeadLetter,
     Depth,
     Feed,
     Job,
@@ -88,7 +96,9 @@ from workers.null.queues.base import (
     QueueUnavailable,
     check_job_id,
     describe,
+    lease_margin,
     not_connected,
+    past_deliveries,
 )
 
 log = logging.getLogger(__name__)
@@ -98,6 +108,15 @@ JOB_ID = "null-job-id"  # the publisher's job id (else the message id stands in)
 BODY = "null-body"  # absent: the body is the job's bytes as UTF-8; "base64" or "empty" otherwise
 ATTEMPT = "null-attempt"  # dead letters: the attempt that was given up
 REASON = "null-reason"  # dead letters: why
+FAILURES = "null-failures"  # the job's own failures so far (a retried job's copy, and dead letters)
+DELIVERIES = "null-deliveries"  # a retried job's copy: the deliveries before it
+# SQS's largest message, the body and its attributes together; and its longest delay.
+MAX_MESSAGE_BYTES = 262144
+ATTRIBUTE_ROOM = 1024
+MAX_DELAY = 900
+# An events feed whose receive failed tries again after this, doubling up to FEED_RETRY_CAP.
+FEED_RETRY_FIRST = 0.2
+FEED_RETRY_CAP = 5.0
 # SQS's limits: a long poll, a visibility timeout, a receive count in a redrive policy.
 MAX_WAIT = 20
 MAX_VISIBILITY = 43200
@@ -136,11 +155,6 @@ class QueueMissing(QueueUnavailable):
     """SQS says a queue does not exist."""
 
 
-def lease_margin(ack_wait: float) -> float:
-    """How long before the visibility timeout ends a claim stops counting as owned: room for one round trip."""
-    return min(1.0, ack_wait * 0.1)
-
-
 def encode_body(body: bytes) -> tuple[str, dict[str, Any]]:
     """The message body for ``body`` and the attributes that say how to read it back."""
     if not body:
@@ -168,6 +182,19 @@ def fifo_token(value: str) -> str:
     return value if _FIFO_TOKEN.match(value) else hashlib.sha256(value.encode()).hexdigest()
 
 
+def _number_attribute(value: int) -> dict[str, str]:
+    return {"DataType": "Number", "StringValue": str(value)}
+
+
+def _sendable(value: dict[str, Any]) -> dict[str, Any]:
+    """A received message attribute as SendMessage takes it (received ones carry extra, empty keys)."""
+    return {k: v for k, v in value.items() if k in ("DataType", "StringValue", "BinaryValue")}
+
+
+def _whole(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 0
+
+
 def _text_attribute(value: str) -> dict[str, str]:
     return {"DataType": "String", "StringValue": value}
 
@@ -192,10 +219,10 @@ class SqsClaim(Claim):
         self._lost = False
 
     @property
-    def owned(self) -> bool:
+    def owned_until(self) -> float:
         if self._settled or self._lost:
-            return False
-        return time.monotonic() < self._renewed + self._queue.ack_wait - lease_margin(self._queue.ack_wait)
+            return -math.inf
+        return self._renewed + self._queue.ack_wait - lease_margin(self._queue.ack_wait)
 
     def _check(self, verb: str) -> None:
         if self._settled:
@@ -233,8 +260,23 @@ class SqsClaim(Claim):
 
     async def retry(self, delay: float) -> None:
         self._check("retry")
-        seconds = min(MAX_VISIBILITY, math.ceil(max(0.0, delay)))
-        await self._on_handle(f"retry job {self.job.id}", "change_message_visibility", VisibilityTimeout=seconds)
+        job = self.job
+        await self._queue._send_job(
+            job.id,
+            self._message,
+            delay=min(MAX_DELAY, math.ceil(max(0.0, delay))),
+            extra={
+                FAILURES: _number_attribute(job.failures + 1),
+                DELIVERIES: _number_attribute(job.attempt),
+            },
+            token=f"{job.id}#{job.attempt}",
+        )
+        await self._on_handle(f"retry job {job.id}", "delete_message")
+        self._settled = True
+
+    async def hand_back(self) -> None:
+        self._check("hand back")
+        await self._on_handle(f"hand back job {self.job.id}", "change_message_visibility", VisibilityTimeout=0)
         self._settled = True
 
     async def give_up(self, reason: str) -> None:
@@ -247,7 +289,7 @@ class SqsClaim(Claim):
 
 class SqsQueue(Queue):
     def __init__(
-        self, address: SqsAddress, *, ack_wait: float = 30.0, max_deliver: int = 5, connect_timeout: float = 5.0
+        self, address: SqsAddress, *, ack_wait: float = 30.0, max_deliver: int = 10, connect_timeout: float = 5.0
     ) -> None:
         if ack_wait > MAX_VISIBILITY:
             raise QueueError(f"ack_wait {ack_wait:g} is longer than SQS's 12 h visibility limit: use e.g. 30")
@@ -461,8 +503,15 @@ class SqsQueue(Queue):
     async def publish(self, job_id: str, body: bytes) -> bool:
         """Sends the job; always True: a standard queue keeps duplicates, a FIFO one drops them without saying so."""
         check_job_id(job_id)
-        url = await self._url(self.address.queue, f"publish job {job_id}")
         text, attributes = encode_body(body)
+        limit = MAX_MESSAGE_BYTES - ATTRIBUTE_ROOM
+        if len(text.encode()) > limit:
+            raise QueueError(
+                f"job {job_id}'s body is {len(text.encode())} bytes as SQS carries it, more than an SQS message "
+                f"holds ({limit} bytes with room for attributes): put large inputs in object storage and publish "
+                "a reference to them"
+            )
+        url = await self._url(self.address.queue, f"publish job {job_id}")
         params: dict[str, Any] = {
             "QueueUrl": url,
             "MessageBody": text,
@@ -473,6 +522,25 @@ class SqsQueue(Queue):
             params["MessageGroupId"] = params["MessageDeduplicationId"] = fifo_token(job_id)
         await self._call(f"publish job {job_id}", "send_message", **params)
         return True
+
+    async def _send_job(
+        self, job_id: str, message: dict[str, Any], *, delay: int, extra: dict[str, Any], token: str
+    ) -> None:
+        """Sends a delivered job again, as it came (body and attributes) plus ``extra``, after ``delay`` seconds."""
+        url = await self._url(self.address.queue, f"send job {job_id} again")
+        attributes = {**(message.get("MessageAttributes") or {}), JOB_ID: _text_attribute(job_id), **extra}
+        params: dict[str, Any] = {
+            "QueueUrl": url,
+            "MessageBody": message.get("Body") or "",
+            "MessageAttributes": {name: _sendable(value) for name, value in attributes.items()},
+        }
+        if self.address.fifo:
+            # FIFO queues delay per queue, not per message: the copy comes back at once.
+            params["MessageGroupId"] = fifo_token(job_id)
+            params["MessageDeduplicationId"] = fifo_token(token)
+        else:
+            params["DelaySeconds"] = delay
+        await self._call(f"send job {job_id} again", "send_message", **params)
 
     async def claim(self, consumer: str, timeout: float) -> Claim | None:
         url = await self._url(self.address.queue, "claim a job")
@@ -504,8 +572,9 @@ class SqsQueue(Queue):
             job = Job(
                 id=_attribute(message, JOB_ID) or message["MessageId"],
                 body=decode_body(message),
-                attempt=int(system.get("ApproximateReceiveCount") or 1),
+                attempt=_whole(_attribute(message, DELIVERIES)) + int(system.get("ApproximateReceiveCount") or 1),
                 enqueued_at=sent_ms / 1000 if sent_ms else None,
+                failures=_whole(_attribute(message, FAILURES)),
             )
             claim = SqsClaim(self, message, job, renewed=time.monotonic())
             try:
@@ -513,11 +582,11 @@ class SqsQueue(Queue):
             except NotOwned:
                 log.debug("job %s attempt %d lapsed before its claim was confirmed", job.id, job.attempt)
                 continue
-            if job.attempt <= self.max_deliver:
+            problem = past_deliveries(job, self.max_deliver)
+            if problem is None:
                 log.debug("%s claimed job %s attempt %d", consumer, job.id, job.attempt)
                 return claim
-            # The last allowed attempt ended without an answer (crash, lost lease): it will not run again.
-            await claim.give_up(f"attempt {self.max_deliver} of {self.max_deliver} did not finish")
+            await claim.give_up(problem)
             if time.monotonic() >= deadline:
                 return None
 
@@ -525,7 +594,8 @@ class SqsQueue(Queue):
         url = await self._url(self.address.dead, f"dead-letter job {job.id}")
         attributes = {
             JOB_ID: _text_attribute(job.id),
-            ATTEMPT: {"DataType": "Number", "StringValue": str(job.attempt)},
+            ATTEMPT: _number_attribute(job.attempt),
+            FAILURES: _number_attribute(job.failures),
             REASON: _text_attribute(reason[:1000] or "-"),  # SQS refuses an empty attribute value
         }
         encoding = _attribute(message, BODY)
@@ -550,12 +620,10 @@ class SqsQueue(Queue):
         ]
         answer = await self._call("read the depth", "get_queue_attributes", QueueUrl=url, AttributeNames=names)
         counts = {name: int(value) for name, value in (answer.get("Attributes") or {}).items()}
-        return Depth(
-            pending=counts.get(names[0], 0),
-            in_flight=counts.get(names[1], 0) + counts.get(names[2], 0),
-        )
+        pending, hidden, delayed = (counts.get(name, 0) for name in names)
+        return Depth(pending=pending, in_flight=hidden, delayed=delayed)
 
-    async def dead_letters(self) -> list[Job]:
+    async def dead_letters(self) -> list[DeadLetter]:
         """The dead-lettered jobs, oldest first; attempt 0 for one the redrive policy moved (no attributes).
 
         SQS has no peek: this receives every message of the dead-letter queue,
@@ -590,7 +658,14 @@ class SqsQueue(Queue):
             await self._show_again(url, [m["ReceiptHandle"] for m in seen.values()])
         ordered = sorted(seen.values(), key=_sent)
         return [
-            Job(_attribute(m, JOB_ID) or m["MessageId"], decode_body(m), int(_attribute(m, ATTEMPT) or 0))
+            DeadLetter(
+                id=_attribute(m, JOB_ID) or m["MessageId"],
+                body=decode_body(m),
+                attempt=_whole(_attribute(m, ATTEMPT)),
+                failures=_whole(_attribute(m, FAILURES)),
+                reason=_attribute(m, REASON) or "moved by the redrive policy",
+                at=_sent(m) / 1000 or None,
+            )
             for m in ordered
         ]
 
@@ -611,9 +686,7 @@ class SqsQueue(Queue):
 
     async def publish_event(self, event: JobEvent) -> None:
         url = await self._url(self.address.events, f"publish a {event.kind} event")
-        await self._call(
-            f"publish a {event.kind} event", "send_message", QueueUrl=url, MessageBody=json.dumps(event.to_dict())
-        )
+        await self._call(f"publish a {event.kind} event", "send_message", QueueUrl=url, MessageBody=event.to_json())
 
     def events(self) -> Feed[JobEvent]:
         """Events from the events queue: what waits there at the start is dropped (stale), the rest is delivered.
@@ -628,20 +701,31 @@ class SqsQueue(Queue):
             if dropped:
                 log.info("dropped %d job event(s) sent before the dispatcher listened", dropped)
 
+            warned: set[str] = set()
+
             async def read() -> None:
-                try:
-                    while True:
+                pause = FEED_RETRY_FIRST
+                broken = False
+                while True:
+                    try:
                         messages = await self._receive_events(url, MAX_WAIT)
-                        for message in messages:
-                            try:
-                                put(JobEvent.from_dict(json.loads(message.get("Body") or "")))
-                            except (ValueError, TypeError) as exc:
-                                log.warning("ignored a malformed event on %s: %s", self.address.events, exc)
+                    except QueueError as exc:
+                        if not broken:
+                            log.warning("job events from %s: %s; trying again", self._server, exc)
+                        broken = True
+                        await asyncio.sleep(pause)
+                        pause = min(FEED_RETRY_CAP, pause * 2)
+                        continue
+                    if broken:
+                        log.info("job events from %s: back", self._server)
+                        broken, pause = False, FEED_RETRY_FIRST
+                        put(GAP)
+                    for message in messages:
+                        event = parse_event(message.get("Body") or "", self.address.events, warned)
+                        if event is not None:
+                            put(event)
+                    with suppress(QueueError):  # an event not deleted comes again after EVENTS_VISIBILITY
                         await self._delete(url, messages)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    fail(QueueUnavailable(f"events from {self._server} stopped: {describe(exc)}"))
 
             task = asyncio.ensure_future(read())
 
