@@ -8,6 +8,7 @@ real worker processes and real queue servers.
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import textwrap
 import time
@@ -27,7 +28,7 @@ from workers.null.consumer.cli import main, split_command
 from workers.null.consumer.control import ControlClient
 from workers.null.consumer.runs import CommandRun, command_runs, handler_runs
 from workers.null.protocol import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, JobEvent
-from workers.null.queues.base import Claim, Depth, Job, NotOwned, Queue, QueueUnavailable
+from workers.null.queues.base import Claim, DeadLetter, Depth, Job, NotOwned, Queue, QueueUnavailable
 
 WINDOW = 0.6  # ack_wait: renewals every 0.2 s
 
@@ -109,8 +110,8 @@ class MemoryClaim(Claim):
         self._owned = True
 
     @property
-    def owned(self) -> bool:
-        return self._owned
+    def owned_until(self) -> float:
+        return math.inf if self._owned else -math.inf
 
     def lose(self) -> None:
         """The job went to another consumer, as when its AckWait ran out unrenewed."""
@@ -133,8 +134,13 @@ class MemoryClaim(Claim):
     async def retry(self, delay: float) -> None:
         self._check("retry")
         self.queue.steps.append(("retry", self.job.id, self.job.attempt, delay))
-        again = Job(self.job.id, self.job.body, self.job.attempt + 1)
+        again = Job(self.job.id, self.job.body, self.job.attempt + 1, failures=self.job.failures + 1)
         asyncio.get_running_loop().call_later(delay, self.queue.ready.put_nowait, again)
+
+    async def hand_back(self) -> None:
+        self._check("hand_back")
+        self.queue.steps.append(("hand_back", self.job.id, self.job.attempt))
+        self.queue.ready.put_nowait(Job(self.job.id, self.job.body, self.job.attempt + 1, failures=self.job.failures))
 
     async def give_up(self, reason: str) -> None:
         self._check("give_up")
@@ -188,6 +194,9 @@ class MemoryQueue(Queue):
 
     async def depth(self) -> Depth:
         return Depth(self.ready.qsize(), 0)
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        return []
 
     async def publish_event(self, event: JobEvent) -> None:
         self.published.append(event)
@@ -357,15 +366,17 @@ async def test_session_is_released_even_if_a_renewal_swallowed_its_cancellation(
 
 
 async def test_failed_job_is_retried_after_the_delay_then_released(control, start, tmp_path):
-    """Nonzero exit before the last attempt: retry(--retry-delay), then /release."""
+    """Nonzero exit before the last attempt: retry after --retry-delay less up to half of it, then /release."""
     queue = MemoryQueue()
     await queue.publish("j1", b"")
     await start(queue, command_runs(script(tmp_path, "raise SystemExit(3)")), retry_delay=0.25)
     control.open("s1")
     event = await finished(queue, "j1")
     assert (event.outcome, event.detail) == (RETRY, "exit 3")
+    assert event.retry_in is not None and 0.125 <= event.retry_in <= 0.25
     await released(queue, "j1")
-    assert ("retry", "j1", 1, 0.25) in queue.steps
+    [step] = [step for step in queue.steps if step[0] == "retry"]
+    assert step == ("retry", "j1", 1, event.retry_in)
     assert control.routes("s1")[-1] == "/release"
 
 
@@ -382,17 +393,21 @@ async def test_poison_job_is_dead_lettered_on_the_last_attempt(control, start, t
     assert queue.verbs() == ["claim", "retry", "claim", "retry", "claim", "give_up"]
 
 
-async def test_job_past_max_attempts_is_dead_lettered_without_running(control, start, tmp_path):
-    """A delivery whose attempt is already past --max-attempts is given up and never run."""
+async def test_only_the_jobs_own_failures_count_toward_max_attempts(control, start, tmp_path):
+    """A job delivered often (hand-backs, lapses) that fails is retried; one that failed twice before is dead."""
     queue = MemoryQueue()
-    queue.ready.put_nowait(Job("old", b"", 5))
-    marker = tmp_path / "ran"
-    await start(queue, command_runs(script(tmp_path, f"open({str(marker)!r}, 'w')")), max_attempts=3)
+    queue.ready.put_nowait(Job("handed-back", b"", 5, failures=0))
+    # A long delay: the retried job stays away while the second one runs.
+    run = command_runs(script(tmp_path, "raise SystemExit(1)"))
+    await start(queue, run, max_attempts=3, retry_delay=60.0, retry_max=60.0)
     control.open("s1")
-    event = await finished(queue, "old")
-    assert event.outcome == DEAD
-    assert not marker.exists()
-    assert queue.kinds("old") == [(CLAIMED, None), (FINISHED, DEAD)]
+    event = await finished(queue, "handed-back")
+    assert (event.outcome, event.attempt, event.failures) == (RETRY, 5, 0)
+    await released(queue, "handed-back")
+    queue.ready.put_nowait(Job("failed-twice", b"", 3, failures=2))
+    control.open("s2")
+    event = await finished(queue, "failed-twice")
+    assert event.outcome == DEAD and "failure 3 of --max-attempts 3" in event.detail
 
 
 async def test_no_job_within_claim_timeout_releases_at_once(control, start):
@@ -430,7 +445,7 @@ async def test_lease_gone_stops_the_job_and_does_not_ack(control, start, tmp_pat
     control.gone.add("s1")
     event = await finished(queue, "j1")
     assert event.outcome == ABANDONED and "lease gone" in event.detail and "handed back at once" in event.detail
-    assert queue.verbs() == ["claim", "retry"]
+    assert queue.verbs() == ["claim", "hand_back"]
     pid = int(pid_file.read_text())
     from tests.standin import process_gone
 
@@ -543,7 +558,7 @@ async def test_stop_past_grace_stops_the_job_hands_it_back_and_releases(control,
     run.consumer.stop()
     await asyncio.wait_for(run.task, 10)
     assert time.monotonic() - stopped_at < 5
-    assert ("retry", "j1", 1, 0) in queue.steps
+    assert ("hand_back", "j1", 1) in queue.steps
     event = next(e for e in queue.published if e.kind == FINISHED)
     assert event.outcome == ABANDONED and "stopped" in event.detail
     assert control.routes("s1")[-1] == "/release"

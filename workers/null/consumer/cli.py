@@ -43,10 +43,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="seconds to wait for a job once a session is held; none: release at once",
     )
     parser.add_argument(
-        "--retry-delay", type=float, default=defaults.retry_delay, help="seconds before a failed job is delivered again"
+        "--retry-delay",
+        type=float,
+        default=defaults.retry_delay,
+        help="seconds before a job that failed once is delivered again (less up to half, at random)",
     )
     parser.add_argument(
-        "--max-attempts", type=int, default=defaults.max_attempts, help="a job failing on this attempt is dead-lettered"
+        "--retry-backoff", type=float, default=defaults.retry_backoff, help="each further failure multiplies the delay"
+    )
+    parser.add_argument("--retry-max", type=float, default=defaults.retry_max, help="the longest delay, in seconds")
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=defaults.max_attempts,
+        help="a job that fails this many times is dead-lettered; lost leases and hand-backs do not count",
+    )
+    parser.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=defaults.max_deliveries,
+        help="a delivery past this number is dead-lettered unrun, whatever ended the earlier ones (crash loops)",
     )
     parser.add_argument(
         "--ack-wait",
@@ -109,7 +125,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         options = ConsumerOptions(
             claim_timeout=args.claim_timeout,
             retry_delay=args.retry_delay,
+            retry_backoff=args.retry_backoff,
+            retry_max=args.retry_max,
             max_attempts=args.max_attempts,
+            max_deliveries=args.max_deliveries,
             ack_wait=args.ack_wait,
             grace=args.grace,
             control_port=control_port_from_env(env) if args.control_port is None else args.control_port,
@@ -119,7 +138,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         problems = options.problems()
         if problems:
             parser.error(problems[0])
-        queue = open_consumer_queue(args.queue, args.ack_wait, args.max_attempts)
+        queue = open_consumer_queue(args.queue, args.ack_wait, args.max_deliveries)
         configure_logging(args.verbose)
         return asyncio.run(serve(queue, runs, options, label=masked(args.queue)))
     except ConsumerError as exc:

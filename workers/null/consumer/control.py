@@ -99,9 +99,12 @@ class ControlClient:
             raise ControlUnavailable(f"{self.base_url}/claim answered a session that is not an object: {session!r}")
         return HeldSession.from_answer(session)
 
-    async def extend(self, session_id: str, seconds: float) -> float:
-        """Sets the session's lease to now + ``seconds``; returns the seconds it has left."""
-        status, answer = await self._post("/extend", {"session_id": session_id, "seconds": seconds}, CALL_TIMEOUT)
+    async def extend(self, session_id: str, seconds: float, *, job_id: str | None = None) -> float:
+        """Sets the session's lease to now + ``seconds``, naming the job it runs; returns the seconds it has left."""
+        body: dict[str, Any] = {"session_id": session_id, "seconds": seconds}
+        if job_id is not None:
+            body["job_id"] = job_id
+        status, answer = await self._post("/extend", body, CALL_TIMEOUT)
         if status == 409:
             raise LeaseGone(_reason(answer, f"session {session_id} is not held"))
         if status != 200 or not isinstance(answer, dict):

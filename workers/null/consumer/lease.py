@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import math
 import time
 from dataclasses import dataclass
 
+from workers.null.aio import wait_any
 from workers.null.consumer.control import ControlClient, ControlUnavailable, HeldSession, LeaseGone
+from workers.null.consumer.runs import Run
 from workers.null.queues.base import Claim, NotOwned, QueueError
 
 log = logging.getLogger("workers.null.consumer")
@@ -40,14 +41,20 @@ class Lost:
         if self.loss is Loss.LEASE_GONE:
             return f"lease gone ({self.cause})"
         if self.loss is Loss.LEASE_LAPSED:
-            return f"lease lapsed: the control server did not answer ({self.cause})"
+            return f"lease lapsed: the control server did not confirm a renewal ({self.cause})"
         if self.loss is Loss.CLAIM_NOT_OWNED:
             return f"claim not owned any more ({self.cause})"
-        return f"claim lapsed: the queue did not answer ({self.cause})"
+        return f"claim lapsed: the queue did not confirm a renewal ({self.cause})"
 
 
 class Lease:
-    """The session's lease and the job's claim, renewed together every ``window`` / 3."""
+    """The session's lease and the job's claim, renewed together every ``window`` / 3.
+
+    ``renew`` sends the renewals; ``watch`` ends the lease the moment either
+    deadline passes unrenewed, even while a renewal hangs: by the claim's
+    deadline the queue may give the job to another consumer, so the job here
+    must be stopped by then. The run's own watchdog is told each new deadline.
+    """
 
     def __init__(self, control: ControlClient, held: HeldSession, window: float):
         self.control = control
@@ -55,44 +62,66 @@ class Lease:
         self.session_id = held.session_id
         self.lease_until = time.monotonic() + held.expires_in
         self.claim: Claim | None = None
-        self.claim_until = math.inf
+        self.run: Run | None = None  # the job, once it runs
+        self._changed = asyncio.Event()
         # Set once the lease or the claim is gone.
         self.lost: asyncio.Future[Lost] = asyncio.get_running_loop().create_future()
 
     def hold(self, claim: Claim) -> None:
-        """From now on the job's claim is renewed with the lease."""
+        """From now on the job's claim is renewed with the lease, and its deadline watched."""
         self.claim = claim
-        self.claim_until = time.monotonic() + self.window
+        self._changed.set()
 
-    def _lose(self, loss: Loss, cause: BaseException) -> None:
+    def running(self, run: Run) -> None:
+        """The job runs: its watchdog stops it at the claim's deadline unless told a later one."""
+        self.run = run
+        if self.claim is not None:
+            run.hold_until(self.claim.owned_until)
+
+    def _lose(self, loss: Loss, cause: BaseException | str) -> None:
         if not self.lost.done():
             self.lost.set_result(Lost(loss, str(cause)))
+            self._changed.set()
 
     async def renew(self) -> None:
         window = self.window
         while not self.lost.done():
             now = time.monotonic()
             try:
-                left = await self.control.extend(self.session_id, window)
-                self.lease_until = time.monotonic() + left
+                job_id = self.claim.job.id if self.claim is not None else None
+                left = await self.control.extend(self.session_id, window, job_id=job_id)
+                self.lease_until = now + left
+                self._changed.set()
             except LeaseGone as exc:
                 self._lose(Loss.LEASE_GONE, exc)
                 return
             except ControlUnavailable as exc:
-                if now >= self.lease_until:
-                    self._lose(Loss.LEASE_LAPSED, exc)
-                    return
                 log.warning("session %s: lease renewal failed (%s); trying again", self.session_id, exc)
-            if self.claim is not None:
+            if self.claim is not None and not self.lost.done():
                 try:
                     await self.claim.keep_alive()
-                    self.claim_until = now + window
+                    if self.run is not None:
+                        self.run.hold_until(self.claim.owned_until)
+                    self._changed.set()
                 except NotOwned as exc:
                     self._lose(Loss.CLAIM_NOT_OWNED, exc)
                     return
                 except QueueError as exc:
-                    if time.monotonic() >= self.claim_until:
-                        self._lose(Loss.CLAIM_LAPSED, exc)
-                        return
                     log.warning("job %s: claim renewal failed (%s); trying again", self.claim.job.id, exc)
             await asyncio.sleep(window / 3)
+
+    async def watch(self) -> None:
+        """Ends the lease when the session's lease or the job's claim runs out unrenewed."""
+        while not self.lost.done():
+            self._changed.clear()
+            now = time.monotonic()
+            if now >= self.lease_until:
+                self._lose(Loss.LEASE_LAPSED, f"not renewed within {self.window:g}s")
+                return
+            deadline = self.lease_until
+            if self.claim is not None:
+                if now >= self.claim.owned_until:
+                    self._lose(Loss.CLAIM_LAPSED, f"not renewed within {self.window:g}s")
+                    return
+                deadline = min(deadline, self.claim.owned_until)
+            await wait_any([self._changed], deadline - now)

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
+from random import random
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -30,6 +31,7 @@ from workers.null.protocol import (
     RETRY,
     STARTED,
     JobEvent,
+    retry_delay,
 )
 from workers.null.queues.base import Claim, NotOwned, Queue, QueueError, QueueUnavailable
 
@@ -156,11 +158,12 @@ class Consumer:
                 return False
             self._connected = True
             log.info(
-                "queue %s reachable%s: renewal window %.1fs, at most %d attempt(s) per job",
+                "queue %s reachable%s: renewal window %.1fs, at most %d attempt(s) and %d deliveries per job",
                 self.label,
                 f" after {backoff.tries} retries" if backoff.tries else "",
                 self.window,
                 self.options.max_attempts,
+                self.options.max_deliveries,
             )
             return True
 
@@ -207,6 +210,7 @@ class Consumer:
         self._enter("waiting for a job", "session %s claimed (lease %.1fs left)", sid, held.expires_in)
         lease = Lease(self.control, held, self.window)
         renewer = asyncio.ensure_future(lease.renew())
+        watcher = asyncio.ensure_future(lease.watch())
         try:
             claim = await self._claim_job(lease)
             if claim is None:
@@ -216,6 +220,7 @@ class Consumer:
             await self._run_job(claim, lease)
         finally:
             await stop_task(renewer)
+            await stop_task(watcher)
             await self._release(sid, getattr(lease.claim, "job", None))
             self.session_id = self.job_id = None
 
@@ -244,18 +249,22 @@ class Consumer:
         assert sid is not None
         self.emit(CLAIMED, job, sid)
         self._enter("running", "job %s attempt %d claimed for session %s", job.id, job.attempt, sid)
-        if job.attempt > self.options.max_attempts:
-            detail = f"attempt {job.attempt} is past --max-attempts {self.options.max_attempts}"
-            await self._finish(claim, Result(False, detail), lease)
+        # Ownership first: a lease that went, or a claim that cannot be vouched for, starts nothing.
+        reason = str(lease.lost.result()) if lease.lost.done() else None
+        if reason is None and not claim.owned:
+            reason = "the claim ran out before the job could start"
+        if reason is not None:
+            detail = await self._hand_back(claim, f"{reason}; not started")
+            self._outcome(claim, ABANDONED, detail)
             return
-        if lease.lost.done():  # the lease went while the job was being fetched: hand it back unstarted
-            reason = lease.lost.result()
-            with suppress(QueueError):
-                await claim.retry(0)
-            log.warning("job %s attempt %d: %s before it started; handed back", job.id, job.attempt, reason)
-            self._outcome(claim, ABANDONED, f"{reason}; handed back unstarted")
-            return
-        ctx = JobContext(id=job.id, body=job.body, attempt=job.attempt, session_id=sid, enqueued_at=job.enqueued_at)
+        ctx = JobContext(
+            id=job.id,
+            body=job.body,
+            attempt=job.attempt,
+            session_id=sid,
+            enqueued_at=job.enqueued_at,
+            failures=job.failures,
+        )
         run = self.runs(ctx)
         started = time.monotonic()
         try:
@@ -263,6 +272,7 @@ class Consumer:
         except Exception as exc:  # e.g. COMMAND vanished since start-up
             await self._finish(claim, Result(False, f"could not start: {type(exc).__name__}: {exc}"), lease)
             return
+        lease.running(run)
         self.emit(STARTED, job, sid)
         log.info("job %s attempt %d started (%s)", job.id, job.attempt, run.what)
         waiter = asyncio.ensure_future(run.wait())
@@ -300,10 +310,13 @@ class Consumer:
             if waiter.done():
                 return waiter.result()
         if lease.lost.done():
-            reason = lease.lost.result()
-            log.warning("job %s attempt %d: %s; stopping it", job.id, job.attempt, reason)
-            await run.stop(self.options.stop_timeout)
-            self._outcome(lease.claim, ABANDONED, await self._hand_back(lease.claim, reason))
+            lost = lease.lost.result()
+            log.warning("job %s attempt %d: %s; stopping it", job.id, job.attempt, lost)
+            if lost.loss.of_claim:
+                await run.kill()  # another consumer may have the job now: no grace
+            else:
+                await run.stop(self.options.stop_timeout)
+            self._outcome(lease.claim, ABANDONED, await self._hand_back(lease.claim, str(lost)))
             return None
         log.info(
             "job %s attempt %d unfinished after %.1fs of grace; stopping it", job.id, job.attempt, self.options.grace
@@ -318,7 +331,7 @@ class Consumer:
         A claim that lapsed too is left to the queue's own redelivery after its ack wait.
         """
         try:
-            await claim.retry(0)
+            await claim.hand_back()
             detail = f"{reason}; handed back at once"
         except QueueError as exc:
             detail = f"{reason}; hand-back failed ({exc}), left to the queue's redelivery"
@@ -326,28 +339,38 @@ class Consumer:
         return detail
 
     async def _finish(self, claim: Claim, result: Result, lease: Lease) -> None:
-        """Ack, retry or dead-letter after the job ended; never acks a claim this consumer lost."""
+        """Ack, retry or dead-letter after the job ended; never settles a claim this consumer lost."""
         job = claim.job
+        options = self.options
         try:
+            if lease.lost.done() and lease.lost.result().loss.of_claim:
+                raise NotOwned(str(lease.lost.result()))
+            if not claim.owned:
+                raise NotOwned(f"the claim was not renewed within {self.window:g}s")
+            failures = job.failures + 1
             if result.ok:
-                if lease.lost.done() and lease.lost.result().loss.of_claim:
-                    raise NotOwned(str(lease.lost.result()))
-                if time.monotonic() > lease.claim_until or not claim.owned:
-                    raise NotOwned(f"the claim was not renewed within {self.window:g}s")
                 await claim.ack()
                 self.jobs_done += 1
                 log.info("job %s attempt %d acked", job.id, job.attempt)
                 self._outcome(claim, DONE, result.detail)
-            elif job.attempt >= self.options.max_attempts:
-                await claim.give_up(result.detail)
-                log.info("job %s dead-lettered after attempt %d: %s", job.id, job.attempt, result.detail)
-                self._outcome(claim, DEAD, result.detail)
+            elif failures >= options.max_attempts:
+                detail = f"{result.detail} (failure {failures} of --max-attempts {options.max_attempts})"
+                await claim.give_up(detail)
+                log.info("job %s dead-lettered after attempt %d: %s", job.id, job.attempt, detail)
+                self._outcome(claim, DEAD, detail)
             else:
-                await claim.retry(self.options.retry_delay)
+                delay = retry_delay(failures, options.retry_delay, options.retry_backoff, options.retry_max, random())
+                await claim.retry(delay)
                 log.info(
-                    "job %s attempt %d handed back for a retry in %gs", job.id, job.attempt, self.options.retry_delay
+                    "job %s attempt %d failed (%s, failure %d of %d): delivered again in %.1fs",
+                    job.id,
+                    job.attempt,
+                    result.detail,
+                    failures,
+                    options.max_attempts,
+                    delay,
                 )
-                self._outcome(claim, RETRY, result.detail)
+                self._outcome(claim, RETRY, result.detail, retry_in=delay)
         except NotOwned as exc:
             log.warning("job %s attempt %d: not owned any more (%s); not acking it", job.id, job.attempt, exc)
             self._outcome(claim, ABANDONED, f"not owned: {exc}")
@@ -358,9 +381,9 @@ class Consumer:
             )
             self._outcome(claim, ABANDONED, f"unconfirmed: {exc}")
 
-    def _outcome(self, claim: Claim, outcome: str, detail: str) -> None:
+    def _outcome(self, claim: Claim, outcome: str, detail: str, *, retry_in: float | None = None) -> None:
         assert self.session_id is not None
-        self.emit(FINISHED, claim.job, self.session_id, outcome=outcome, detail=detail)
+        self.emit(FINISHED, claim.job, self.session_id, outcome=outcome, detail=detail, retry_in=retry_in)
 
     async def _release(self, sid: str, job: Any) -> None:
         self.state = "releasing"
@@ -380,12 +403,28 @@ class Consumer:
     # -- job events ---------------------------------------------------------
 
     def emit(
-        self, kind: str, job: Any | None, session_id: str, *, outcome: str | None = None, detail: str = ""
+        self,
+        kind: str,
+        job: Any | None,
+        session_id: str,
+        *,
+        outcome: str | None = None,
+        detail: str = "",
+        retry_in: float | None = None,
     ) -> None:
         """Queues a job event (``job`` None: a session that got no job); one task publishes them in order."""
-        job_id, attempt = ("", 0) if job is None else (job.id, job.attempt)
+        job_id, attempt, failures = ("", 0, 0) if job is None else (job.id, job.attempt, job.failures)
         self._events.put_nowait(
-            JobEvent(kind=kind, job_id=job_id, attempt=attempt, session_id=session_id, outcome=outcome, detail=detail)
+            JobEvent(
+                kind=kind,
+                job_id=job_id,
+                attempt=attempt,
+                session_id=session_id,
+                outcome=outcome,
+                detail=detail,
+                failures=failures,
+                retry_in=retry_in,
+            )
         )
 
     async def _publish_events(self) -> None:

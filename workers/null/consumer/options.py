@@ -8,7 +8,14 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from workers.null.protocol import DEFAULT_CONTROL_PORT
+from workers.null.protocol import (
+    DEFAULT_CONTROL_PORT,
+    MAX_ATTEMPTS,
+    MAX_DELIVERIES,
+    RETRY_BACKOFF,
+    RETRY_DELAY,
+    RETRY_MAX,
+)
 
 DEFAULT_HEALTH_PORT = 18998
 SESSION_WAIT = 30.0  # each /claim's timeout; the loop asks again at once
@@ -28,8 +35,11 @@ def default_name() -> str:
 @dataclass(frozen=True)
 class ConsumerOptions:
     claim_timeout: float = 5.0  # seconds to wait for a job once a session is held
-    retry_delay: float = 10.0  # seconds before a failed job is delivered again
-    max_attempts: int = 3  # the attempt that fails at this number is dead-lettered
+    retry_delay: float = RETRY_DELAY  # seconds before a job that failed once is delivered again
+    retry_backoff: float = RETRY_BACKOFF  # each further failure multiplies the delay by this
+    retry_max: float = RETRY_MAX  # the longest delay
+    max_attempts: int = MAX_ATTEMPTS  # a job failing this many times is dead-lettered
+    max_deliveries: int = MAX_DELIVERIES  # a delivery past this number is dead-lettered unrun
     ack_wait: float | None = None  # the queue's renewal window; None: the queue's own
     grace: float = 8.0  # seconds a running job gets after SIGTERM (docker stop kills at 10)
     control_port: int = DEFAULT_CONTROL_PORT
@@ -46,7 +56,19 @@ class ConsumerOptions:
                 _finite(self.retry_delay) and self.retry_delay >= 0,
                 f"--retry-delay {self.retry_delay:g}: give seconds >= 0",
             ),
+            (
+                _finite(self.retry_backoff) and self.retry_backoff >= 1,
+                f"--retry-backoff {self.retry_backoff:g}: give a factor >= 1",
+            ),
+            (
+                _finite(self.retry_max) and self.retry_max >= self.retry_delay,
+                f"--retry-max {self.retry_max:g}: give seconds >= --retry-delay",
+            ),
             (self.max_attempts >= 1, f"--max-attempts {self.max_attempts}: give 1 or more"),
+            (
+                self.max_deliveries >= self.max_attempts,
+                f"--max-deliveries {self.max_deliveries}: give at least --max-attempts ({self.max_attempts})",
+            ),
             (self.ack_wait is None or _positive(self.ack_wait), f"--ack-wait {self.ack_wait}: give seconds > 0"),
             (_finite(self.grace) and self.grace >= 0, f"--grace {self.grace:g}: give seconds >= 0"),
             (1 <= self.control_port <= 65535, f"--control-port {self.control_port}: give a port 1-65535"),

@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from workers.null.consumer.options import ConsumerError
@@ -31,9 +33,10 @@ class JobContext:
 
     id: str
     body: bytes
-    attempt: int  # 1 on the first delivery
+    attempt: int  # the delivery's number, 1 on the first; every delivery counts
     session_id: str
     enqueued_at: float | None = None
+    failures: int = 0  # how many earlier deliveries the job itself failed
 
     def text(self, encoding: str = "utf-8") -> str:
         return self.body.decode(encoding)
@@ -43,7 +46,12 @@ class JobContext:
 
     def env(self) -> dict[str, str]:
         """The variables COMMAND gets."""
-        return {"NULL_JOB_ID": self.id, "NULL_JOB_ATTEMPT": str(self.attempt), "NULL_SESSION_ID": self.session_id}
+        return {
+            "NULL_JOB_ID": self.id,
+            "NULL_JOB_ATTEMPT": str(self.attempt),
+            "NULL_JOB_FAILURES": str(self.failures),
+            "NULL_SESSION_ID": self.session_id,
+        }
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,19 @@ class Run:
     async def stop(self, timeout: float) -> None:
         raise NotImplementedError
 
+    def hold_until(self, deadline: float) -> None:
+        """The job may run until ``deadline`` (monotonic) unless told again; past it, it must be stopped.
+
+        Only a run that can be stopped from outside the consumer (COMMAND) enforces it on its own.
+        """
+
+    async def kill(self) -> None:
+        """Stops the job now, with no grace: its claim is gone, and another consumer may be running it."""
+        await self.stop(0.0)
+
+
+WATCHDOG = Path(__file__).with_name("watchdog.py")
+
 
 def _die_with_parent() -> None:
     """In COMMAND's child: SIGKILL when the consumer dies, so no orphan runs beside the next job (Linux)."""
@@ -82,6 +103,7 @@ class CommandRun(Run):
         self.env = {**(os.environ if base_env is None else base_env), **job.env()}
         self.proc: asyncio.subprocess.Process | None = None
         self._feeder: asyncio.Task | None = None
+        self._watchdog: asyncio.subprocess.Process | None = None
 
     @property
     def what(self) -> str:  # type: ignore[override]
@@ -96,6 +118,33 @@ class CommandRun(Run):
             preexec_fn=_die_with_parent,
         )
         self._feeder = asyncio.ensure_future(self._feed())
+        try:
+            # -S: the standard library only, so it is up in milliseconds.
+            self._watchdog = await asyncio.create_subprocess_exec(
+                sys.executable, "-S", str(WATCHDOG), str(self.proc.pid), stdin=asyncio.subprocess.PIPE
+            )
+        except OSError as exc:
+            log.warning("job %s: no watchdog (%s): a frozen consumer could not stop this job", self.job.id, exc)
+
+    def hold_until(self, deadline: float) -> None:
+        dog = self._watchdog
+        if dog is not None and dog.stdin is not None and dog.returncode is None:
+            with suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+                dog.stdin.write(f"{deadline!r}\n".encode())
+
+    async def _end_watchdog(self) -> None:
+        dog, self._watchdog = self._watchdog, None
+        if dog is None:
+            return
+        if dog.stdin is not None:
+            with suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+                dog.stdin.close()
+        try:
+            await asyncio.wait_for(dog.wait(), 2.0)
+        except asyncio.TimeoutError:
+            with suppress(ProcessLookupError):
+                dog.kill()
+            await dog.wait()
 
     async def _feed(self) -> None:
         assert self.proc is not None and self.proc.stdin is not None
@@ -112,6 +161,7 @@ class CommandRun(Run):
     async def wait(self) -> Result:
         assert self.proc is not None
         code = await self.proc.wait()
+        await self._end_watchdog()
         if self._feeder is not None:
             self._feeder.cancel()
             with suppress(asyncio.CancelledError):
@@ -135,6 +185,14 @@ class CommandRun(Run):
             )
         self._signal_group(signal.SIGKILL)  # whatever it left running in its group, too
         await proc.wait()
+        await self._end_watchdog()
+
+    async def kill(self) -> None:
+        if self.proc is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        await self.proc.wait()
+        await self._end_watchdog()
 
     def _signal_group(self, sig: int) -> None:
         assert self.proc is not None

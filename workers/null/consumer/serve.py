@@ -22,9 +22,9 @@ from workers.null.queues import masked, open_queue
 from workers.null.queues.base import Queue, QueueError
 
 
-def open_consumer_queue(url: str, ack_wait: float | None, max_attempts: int) -> Queue:
+def open_consumer_queue(url: str, ack_wait: float | None, max_deliveries: int) -> Queue:
     """The queue at ``url``, not yet connected; raises ConsumerError naming the problem."""
-    kwargs: dict[str, Any] = {"max_deliver": max_attempts}
+    kwargs: dict[str, Any] = {"max_deliver": max_deliveries}
     if ack_wait is not None:
         kwargs["ack_wait"] = ack_wait
     try:
@@ -54,7 +54,10 @@ def run_consumer(
     command: Sequence[str] | None = None,
     claim_timeout: float = ConsumerOptions.claim_timeout,
     retry_delay: float = ConsumerOptions.retry_delay,
+    retry_backoff: float = ConsumerOptions.retry_backoff,
+    retry_max: float = ConsumerOptions.retry_max,
     max_attempts: int = ConsumerOptions.max_attempts,
+    max_deliveries: int = ConsumerOptions.max_deliveries,
     ack_wait: float | None = None,
     grace: float = ConsumerOptions.grace,
     control_port: int | None = None,
@@ -76,7 +79,10 @@ def run_consumer(
     options = ConsumerOptions(
         claim_timeout=claim_timeout,
         retry_delay=retry_delay,
+        retry_backoff=retry_backoff,
+        retry_max=retry_max,
         max_attempts=max_attempts,
+        max_deliveries=max_deliveries,
         ack_wait=ack_wait,
         grace=grace,
         control_port=control_port_from_env(os.environ) if control_port is None else control_port,
@@ -86,7 +92,7 @@ def run_consumer(
     problems = options.problems()
     if problems:
         raise ConsumerError(problems[0])
-    q = open_consumer_queue(queue, ack_wait, max_attempts)
+    q = open_consumer_queue(queue, ack_wait, max_deliveries)
     runs = handler_runs(handler) if handler is not None else command_runs(command or [])
     return asyncio.run(serve(q, runs, options, label=masked(queue)))
 
