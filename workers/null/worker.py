@@ -61,8 +61,8 @@ class NullLifecycle:
             stack.push_async_callback(stop_task, expiry)
             if self.settings.backend_health_url is None:
                 log.warning(
-                    "BACKEND_HEALTH_URL is unset: health checks hit a stub on 127.0.0.1:%d/health that always "
-                    "answers 200, so a dead consumer will not show as a broken worker",
+                    "BACKEND_HEALTH_URL is unset: health checks hit 127.0.0.1:%d/health, which fails only once a "
+                    "consumer that claims sessions stops calling; a consumer that never claims is not checked",
                     self.settings.control_port,
                 )
             if not self.settings.unsecured:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 DEFAULT_LIFETIME = 60.0  # the SDK's and the framework's default
 DEFAULT_CLAIM_WAIT = 30.0
+MAX_JOB_ID = 1024
 MAX_CLAIM_WAIT = 300.0
 
 
@@ -241,6 +242,7 @@ def parse_named(body: Any) -> NamedSession:
 class ControlRequest:
     session_id: str | None = None  # act on this session only
     seconds: float | None = None  # /extend: the new lease; /claim: how long to wait
+    job_id: str | None = None  # /extend: the job the session runs, for the dispatcher to read
 
 
 def parse_release(body: Any) -> ControlRequest:
@@ -251,7 +253,7 @@ def parse_release(body: Any) -> ControlRequest:
 
 
 def parse_extend(body: Any) -> ControlRequest:
-    """An ``/extend`` body: empty, or ``{"session_id": id, "seconds": s}``."""
+    """An ``/extend`` body: empty, or ``{"session_id": id, "seconds": s, "job_id": id}``, each key optional."""
     if body is None:
         return ControlRequest()
     body = require_object(body, "body")
@@ -260,7 +262,10 @@ def parse_extend(body: Any) -> ControlRequest:
         seconds = finite(body["seconds"])
         if seconds is None or seconds <= 0:
             raise Refusal(422, "seconds must be a finite number > 0")
-    return ControlRequest(session_id=_session_id(body, required=False), seconds=seconds)
+    job_id = body.get("job_id")
+    if job_id is not None and not (isinstance(job_id, str) and 0 < len(job_id) <= MAX_JOB_ID):
+        raise Refusal(422, f"job_id must be a non-empty string of at most {MAX_JOB_ID} characters")
+    return ControlRequest(session_id=_session_id(body, required=False), seconds=seconds, job_id=job_id)
 
 
 def parse_claim(body: Any) -> ControlRequest:

@@ -28,6 +28,7 @@ async def release(request: web.Request) -> web.Response:
     if asked.session_id is not None and not desk.holds(asked.session_id):
         # A consumer that outlived its lease must not release the next job's session.
         return web.json_response({"released": False, "reason": f"session {asked.session_id} is not held"})
+    desk.consumer_seen()
     released = await desk.release(Ending.CONSUMER, only=asked.session_id)
     if not released:
         return web.json_response({"released": False, "reason": "no active session"})
@@ -45,7 +46,7 @@ async def extend(request: web.Request) -> web.Response:
     desk = request.app[DESK]
     if asked.session_id is not None and not desk.holds(asked.session_id):
         raise Refusal(409, f"session {asked.session_id} is not held")
-    extended = desk.extend(asked.session_id, asked.seconds)
+    extended = desk.extend(asked.session_id, asked.seconds, job_id=asked.job_id)
     if extended is None:
         raise Refusal(409, "no active session to extend")
     return web.json_response(extended)
@@ -62,6 +63,10 @@ async def claim(request: web.Request) -> web.Response:
 
 @refusals("/health")
 async def health(request: web.Request) -> web.Response:
+    """The framework's health check without BACKEND_HEALTH_URL: fails once a claiming consumer is gone."""
+    gone = request.app[DESK].consumer_gone()
+    if gone is not None:
+        return web.json_response({"ok": False, "error": gone}, status=503)
     return web.json_response({"ok": True, "stub": True})
 
 

@@ -29,6 +29,10 @@ from workers.null.protocol import SESSION_COST
 log = logging.getLogger(__name__)
 
 REPORT_INTERVAL = 1.0
+# A consumer that claims sessions is taken for gone (or frozen) when it has not called the control
+# server for this long while the worker holds no session and no /claim waits: the worker then takes
+# no session and its health check fails, so the autoscaler routes elsewhere and replaces it.
+CONSUMER_GRACE = 10.0
 REPORT_HEARTBEAT = 10.0
 # Grants that end without a session are reported finished under these statuses;
 # only the framework's "Rejected" (busy) makes the autoscaler route again.
@@ -62,6 +66,9 @@ class SessionDesk:
         self._held = asyncio.Event()  # set while a session is held
         self._stopped = asyncio.Event()
         self._claimed: set[str] = set()
+        self._jobs: dict[str, str] = {}  # session id -> the job its consumer named in /extend
+        self._claims_waiting = 0
+        self._consumer_seen: float | None = None  # monotonic; None until a consumer first claimed
         self._callbacks: set[asyncio.Task] = set()
         # The sessions the claim deadline released, newest last, for /status.
         self.unclaimed_releases: list[str] = []
@@ -84,6 +91,33 @@ class SessionDesk:
             "session": None if session is None else self.describe(session),
             "claim_deadline": self.settings.claim_deadline,
             "released_unclaimed": len(self.unclaimed_releases),
+            "consumer": self.consumer_state(),
+        }
+
+    # -- the consumer ---------------------------------------------------------
+
+    def consumer_seen(self) -> None:
+        self._consumer_seen = time.monotonic()
+
+    def consumer_gone(self) -> str | None:
+        """Why no consumer can take a session now (None: one can, or none ever claimed).
+
+        A consumer that never calls /claim (it takes jobs and calls /release only)
+        is never judged: the worker then behaves as before any claim.
+        """
+        if self._consumer_seen is None or self._claims_waiting or self.held() is not None:
+            return None
+        quiet = time.monotonic() - self._consumer_seen
+        if quiet < CONSUMER_GRACE:
+            return None
+        return f"no consumer has called the control server for {quiet:.0f}s (gone or frozen)"
+
+    def consumer_state(self) -> dict[str, Any]:
+        seen = self._consumer_seen
+        return {
+            "claims_waiting": self._claims_waiting,
+            "seen_ago": None if seen is None else round(time.monotonic() - seen, 3),
+            "gone": self.consumer_gone(),
         }
 
     def describe(self, session: Any) -> dict[str, Any]:
@@ -100,6 +134,7 @@ class SessionDesk:
             "expires_in": round(max(0.0, session.expiration - now), 3),
             "on_close_payload": session.on_close_payload,
             "claimed": claimed,
+            "job_id": self._jobs.get(session.session_id),
             "claim_deadline_in": None if deadline is None else round(max(0.0, deadline - now), 3),
         }
 
@@ -144,6 +179,9 @@ class SessionDesk:
             # Once ready, only the framework's health check reports errors, and
             # it passes on the bare client error.
             message = f"consumer health check {self.settings.backend_health_url} failed: {message}"
+        elif self.ready:
+            gone = self.consumer_gone()
+            message = f"consumer gone: {gone}" if gone else message
         self.originals.model_errored(message)
         log.error("worker errored: %s", message)
         self.report_soon()
@@ -195,6 +233,11 @@ class SessionDesk:
             self.report_soon()
             state = "stopping" if self.stopping else "not ready yet"
             raise Refusal(429, f"worker is {state}")
+        gone = self.consumer_gone()
+        if gone is not None:
+            framework.reject_request(self.metrics, request_metrics)
+            self.report_soon()
+            raise Refusal(429, f"worker takes no session: {gone}")
         async with framework.sessions_lock(self.backend):
             if self.backend.sessions:
                 framework.reject_request(self.metrics, request_metrics)
@@ -225,8 +268,14 @@ class SessionDesk:
         """The held session, waiting up to ``timeout`` for one; it counts as claimed from now."""
         if self.stopping:
             raise Refusal(503, "worker is stopping")
+        self.consumer_seen()
         if self.held() is None:
-            await wait_any([self._held, self._stopped], timeout)
+            self._claims_waiting += 1
+            try:
+                await wait_any([self._held, self._stopped], timeout)
+            finally:
+                self._claims_waiting -= 1
+                self.consumer_seen()
         if self.stopping:
             raise Refusal(503, "worker is stopping")
         session = self.held()
@@ -260,11 +309,17 @@ class SessionDesk:
             self._lease_changed.set()
         return round(session.expiration - now, 3)
 
-    def extend(self, session_id: str | None, seconds: float | None) -> dict[str, Any] | None:
+    def extend(
+        self, session_id: str | None, seconds: float | None, *, job_id: str | None = None
+    ) -> dict[str, Any] | None:
+        self.consumer_seen()
         session = self.held() if session_id is None else self.backend.sessions.get(session_id)
         if session is None:
             return None
         self.mark_claimed(session.session_id)
+        if job_id is not None and self._jobs.get(session.session_id) != job_id:
+            self._jobs[session.session_id] = job_id
+            log.info("session %s runs job %s", session.session_id, job_id)
         granted = self.renew(session, session.lifetime if seconds is None else seconds)
         log.debug("session %s lease renewed for %.0fs", session.session_id, granted)
         return {"extended": True, "session_id": session.session_id, "expires_in": granted}
@@ -321,6 +376,7 @@ class SessionDesk:
             if not self.backend.sessions:
                 self._held.clear()
         self._claimed.discard(session_id)
+        self._jobs.pop(session_id, None)
         if request_metrics is not None:
             framework.finish_request(self.metrics, request_metrics)
         self.report_soon()
