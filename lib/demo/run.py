@@ -268,11 +268,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 killer = asyncio.ensure_future(chaos(fleet, ledger, args.chaos, killed, min_run))
                 stack.push_async_callback(_cancel, killer)
             log.info("%d job(s) to run; a job not done within %.0fs counts as lost (--deadline)", len(jobs), deadline)
-            finished = await _until(
-                lambda: publisher.done() and all_settled(ledger, jobs), deadline, interrupt, dispatcher
-            )
-            if dispatcher.failed:
-                raise StartupError(dispatcher.failed)
+            finished = await _until(lambda: publisher.done() and all_settled(ledger, jobs), deadline, interrupt)
             if publisher.done() and publisher.exception() is not None:
                 raise StartupError(f"publishing the demo jobs failed: {publisher.exception()}")
             if interrupt.is_set:
@@ -283,7 +279,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 await dispatcher.drain(hurry=interrupt.event)
                 limit = args.inactivity_timeout + settings.policy.scale_down_delay + settings.stop_grace + 20.0
                 log.info("every job settled; waiting for the fleet to scale back to zero")
-                back = await _until(lambda: not fleet.instances, limit, interrupt, None)
+                back = await _until(lambda: not fleet.instances, limit, interrupt)
                 sample.take(fleet, time.time())
                 if interrupt.is_set:
                     return 128 + (interrupt.signum or signal.SIGINT)
@@ -317,10 +313,10 @@ def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_sessions": args.max_sessions, "sdk_max_poll_interval": SDK_MAX_POLL_INTERVAL}
 
 
-async def _until(predicate: Any, timeout: float, interrupt: Interrupt, dispatcher: Dispatcher | None) -> bool:
+async def _until(predicate: Any, timeout: float, interrupt: Interrupt) -> bool:
     """Waits (checking every tenth of a second) until ``predicate()``; False on timeout or interrupt."""
     end = time.monotonic() + timeout
-    stops = [interrupt.event] + ([dispatcher.broken] if dispatcher is not None else [])
+    stops = [interrupt.event]
     while not predicate():
         left = end - time.monotonic()
         if left <= 0 or any(e.is_set() for e in stops):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import pytest
@@ -10,7 +12,7 @@ from tests.helpers import usage_refused
 from workers.null import dispatcher
 from workers.null.dispatch.ledger import LAPSING, PENDING, RUNNING, Ledger, to_open
 from workers.null.protocol import CLAIMED, FINISHED, RELEASED, STARTED, JobEvent
-from workers.null.queues.base import Depth
+from workers.null.queues.base import GAP, Depth, QueueError
 
 
 class Clock:
@@ -224,3 +226,57 @@ def test_a_bad_queue_url_is_one_line_and_exit_2(capsys):
     assert dispatcher.main(["--queue", "kafka://h/x", "setup"], env={}) == 2
     err = capsys.readouterr().err
     assert "kafka" in err and len(err.strip().splitlines()) == 1, err
+
+
+class ScriptedFeed:
+    """A push feed that yields its items, then fails with ``error`` (or waits for good)."""
+
+    def __init__(self, items: list, error: Exception | None = None) -> None:
+        self.items, self.error, self.closed = list(items), error, False
+
+    async def start(self) -> None:
+        pass
+
+    def __aiter__(self) -> ScriptedFeed:
+        return self
+
+    async def __anext__(self):
+        if self.items:
+            return self.items.pop(0)
+        if self.error is not None:
+            raise self.error
+        await asyncio.Event().wait()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_gap_reads_the_counts_and_a_broken_feed_is_reopened_not_fatal(monkeypatch):
+    """GAP asks for a reconcile; a feed that raises is closed and reopened after a pause, and its jobs still count."""
+    from workers.null.dispatch import dispatcher as dispatching
+
+    monkeypatch.setattr(dispatching, "FEED_RETRY_FIRST", 0.01)
+    first = ScriptedFeed(["a", GAP], error=QueueError("Timeout reading from 127.0.0.1"))
+    second = ScriptedFeed(["b"])
+    reopened = []
+
+    def reopen() -> ScriptedFeed:
+        reopened.append(second)
+        return second
+
+    ledger, _ = make_ledger()
+    d = dispatching.Dispatcher(object(), object(), dispatching.DispatchOptions(), ledger, routing_stop=asyncio.Event())
+    seen: list[str] = []
+    pump = asyncio.ensure_future(d._pump(first, reopen, seen.append))
+    try:
+        await asyncio.wait_for(d.reconcile_now.wait(), 5)
+        for _ in range(500):
+            if seen == ["a", "b"]:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == ["a", "b"] and reopened == [second] and first.closed
+        assert not pump.done()
+    finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump

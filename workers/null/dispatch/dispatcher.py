@@ -30,13 +30,15 @@ from workers.null.dispatch import sdk
 from workers.null.dispatch.ledger import DEFAULT_MAX_SESSIONS, Ledger, SessionRecord
 from workers.null.protocol import SESSION_COST
 from workers.null.queues import open_queue
-from workers.null.queues.base import Queue, QueueError
+from workers.null.queues.base import GAP, Queue, QueueError
 
 log = logging.getLogger("workers.null.dispatcher")
 jobs_log = logging.getLogger("workers.null.dispatcher.jobs")  # one line per job step; quiet under the live view
 
 HEALTH_TIMEOUT = 3.0
 CLOSE_TIMEOUT = 10.0
+FEED_RETRY_FIRST = 1.0  # first pause before a broken push feed is reopened (doubles, to FEED_RETRY_MAX)
+FEED_RETRY_MAX = 30.0
 CONNECT_TIMEOUT = 5.0  # seconds to reach the queue server at start (a server still starting gets that long)
 
 
@@ -76,10 +78,7 @@ class Dispatcher:
         self.ended = asyncio.Event()  # a session ended
         self.reconcile_now = asyncio.Event()  # read the queue's counts at once
         self.rewait = asyncio.Event()  # a lost job's due time was added: recompute the reconcile wait
-        self.failed: str | None = None  # a feed broke: the dispatcher cannot go on
-        self.broken = asyncio.Event()
         self._loops: list[asyncio.Future[None]] = []
-        self._feeds: list[Any] = []
         self._backoff = 0.0
         self._paused_until = 0.0
         self._checking: set[int] = set()
@@ -90,12 +89,11 @@ class Dispatcher:
     async def start(self) -> None:
         """Subscribes to both feeds before reading the queue's counts, so nothing falls between them."""
         jobs, events = self.queue.new_jobs(), self.queue.events()
-        self._feeds = [jobs, events]
         await jobs.start()
         await events.start()
         self._loops = [
-            asyncio.ensure_future(self._pump(jobs, self._on_job)),
-            asyncio.ensure_future(self._pump(events, self._on_event)),
+            asyncio.ensure_future(self._pump(jobs, self.queue.new_jobs, self._on_job)),
+            asyncio.ensure_future(self._pump(events, self.queue.events, self._on_event)),
             asyncio.ensure_future(self._reconcile_loop()),
             asyncio.ensure_future(self._health_loop()),
             asyncio.ensure_future(self._open_loop()),
@@ -109,9 +107,6 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(stop_task(task) for task in self._loops))
-        for feed in self._feeds:
-            with suppress(Exception):
-                await feed.aclose()
         await asyncio.gather(*(stop_task(task) for task in list(self.session_tasks.values())))
         with suppress(Exception):
             closes = list(getattr(self.endpoint, "late_closes", ()))
@@ -121,16 +116,44 @@ class Dispatcher:
     def _wake(self) -> None:
         self.changed.set()
 
-    async def _pump(self, feed: Any, handle: Any) -> None:
-        try:
-            async for item in feed:
-                handle(item)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.failed = f"the queue's push feed broke: {short(exc)}"
-            log.error("%s", self.failed)
-            self.broken.set()
+    async def _pump(self, feed: Any, reopen: Any, handle: Any) -> None:
+        """Hands each pushed item on. A ``GAP`` (the feed was cut off and is back) means something pushed meanwhile
+        may be missing, so the counts are read at once. A feed that fails is reopened with backoff; until then the
+        counts, read every ``--reconcile`` seconds, keep the sessions right, only slower."""
+        pause = FEED_RETRY_FIRST
+        while True:
+            try:
+                async for item in feed:
+                    if item is GAP:
+                        log.info("the queue's feed was cut off and is back: reading the queue's counts now")
+                        self.reconcile_now.set()
+                    else:
+                        handle(item)
+                    pause = FEED_RETRY_FIRST
+                raise QueueError("the feed ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "the queue's push feed broke (%s); reading the counts every %gs, reopening it in %gs",
+                    short(exc),
+                    self.options.reconcile_every,
+                    pause,
+                )
+            finally:
+                with suppress(Exception):
+                    await feed.aclose()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, FEED_RETRY_MAX)
+            self.reconcile_now.set()
+            try:
+                feed = reopen()
+                await feed.start()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("the queue's push feed could not be reopened: %s", short(exc))
+                feed = _failed_feed(exc)
 
     def _on_job(self, job_id: str) -> None:
         if self.first_job_seen is None:
@@ -333,11 +356,9 @@ class Dispatcher:
             )
         while self.ledger.alive:
             self.ended.clear()
-            stops = [self.ended, self.broken] + ([hurry] if hurry is not None else [])
+            stops = [self.ended] + ([hurry] if hurry is not None else [])
             await wait_any(stops, self.options.health_every)
             if hurry is not None and hurry.is_set():
-                return False
-            if self.broken.is_set():
                 return False
         return True
 
@@ -390,13 +411,26 @@ async def connect_queue(
 
 
 async def dispatch_until_stopped(dispatcher: Dispatcher, interrupt: Interrupt) -> int:
-    """Dispatches until a signal (or a broken feed); then drains, or closes everything on a second signal."""
-    await wait_any([interrupt.event, dispatcher.broken], None)
-    if dispatcher.broken.is_set():
-        await dispatcher.close_all()
-        return 1
+    """Dispatches until a signal; then drains, or closes everything on a second signal."""
+    await interrupt.event.wait()
     if await dispatcher.drain(hurry=interrupt.again):
         log.info("every session ended; stopping")
         return 0
     await dispatcher.close_all()
-    return 1 if dispatcher.broken.is_set() else 128 + (interrupt.signum or signal.SIGINT)
+    return 128 + (interrupt.signum or signal.SIGINT)
+
+
+class _failed_feed:
+    """A feed that could not be reopened: it fails at once, so the pump waits and tries again."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __aiter__(self) -> _failed_feed:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise self.error
+
+    async def aclose(self) -> None:
+        pass
