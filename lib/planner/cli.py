@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lib.planner import compiled
 from lib.planner.model import Plan, Result, simulate
 from lib.planner.sweep import Progress, cheapest_within, default_processes, pareto_front, run_sweep
 from lib.planner.trace import Job, JobSeconds, TraceError, bursts, describe, diurnal, load_trace, poisson
@@ -31,7 +30,6 @@ from workers.null.ledger import DEFAULT_MAX_SESSIONS
 
 # Jobs replayed (over all sets) from which a line says what is under way before any progress.
 _LONG_REPLAY = 20_000
-_BUILD_HINT = "python -m lib.planner.compiled builds the compiled core once, about twice as fast"
 
 _DEFAULT_PARAMS = EndpointParams()
 _DEFAULT_POLICY = LocalPolicy()
@@ -547,11 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(jobs) * len(plans) >= _LONG_REPLAY:
         # A set of many jobs takes a while before the first progress line.
         sets = f"{len(plans)} parameter set{'s' if len(plans) > 1 else ''}"
-        core = "compiled core" if compiled.is_compiled() else f"pure Python; {_BUILD_HINT}"
-        print(
-            f"replaying {sets} over {len(jobs)} jobs on {min(processes, len(plans))} process(es) ({core})...",
-            file=sys.stderr,
-        )
+        print(f"replaying {sets} over {len(jobs)} jobs on {min(processes, len(plans))} process(es)...", file=sys.stderr)
     try:
         with sigterm_as_ctrl_c():  # the sweep's processes are stopped either way
             results = run_sweep(jobs, plans, seed=args.seed, processes=processes, progress=Progress())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 import random
 
 import pytest
@@ -12,8 +14,8 @@ from hypothesis import strategies as st
 from lib.planner.model import Plan, percentile, simulate
 from lib.planner.sweep import cheapest_within, pareto_front
 from lib.planner.trace import Job, JobSeconds, bursts, diurnal, poisson
-from lib.standin.book import Book
-from lib.standin.scaling import EndpointParams, LocalPolicy
+from lib.standin.book import Answer, Book, BookSettings, Deleted, Provision, Resume, Stop
+from lib.standin.scaling import EndpointParams, LocalPolicy, Snapshot, WaitingRequest
 from tests.helpers import usage_refused
 
 
@@ -134,6 +136,40 @@ def test_another_seed_draws_other_cold_starts():
     jobs = mixed_trace(3)
     chosen = Plan(cold_start=(2.0, 30.0))
     assert simulate(jobs, chosen, seed=1).waits != simulate(jobs, chosen, seed=2).waits
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        EndpointParams(min_load=200.0, inactivity_timeout=None),
+        LocalPolicy(scale_down_delay=2.0),
+        Snapshot(now=3.0, waiting=(WaitingRequest(1, 100.0, 2.5),), last_activity=1.0),
+        BookSettings(params=EndpointParams(max_workers=3), route_hold=0.0),
+        Deleted(7, success=False, status="Rejected"),
+        Provision(1),
+        Resume(2),
+        Stop(3, keep=True, reason="surplus"),
+        Answer(4, None),
+        Plan(params=EndpointParams(cold_workers=2), cold_start=(5.0, 9.0), cold_start_each=(6.0,), max_sessions=4),
+    ],
+    ids=lambda value: type(value).__name__,
+)
+def test_frozen_records_are_pickled_and_copied_by_their_fields(value):
+    """As a sweep sends plans to its processes: what comes back is equal, of the same kind, and still frozen."""
+    first = next(iter(value.__dataclass_fields__))
+    for back in (pickle.loads(pickle.dumps(value)), copy.copy(value), copy.deepcopy(value)):
+        assert back == value and type(back) is type(value)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(back, first, None)
+    assert value.__reduce__() == (type(value), tuple(getattr(value, f) for f in value.__dataclass_fields__))
+
+
+def test_a_result_pickled_and_read_back_gives_the_same_figures():
+    """A sweep's processes send their results back pickled: every figure survives the trip."""
+    result = simulate(mixed_trace(3), Plan(cold_start=(2.0, 9.0), params=EndpointParams(cold_workers=2)), seed=5)
+    back = pickle.loads(pickle.dumps(result))
+    assert back.as_dict() == result.as_dict()
+    assert back.waits == result.waits
 
 
 @pytest.mark.parametrize(
