@@ -40,18 +40,7 @@ from typing import Any, Final
 
 from lib.planner.trace import Job
 from lib.standin.book import Answer, Book, BookSettings, Command, Provision, Report, Resume, Stop
-from lib.standin.scaling import (
-    COLD,
-    LIVE,
-    LOADING,
-    PROVISIONING,
-    READY,
-    STOPPING,
-    EndpointParams,
-    LocalPolicy,
-    Phase,
-    Rebuilt,
-)
+from lib.standin.scaling import COLD, LIVE, LOADING, PROVISIONING, READY, STOPPING, EndpointParams, LocalPolicy, Phase
 
 # One job is one session of this cost on a worker of this max_perf: the fleet's cost rule.
 COST: Final = 100.0
@@ -77,7 +66,7 @@ _WAKE: Final = 5
 
 
 @dataclass(frozen=True)
-class Plan(Rebuilt):
+class Plan:
     """One parameter set: the endpoint's parameters, the cold start and the prices."""
 
     params: EndpointParams = field(default_factory=EndpointParams)

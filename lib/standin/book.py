@@ -92,7 +92,6 @@ from lib.standin.scaling import (
     EndpointParams,
     LocalPolicy,
     Phase,
-    Rebuilt,
     Snapshot,
     Tally,
     WaitingRequest,
@@ -117,7 +116,7 @@ REJECTED: Final = "Rejected"
 
 
 @dataclass(frozen=True)
-class BookSettings(Rebuilt):
+class BookSettings:
     params: EndpointParams = field(default_factory=EndpointParams)
     policy: LocalPolicy = field(default_factory=LocalPolicy)
     # A worker not ready this long after its process started is replaced.
@@ -163,7 +162,7 @@ class Report(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Deleted(Rebuilt):
+class Deleted:
     """One entry of a worker's /delete_requests/ list: a request or session that ended."""
 
     request_idx: int
@@ -184,24 +183,24 @@ class Routed(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Provision(Rebuilt):
+class Provision:
     worker_id: int
 
 
 @dataclass(frozen=True)
-class Resume(Rebuilt):
+class Resume:
     worker_id: int
 
 
 @dataclass(frozen=True)
-class Stop(Rebuilt):
+class Stop:
     worker_id: int
     keep: bool
     reason: str
 
 
 @dataclass(frozen=True)
-class Answer(Rebuilt):
+class Answer:
     request_idx: int
     worker_id: int | None
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Final, NamedTuple
+from dataclasses import dataclass
+from typing import Final, NamedTuple
 
 # Loads are sums of floats: 3 x 100 / 1.0 / 100 must give 3 workers, not 4.
 EPSILON: Final = 1e-9
@@ -55,21 +55,8 @@ LIVE: Final = (PROVISIONING, LOADING, READY)
 _STOP_ORDER: Final = {PROVISIONING: 0, LOADING: 1, READY: 2}
 
 
-class Rebuilt:
-    """A frozen dataclass pickled and copied by calling it with its fields.
-
-    Compiled (``lib.planner.compiled``), a frozen dataclass cannot be restored
-    field by field as the default pickling does; this way works either way.
-    """
-
-    __slots__ = ()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), tuple(getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
-
-
 @dataclass(frozen=True)
-class EndpointParams(Rebuilt):
+class EndpointParams:
     """The endpoint's scaling parameters, as Vast names them."""
 
     min_load: float = 0.0
@@ -103,7 +90,7 @@ class EndpointParams(Rebuilt):
 
 
 @dataclass(frozen=True)
-class LocalPolicy(Rebuilt):
+class LocalPolicy:
     """What the stand-in decides that Vast does not expose as endpoint parameters."""
 
     # A surplus worker is stopped only after being idle this long, so a
@@ -144,7 +131,7 @@ class WaitingRequest(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Snapshot(Rebuilt):
+class Snapshot:
     now: float
     workers: tuple[WorkerView, ...] = ()
     waiting: tuple[WaitingRequest, ...] = ()
