@@ -36,33 +36,28 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from lib.planner.trace import Job
 from lib.standin.book import Answer, Book, BookSettings, Command, Provision, Report, Resume, Stop
 from lib.standin.scaling import COLD, LIVE, LOADING, PROVISIONING, READY, STOPPING, EndpointParams, LocalPolicy, Phase
 
 # One job is one session of this cost on a worker of this max_perf: the fleet's cost rule.
-COST: Final = 100.0
-MAX_PERF: Final = 100.0
+COST = 100.0
+MAX_PERF = 100.0
 
-RUNNING_PHASES: Final = (PROVISIONING, LOADING, READY, STOPPING)
+RUNNING_PHASES = (PROVISIONING, LOADING, READY, STOPPING)
 
 # The SDK's pauses between /route/ calls while a session waits (vastai.serverless.client):
 # 1 s, then random and growing, up to the client's max_poll_interval (5 s by default).
-SDK_FIRST_POLL: Final = 1.0
-SDK_MAX_POLL: Final = 5.0
+SDK_FIRST_POLL = 1.0
+SDK_MAX_POLL = 5.0
 
 # A replay tells its progress (the jobs started so far) after every this many job starts.
-PROGRESS_EVERY: Final = 1024
+PROGRESS_EVERY = 1024
 
 # Event kinds, in the order they are handled when they fall on the same moment.
-_STOPPED: Final = 0
-_JOB_END: Final = 1
-_UP: Final = 2
-_ARRIVAL: Final = 3
-_ROUTE: Final = 4
-_WAKE: Final = 5
+_STOPPED, _JOB_END, _UP, _ARRIVAL, _ROUTE, _WAKE = range(6)
 
 
 @dataclass(frozen=True)
@@ -198,7 +193,7 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 # Timeline columns after the time: queue depth (pending jobs), then workers by phase.
-TIMELINE_PHASES: Final = (PROVISIONING, LOADING, READY, STOPPING, COLD)
+TIMELINE_PHASES = (PROVISIONING, LOADING, READY, STOPPING, COLD)
 
 
 class _Ledger:

@@ -77,7 +77,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Any, NamedTuple
 
 from lib.standin.scaling import (
     COLD,
@@ -109,10 +109,10 @@ log = logging.getLogger(__name__)
 # A remembered decision or next change is used again only while the moment at which it could
 # differ is at least this far ahead: well clear of the rounding by which a moment computed as a
 # sum and a test computed as a difference can disagree on epoch-second clocks (an ulp is 2e-7 s).
-_MEMO_MARGIN: Final = 1e-3
+_MEMO_MARGIN = 1e-3
 
 # The status the framework gives a request a busy worker turned down (429).
-REJECTED: Final = "Rejected"
+REJECTED = "Rejected"
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ import enum
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
 # Loads are sums of floats: 3 x 100 / 1.0 / 100 must give 3 workers, not 4.
-EPSILON: Final = 1e-9
+EPSILON = 1e-9
 # Relative to a load: far above the error of adding the same costs in another order, far below
 # the EPSILON by which a load that is an exact number of workers still rounds down.
-_ROUNDING: Final = 1e-12
+_ROUNDING = 1e-12
 
 
 class Phase(str, enum.Enum):
@@ -43,16 +43,16 @@ class Phase(str, enum.Enum):
 
 # The phases under module names: a member looked up on its enum class costs several times a
 # global's look-up, and the book and the planner test phases at every event.
-PROVISIONING: Final = Phase.PROVISIONING
-LOADING: Final = Phase.LOADING
-READY: Final = Phase.READY
-ERRORED: Final = Phase.ERRORED
-STOPPING: Final = Phase.STOPPING
-COLD: Final = Phase.COLD
+PROVISIONING = Phase.PROVISIONING
+LOADING = Phase.LOADING
+READY = Phase.READY
+ERRORED = Phase.ERRORED
+STOPPING = Phase.STOPPING
+COLD = Phase.COLD
 
-LIVE: Final = (PROVISIONING, LOADING, READY)
+LIVE = (PROVISIONING, LOADING, READY)
 # Scale-down gives up the least useful first: not yet started, then loading, then ready.
-_STOP_ORDER: Final = {PROVISIONING: 0, LOADING: 1, READY: 2}
+_STOP_ORDER = {PROVISIONING: 0, LOADING: 1, READY: 2}
 
 
 @dataclass(frozen=True)
