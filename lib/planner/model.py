@@ -441,8 +441,7 @@ class _Sim:
     def _start(self, now: float, session: int, worker_id: int) -> None:
         """The session opens on ``worker_id`` and its consumer takes the oldest pending job."""
         self.attempts.pop(session, None)
-        # (worker_id, cur_load, max_perf, working, num_working, error), made as the book makes its hot records.
-        self.book.report(now, tuple.__new__(Report, (worker_id, COST, MAX_PERF, (session,), 0, "")))
+        self.book.report(now, Report(worker_id=worker_id, cur_load=COST, max_perf=MAX_PERF, working=(session,)))
         self.unclaimed -= 1
         job_index = self.pending.popleft()
         job = self.jobs[job_index]

@@ -406,13 +406,13 @@ class Book:
             if entry is None:
                 log.info("request %d waits for a worker (cost %g)", request_idx, cost)
             held_until = now + self.settings.route_hold if hold and self.settings.route_hold > 0 else None
-            request = tuple.__new__(WaitingRequest, (request_idx, cost, queued_since))
+            request = WaitingRequest(request_idx=request_idx, cost=cost, since=queued_since)
             if entry is not None and entry.request == request:
                 request = entry.request
             self._put_waiting(request_idx, Waiting(request, now, held_until))
-            return tuple.__new__(Routed, (request_idx, None, held_until))
+            return Routed(request_idx, held_until=held_until)
         self._grant(now, request_idx, worker_id, cost, queued_since)
-        return tuple.__new__(Routed, (request_idx, worker_id, None))
+        return Routed(request_idx, worker_id=worker_id)
 
     def route_gone(self, now: float, request_idx: int) -> bool:
         """The client of a /route/ call went away before its answer reached it: no demand from now on.
@@ -620,9 +620,16 @@ class Book:
         view = self._views.get(worker_id)
         if view is None:
             w = self.workers[worker_id]
-            reserved = self._reserved.get(worker_id, 0)
-            fields = (w.id, w.phase, w.created_at, w.cur_load, w.max_perf, reserved, w.idle_since, w.sessions)
-            view = self._views[worker_id] = tuple.__new__(WorkerView, fields)
+            view = self._views[worker_id] = WorkerView(
+                id=w.id,
+                phase=w.phase,
+                created_at=w.created_at,
+                cur_load=w.cur_load,
+                max_perf=w.max_perf,
+                reserved=self._reserved.get(worker_id, 0),
+                idle_since=w.idle_since,
+                sessions=w.sessions,
+            )
         return view
 
     def views(self) -> list[WorkerView]:
@@ -647,12 +654,15 @@ class Book:
                     view(wid)
                 self._idle_unviewed.clear()
                 self._idle_views = tuple(map(self._views.__getitem__, self._idle_ids))
-            perf = sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf
-            held = sum(self._held.values())
-            still_there = bool(self._live or self._errored)
-            errored = tuple(sorted(self._errored))  # workers' order is id order
-            fields = (perf, held, len(self._live), still_there, errored, self._cold_views, self._idle_views)
-            self._tally = tuple.__new__(Tally, fields)
+            self._tally = Tally(
+                perf=sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf,
+                held=sum(self._held.values()),
+                live=len(self._live),
+                still_there=bool(self._live or self._errored),
+                errored=tuple(sorted(self._errored)),  # workers' order is id order
+                cold=self._cold_views,
+                idle=self._idle_views,
+            )
         return self._tally
 
     def live(self) -> list[Worker]:

@@ -102,9 +102,6 @@ class LocalPolicy:
 
 # The records made anew as events come (a worker's view, a waiting request, the tally, a
 # decision) are named tuples: as immutable as a frozen dataclass, and made in a quarter of its time.
-# Where one is made at nearly every moment it is made as tuple.__new__(Record, (fields in order)):
-# what the record's own __new__ does, less a Python-level call (a frame interpreted; compiled, a
-# call through the type and, with keywords, a dict of them first).
 class WorkerView(NamedTuple):
     id: int
     phase: Phase
@@ -309,7 +306,15 @@ def decide_from(
     surplus_cold = len(cold) + len(stop) - params.cold_workers
     if surplus_cold > 0:
         destroy.extend(w.id for w in cold[:surplus_cold])
-    return tuple.__new__(Decision, (target, load, t.perf, provision, resume, tuple(stop), tuple(destroy)))
+    return Decision(
+        target=target,
+        load=load,
+        perf=t.perf,
+        provision=provision,
+        resume=resume,
+        stop=tuple(stop),
+        destroy=tuple(destroy),
+    )
 
 
 def _idle(worker: WorkerView) -> bool:
