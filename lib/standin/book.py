@@ -251,6 +251,28 @@ class SeenSession:
     since: float
 
 
+class _DecisionMemo(NamedTuple):
+    """The last decision and what it was made from: the same inputs give it again from ``made_at`` to ``until``."""
+
+    tally: Tally
+    overdue: float
+    inactive: bool
+    made_at: float
+    until: float  # a margin before the first idle worker becomes stoppable
+    decision: Decision
+
+
+class _ChangeMemo(NamedTuple):
+    """The last next change (``moment``, None: none) and what it came from."""
+
+    tally: Tally
+    fresh_version: int
+    busy: bool
+    last_activity: float
+    overdue: float
+    moment: float | None
+
+
 class _Room:
     """The workers with room for one cost, each with its view when it was found to have room, in a heap by
     ``route_rank``; an entry whose view is no longer its worker's is skipped when it comes to the top."""
@@ -352,8 +374,7 @@ class Book:
         self._idle_by_since: list[tuple[float, int]] = []
         self._idle_unviewed: set[int] = set()
         self._cold_views: tuple[WorkerView, ...] | None = None
-        # The last decision and what it was made from: (tally, overdue, inactive, at, until, decision).
-        self._memo: tuple[Tally, float, bool, float, float, Decision] | None = None
+        self._memo: _DecisionMemo | None = None
         self._unclocked: set[int] = set(self.workers)  # changed since the idle clocks were looked at
         self._room: dict[float, _Room] = {}  # cost -> the workers with room for it
         self._room_dirty: set[int] = set()
@@ -365,8 +386,7 @@ class Book:
         self._over_sum: float | None = None  # sum(_over.values()), while _over is unchanged
         self._fresh: dict[int, WaitingRequest] = {idx: e.request for idx, e in self.waiting.items()}
         self._fresh_version = 0  # bumped whenever _fresh changes
-        # The last next change and what it came from: (tally, fresh version, busy, last activity, overdue, moment).
-        self._change_memo: tuple[Tally, int, bool, float, float, float | None] | None = None
+        self._change_memo: _ChangeMemo | None = None
         self._over_at = -math.inf
         self._over_version = -1  # _fresh_version when _over_at was last counted
         self._requests: tuple[WaitingRequest, ...] | None = None
@@ -579,20 +599,27 @@ class Book:
             memo = self._change_memo
             if (
                 memo is not None
-                and (memo[0] is tally or memo[0] == tally)
-                and memo[1] == self._fresh_version
-                and memo[2] == busy
-                and (busy or memo[3] == self.last_activity)
-                and memo[4] == overdue
-                and (memo[5] is None or memo[5] > now + _MEMO_MARGIN)
+                and (memo.tally is tally or memo.tally == tally)
+                and memo.fresh_version == self._fresh_version
+                and memo.busy == busy
+                and (busy or memo.last_activity == self.last_activity)
+                and memo.overdue == overdue
+                and (memo.moment is None or memo.moment > now + _MEMO_MARGIN)
             ):
                 # Same inputs, and no moment of theirs has come yet: the same answer.
-                change = memo[5]
+                change = memo.moment
             else:
                 change = change_from(
                     tally, self._fresh.values(), now, self.last_activity, s.params, s.policy, busy=busy, overdue=overdue
                 )
-                self._change_memo = (tally, self._fresh_version, busy, self.last_activity, overdue, change)
+                self._change_memo = _ChangeMemo(
+                    tally=tally,
+                    fresh_version=self._fresh_version,
+                    busy=busy,
+                    last_activity=self.last_activity,
+                    overdue=overdue,
+                    moment=change,
+                )
             if change is not None:
                 moments.append(change)
         return min(moments) if moments else None
@@ -700,12 +727,12 @@ class Book:
         memo = self._memo
         if (
             memo is not None
-            and (memo[0] is tally or memo[0] == tally)
-            and memo[1] == overdue
-            and memo[2] == inactive
-            and memo[3] <= now < memo[4]
+            and (memo.tally is tally or memo.tally == tally)
+            and memo.overdue == overdue
+            and memo.inactive == inactive
+            and memo.made_at <= now < memo.until
         ):
-            return memo[5]
+            return memo.decision
         decision = decide_from(tally, overdue, now, self.last_activity, s.params, s.policy)
         # Kept until a margin before the first idle worker becomes stoppable (see _MEMO_MARGIN).
         delay = s.policy.scale_down_delay - EPSILON
@@ -718,7 +745,9 @@ class Book:
         while i < len(since) and not now - since[i][0] < delay:
             i += 1
         until = since[i][0] + delay - _MEMO_MARGIN if i < len(since) else math.inf
-        self._memo = (tally, overdue, inactive, now, until, decision)
+        self._memo = _DecisionMemo(
+            tally=tally, overdue=overdue, inactive=inactive, made_at=now, until=until, decision=decision
+        )
         return decision
 
     def _count_overdue(self, now: float) -> float:
