@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.planner.trace import Job, TraceError, load_trace
+from lib.standin.params import BY_NAME, ENDPOINT, flag_value
 from workers.null.cli import DefaultsShown, OneLineParser, output_file_problem, sigterm_as_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,15 +182,13 @@ def run_planner(
     planner's workers in the same order (``--cold-starts``); the rest take ``cold_start``.
     """
     s = fleet["standin"]
-    inactivity = "off" if s["inactivity_timeout"] is None else f"{s['inactivity_timeout']:g}"
     out, jobs_out = workdir / "plan.json", workdir / "plan-jobs.csv"
+    # The stand-in's settings the fleet log names, under the planner's flags.
+    settings = [*ENDPOINT, BY_NAME["scale_down_delay"], BY_NAME["route_hold"]]
     argv = [
         sys.executable, "-m", "lib.planner", "--trace", str(trace),
-        "--target-util", f"{s['target_util']:g}", "--min-load", f"{s['min_load']:g}",
-        "--max-workers", str(s["max_workers"]), "--cold-workers", str(s["cold_workers"]),
-        "--max-queue-time", f"{s['max_queue_time']:g}", "--target-queue-time", f"{s['target_queue_time']:g}",
-        "--inactivity-timeout", inactivity, "--scale-down-delay", f"{s['scale_down_delay']:g}",
-        "--route-hold", f"{s['route_hold']:g}", "--max-sessions", str(fleet["max_sessions"]),
+        *(part for param in settings for part in (param.flag, flag_value(s[param.name]))),
+        "--max-sessions", str(fleet["max_sessions"]),
         "--sdk-max-poll", f"{fleet['sdk_max_poll_interval']:g}",
         "--cold-start", f"{cold_start:.3f}", "--stop-seconds", f"{stop:.3f}",
         "--json", str(out), "--jobs-out", str(jobs_out), "--processes", "1",

@@ -34,12 +34,13 @@ import itertools
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lib.planner.trace import Job
 from lib.standin.book import Answer, Book, BookSettings, Command, Provision, Report, Resume, Stop
+from lib.standin.params import PARAMS, Kind, default
 from lib.standin.scaling import COLD, LIVE, LOADING, PROVISIONING, READY, STOPPING, EndpointParams, LocalPolicy, Phase
 
 # One job is one session of this cost on a worker of this max_perf: the fleet's cost rule.
@@ -49,9 +50,8 @@ MAX_PERF = 100.0
 RUNNING_PHASES = (PROVISIONING, LOADING, READY, STOPPING)
 
 # The SDK's pauses between /route/ calls while a session waits (vastai.serverless.client):
-# 1 s, then random and growing, up to the client's max_poll_interval (5 s by default).
+# 1 s, then random and growing, up to the client's max_poll_interval (the plan's max_poll).
 SDK_FIRST_POLL = 1.0
-SDK_MAX_POLL = 5.0
 
 # A replay tells its progress (the jobs started so far) after every this many job starts.
 PROGRESS_EVERY = 1024
@@ -67,22 +67,39 @@ class Plan:
     params: EndpointParams = field(default_factory=EndpointParams)
     policy: LocalPolicy = field(default_factory=LocalPolicy)
     # Seconds from starting a worker to its ready report, drawn uniformly in [low, high].
-    cold_start: tuple[float, float] = (60.0, 60.0)
+    cold_start: tuple[float, float] = default("cold_start")
     # Seconds from resuming a cold (stopped) worker to its ready report; None: the cold start.
-    resume: tuple[float, float] | None = None
+    resume: tuple[float, float] | None = default("resume")
     # The cold starts of the first workers provisioned, in order (a measured run's); later ones draw from cold_start.
     cold_start_each: tuple[float, ...] = ()
     # Seconds a worker spends stopping (billed) before it is gone or cold.
-    stop_seconds: float = 1.0
+    stop_seconds: float = default("stop_seconds")
     # The dispatcher's cap on sessions alive at once; None: no cap.
-    max_sessions: int | None = None
+    max_sessions: int | None = default("max_sessions")
     # How long the autoscaler holds a /route/ call open for a worker to free up (the stand-in's 6 s;
     # Vast's is not published). 0: it answers at once and the SDK polls.
-    route_hold: float = 6.0
+    route_hold: float = default("route_hold")
     # The SDK client's max_poll_interval: the longest pause between /route/ calls of a waiting session.
-    max_poll: float = SDK_MAX_POLL
-    price_running: float = 0.40  # per hour
-    price_stopped: float = 0.01  # per hour
+    max_poll: float = default("max_poll")
+    price_running: float = default("price_running")  # per hour
+    price_stopped: float = default("price_stopped")  # per hour
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any], **rest: Any) -> Plan:
+        """The plan of ``values`` named as in ``lib.standin.params``: the endpoint's, the policy's and its own."""
+        parts = {kind: {f.name for f in fields(kind)} for kind in (EndpointParams, LocalPolicy, cls)}
+        unknown = set(values) - set().union(*parts.values())
+        if unknown:
+            raise ValueError(f"no parameter named {', '.join(sorted(unknown))}")
+        params, policy, own = ({k: v for k, v in values.items() if k in names} for names in parts.values())
+        return cls(params=EndpointParams(**params), policy=LocalPolicy(**policy), **own, **rest)
+
+    def value(self, name: str) -> Any:
+        """The value ``lib.standin.params`` names ``name``: the endpoint's, the policy's or the plan's own."""
+        for part in (self.params, self.policy, self):
+            if name in part.__dataclass_fields__:
+                return getattr(part, name)
+        raise KeyError(name)
 
     def problems(self) -> list[str]:
         found = list(self.params.problems())
@@ -110,26 +127,16 @@ class Plan:
         return found
 
     def as_dict(self) -> dict[str, Any]:
-        p = self.params
-        return {
-            "target_util": p.target_util,
-            "min_load": p.min_load,
-            "max_workers": p.max_workers,
-            "cold_workers": p.cold_workers,
-            "max_queue_time": p.max_queue_time,
-            "target_queue_time": p.target_queue_time,
-            "inactivity_timeout": p.inactivity_timeout,
-            "cold_start": _span_value(self.cold_start),
-            "resume": _span_value(self.resume if self.resume is not None else self.cold_start),
-            "cold_start_each": list(self.cold_start_each),
-            "stop_seconds": self.stop_seconds,
-            "scale_down_delay": self.policy.scale_down_delay,
-            "max_sessions": self.max_sessions,
-            "route_hold": self.route_hold,
-            "max_poll": self.max_poll,
-            "price_running": self.price_running,
-            "price_stopped": self.price_stopped,
-        }
+        """Every swept value under its name, then the measured cold starts; a span as a number or [MIN, MAX]."""
+        found: dict[str, Any] = {}
+        for param in PARAMS:
+            value = self.value(param.name)
+            if param.kind is Kind.SPAN:
+                # An unset resume takes the cold start: the JSON says what was replayed.
+                value = _span_value(value if value is not None else self.cold_start)
+            found[param.name] = value
+        found["cold_start_each"] = list(self.cold_start_each)
+        return found
 
 
 def _span_value(span: tuple[float, float]) -> float | list[float]:

@@ -79,6 +79,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from lib.standin.params import default
 from lib.standin.scaling import (
     COLD,
     EPSILON,
@@ -127,7 +128,7 @@ class BookSettings:
     waiting_timeout: float = 20.0
     # A /route/ with no free worker is answered as soon as one frees up, or
     # with the waiting answer after this long (0: at once).
-    route_hold: float = 6.0
+    route_hold: float = default("route_hold")
 
 
 # -- what goes in -------------------------------------------------------------------

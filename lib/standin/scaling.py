@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from lib.standin.params import default
+
 # Loads are sums of floats: 3 x 100 / 1.0 / 100 must give 3 workers, not 4.
 EPSILON = 1e-9
 # Relative to a load: far above the error of adding the same costs in another order, far below
@@ -57,15 +59,15 @@ _STOP_ORDER = {PROVISIONING: 0, LOADING: 1, READY: 2}
 
 @dataclass(frozen=True)
 class EndpointParams:
-    """The endpoint's scaling parameters, as Vast names them."""
+    """The endpoint's scaling parameters, as Vast names them (what each does: ``lib.standin.params``)."""
 
-    min_load: float = 0.0
-    target_util: float = 1.0
-    max_workers: int = 20
-    cold_workers: int = 0
-    max_queue_time: float = 1.0
-    target_queue_time: float = 0.5
-    inactivity_timeout: float | None = 10.0
+    min_load: float = default("min_load")
+    target_util: float = default("target_util")
+    max_workers: int = default("max_workers")
+    cold_workers: int = default("cold_workers")
+    max_queue_time: float = default("max_queue_time")
+    target_queue_time: float = default("target_queue_time")
+    inactivity_timeout: float | None = default("inactivity_timeout")
 
     def problems(self) -> list[str]:
         """Each invalid value with its allowed range; empty when all hold."""
@@ -95,7 +97,7 @@ class LocalPolicy:
 
     # A surplus worker is stopped only after being idle this long, so a
     # dispatcher that ends a session and opens the next one keeps its worker.
-    scale_down_delay: float = 5.0
+    scale_down_delay: float = default("scale_down_delay")
     # Capacity assumed for a worker that has not reported max_perf yet.
     assumed_perf: float = 100.0
 
