@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lib.standin.book import BookSettings
 from lib.standin.fleet import Fleet, FleetSettings
 from lib.standin.grants import GrantSigner
 from lib.standin.params import BY_NAME, ENDPOINT, Kind, Param, flag_value
@@ -82,7 +83,7 @@ class LocalServerless:
             "user_id": USER_ID,
             "created_at": self.created_at,
             "endpoint_state": "active",
-            **asdict(self.config.fleet.params),  # min_load ... inactivity_timeout, under Vast's names
+            **asdict(self.config.fleet.book.params),  # min_load ... inactivity_timeout, under Vast's names
             # Accepted by Vast, not modelled here: no capacity is planned ahead.
             "cold_mult": None,
             "min_cold_load": None,
@@ -266,11 +267,11 @@ async def serve(config: LocalConfig, *, signer: GrantSigner | None = None) -> As
 def describe_params(settings: FleetSettings) -> str:
     shown = []
     for param in ENDPOINT:
-        value = getattr(settings.params, param.name)
+        value = getattr(settings.book.params, param.name)
         shown.append(f"{param.vast} {flag_value(value)}{param.unit if value is not None else ''}")
     return (
         ", ".join(shown) + f", cold start {settings.provisioning_delay:g}s, "
-        f"scale-down delay {settings.policy.scale_down_delay:g}s"
+        f"scale-down delay {settings.book.policy.scale_down_delay:g}s"
     )
 
 
@@ -314,7 +315,7 @@ def _add_param(group: argparse._ArgumentGroup, param: Param) -> None:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     defaults = LocalConfig()
-    policy = defaults.fleet.policy
+    book = defaults.fleet.book
     parser = OneLineParser(
         prog="python -m lib.standin",
         description=(
@@ -351,26 +352,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--assumed-perf",
         type=float,
-        default=policy.assumed_perf,
+        default=book.policy.assumed_perf,
         help="max_perf assumed for workers that have not reported yet",
     )
     group.add_argument(
         "--load-timeout",
         type=float,
-        default=defaults.fleet.load_timeout,
+        default=book.load_timeout,
         help="seconds a started worker may take to report ready before it is replaced",
     )
     _add_param(group, BY_NAME["route_hold"])
     group.add_argument(
         "--waiting-timeout",
         type=float,
-        default=defaults.fleet.waiting_timeout,
+        default=book.waiting_timeout,
         help="seconds a waiting request that is no longer polled still counts as demand",
     )
     group.add_argument(
         "--grant-timeout",
         type=float,
-        default=defaults.fleet.grant_timeout,
+        default=book.grant_timeout,
         help="seconds a grant counts as its worker's load until the worker's reports show or end it",
     )
     group.add_argument(
@@ -407,14 +408,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LocalConfig:
     params = EndpointParams(**{f.name: getattr(args, f.name) for f in fields(EndpointParams)})
-    settings = FleetSettings(
+    book = BookSettings(
         params=params,
         policy=LocalPolicy(scale_down_delay=args.scale_down_delay, assumed_perf=args.assumed_perf),
-        provisioning_delay=args.provisioning_delay,
         load_timeout=args.load_timeout,
-        route_hold=args.route_hold,
-        waiting_timeout=args.waiting_timeout,
         grant_timeout=args.grant_timeout,
+        waiting_timeout=args.waiting_timeout,
+        route_hold=args.route_hold,
+    )
+    settings = FleetSettings(
+        book=book,
+        provisioning_delay=args.provisioning_delay,
         python=args.python,
         worker_env=tuple(args.worker_env),
         consumer=args.consumer,

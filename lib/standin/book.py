@@ -124,10 +124,12 @@ class BookSettings:
     load_timeout: float = 60.0
     # A grant its worker's reports do not show after this long stops counting.
     grant_timeout: float = 5.0
-    # A waiting request not routed again for this long stops counting as demand.
+    # A waiting request not routed again for this long stops counting as demand;
+    # the SDK polls at least every 5 s plus its 10 s route timeout.
     waiting_timeout: float = 20.0
     # A /route/ with no free worker is answered as soon as one frees up, or
-    # with the waiting answer after this long (0: at once).
+    # with the waiting answer after this long (0: at once). Under the SDK's
+    # 10 s route timeout; it spares the SDK's up-to-5 s random pauses between polls.
     route_hold: float = default("route_hold")
 
 
