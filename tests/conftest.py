@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from lib.bench.recorder import RecordingAutoscaler, serving
 from lib.standin.grants import GrantSigner
+from lib.standin.recorder import RecordingAutoscaler, serving
 from tests.helpers import DESK_ENV, RunningWorker, StartWorker, public_app, running_worker
 
 
@@ -58,8 +58,8 @@ async def desk(monkeypatch, signer):
     """The session desk installed on a real framework Backend, in this process, ready."""
     from vastai.serverless.server.worker import Worker
 
-    from workers.null import framework
-    from workers.null.settings import Settings
+    from workers.null.instance import framework
+    from workers.null.instance.settings import Settings
     from workers.null.worker import build_worker_config, close_clients, install
 
     # The framework's Backend and Metrics read os.environ when built; the

@@ -12,6 +12,8 @@
 - ``running_worker``, ``RunningWorker``: a real worker process against the
   recording autoscaler, stopped on the way out.
 - ``FakeConsumer``: a consumer's health endpoint that can be made to die.
+- ``summary_of``, ``children_of``: a run's summary line, and the processes a
+  command started.
 
 Child processes of any other kind are ``lib.standin.process.ChildProcess``.
 """
@@ -23,9 +25,11 @@ import asyncio
 import gc
 import itertools
 import json
+import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +37,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from lib.bench.recorder import Received, RecordingAutoscaler, is_ready
 from lib.standin.grants import GrantSigner
-from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
+from lib.standin.process import ChildProcess, WorkerPorts, WorkerProcess, worker_env
+from lib.standin.recorder import Received, RecordingAutoscaler, is_ready
 
 # -- the in-process worker -------------------------------------------------------------
 
@@ -339,3 +343,32 @@ def usage_refused(capsys: Any, main: Callable[..., Any], *args: Any, **kwargs: A
     assert code == 2, (code, err)
     assert err.count("\n") == 1 and err.endswith("\n"), err
     return err.rstrip("\n")
+
+
+# -- commands' output ---------------------------------------------------------------------
+
+SUMMARY = re.compile(r"^(\d+) of (\d+) jobs done, (\d+) failed, (\d+) lost, (\d+) run twice$")
+
+
+def summary_of(run: ChildProcess) -> tuple[int, ...]:
+    found = run.matches(SUMMARY.pattern)
+    assert found, f"no summary line; output:\n{run.tail()}"
+    return tuple(int(x) for x in found[-1].groups())
+
+
+def children_of(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (by /proc parent links)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent:
+                found.append(child)
+                frontier.append(child)
+    return found

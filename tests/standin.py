@@ -11,7 +11,7 @@ from lib.standin.autoscaler import LocalConfig, LocalServerless
 from lib.standin.book import BookSettings
 from lib.standin.fleet import Fleet, FleetSettings
 from lib.standin.scaling import EndpointParams, LocalPolicy
-from workers.null import sdk
+from workers.null.dispatch import sdk
 
 # Short enough for a test, long enough that every phase is visible.
 FAST = dict(provisioning_delay=0.2, stop_grace=6.0, load_timeout=45.0)

@@ -1,5 +1,5 @@
 import sys
 
-from .measure import main
+from lib.bench.measure import main
 
 sys.exit(main())

@@ -23,20 +23,15 @@ from typing import Any
 
 import aiohttp
 
-from lib.bench.recorder import RecordingAutoscaler, is_ready, serving
 from lib.standin.grants import GrantSigner
 from lib.standin.process import ChildProcess, WorkerPorts, WorkerProcess, worker_env
-from workers.null import sdk
+from lib.standin.recorder import RecordingAutoscaler, is_ready, serving
 from workers.null.cli import DefaultsShown, OneLineParser, output_file_problem
+from workers.null.dispatch import sdk
+from workers.null.dispatch.summary import percentile
+from workers.null.protocol import SESSION_COST
 
 FLOOR_COMMAND = "from vastai.serverless.server.worker import Worker"
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile; ``q`` in [0, 100]."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -161,7 +156,7 @@ class Bench:
                 self.progress(f"occupancy ({worker.process.module}): cycle {cycle + 1}/{cycles}")
             started = time.time()
             session = await open_()
-            received = await self.wait_report(worker, lambda r: r.get("cur_load", 0) >= 100.0, since=started)
+            received = await self.wait_report(worker, lambda r: r.get("cur_load", 0) >= SESSION_COST, since=started)
             opens.append(received.at - started)
             started = time.time()
             await close(session)
@@ -293,7 +288,7 @@ async def _reserve_all(endpoint: Any, sessions: int) -> list[tuple[Any, float]]:
 
     async def one() -> tuple[Any, float]:
         started = time.monotonic()
-        session = await endpoint.session(cost=100, lifetime=300, timeout=120)
+        session = await endpoint.session(cost=SESSION_COST, lifetime=300, timeout=120)
         return session, time.monotonic() - started
 
     return list(await asyncio.gather(*(one() for _ in range(sessions))))
@@ -303,6 +298,7 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any
     """Sessions through the real SDK and the local stand-in, with the recommended parameters."""
 
     from lib.standin.autoscaler import LocalConfig, serve
+    from lib.standin.book import BookSettings
     from lib.standin.fleet import FleetSettings
     from lib.standin.scaling import EndpointParams
 
@@ -316,7 +312,7 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any
         target_queue_time=0.5,
         inactivity_timeout=3.0 if quick else 10.0,
     )
-    settings = FleetSettings(params=params, provisioning_delay=1.0 if quick else 3.0)
+    settings = FleetSettings(book=BookSettings(params=params), provisioning_delay=1.0 if quick else 3.0)
     cases = []
     for sessions in (1, 3, 10):
         progress(f"scaling: {sessions} sessions through the SDK and the local stand-in")

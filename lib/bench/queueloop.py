@@ -20,16 +20,17 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from lib.bench.measure import percentile
+from lib.demo.run import consumer_command
 from lib.standin.autoscaler import LocalConfig, serve
+from lib.standin.book import BookSettings
 from lib.standin.fleet import FleetSettings
 from lib.standin.process import ChildProcess
 from lib.standin.queueservers import nats_server
 from lib.standin.scaling import EndpointParams, LocalPolicy
-from workers.null import sdk
-from workers.null.demo import consumer_command
-from workers.null.dispatcher import Dispatcher, DispatchOptions
-from workers.null.ledger import Ledger
+from workers.null.dispatch import sdk
+from workers.null.dispatch.dispatcher import Dispatcher, DispatchOptions
+from workers.null.dispatch.ledger import Ledger
+from workers.null.dispatch.summary import percentile
 from workers.null.queues import open_queue
 
 ACK_WAIT = 3.0
@@ -43,12 +44,14 @@ async def loop_running(max_workers: int, **fleet: Any):
         await queue.connect()
         await queue.setup()
         settings = FleetSettings(
-            params=EndpointParams(max_workers=max_workers, inactivity_timeout=60.0),
-            policy=LocalPolicy(scale_down_delay=60.0),
+            book=BookSettings(
+                params=EndpointParams(max_workers=max_workers, inactivity_timeout=60.0),
+                policy=LocalPolicy(scale_down_delay=60.0),
+                route_hold=4.0,
+            ),
             provisioning_delay=0.0,
             consumer=consumer_command(url, ack_wait=ACK_WAIT),
             claim_deadline=10.0,
-            route_hold=4.0,
             **fleet,
         )
         async with serve(LocalConfig(fleet=settings, port=0)) as local:
@@ -139,7 +142,7 @@ TO_ZERO = re.compile(r"back to 0 after ([\d.]+)s", re.M)
 async def chaos(jobs: int, kills: int, job_seconds: float) -> dict[str, Any]:
     """The local demo as a user runs it, with ``kills`` workers SIGKILLed mid-job: its summary, parsed."""
     args = [
-        "-m", "workers.null.dispatcher", "--instance", "local", "--jobs", str(jobs),
+        "-m", "lib.demo", "--jobs", str(jobs),
         "--job-seconds", str(job_seconds), "--chaos", str(kills), "--plain",
     ]  # fmt: skip
     demo = ChildProcess.python(*args, tail_lines=None)

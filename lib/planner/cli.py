@@ -28,7 +28,7 @@ from lib.planner.trace import Job, JobSeconds, TraceError, bursts, describe, diu
 from lib.standin.params import BY_NAME, ENDPOINT, PARAMS, Kind, flag_value
 from lib.standin.scaling import EndpointParams
 from workers.null.cli import DefaultsShown, output_file_problem, sigterm_as_ctrl_c
-from workers.null.ledger import DEFAULT_MAX_SESSIONS
+from workers.null.dispatch.ledger import DEFAULT_MAX_SESSIONS
 
 # Jobs replayed (over all sets) from which a line says what is under way before any progress.
 _LONG_REPLAY = 20_000

@@ -2,8 +2,7 @@
 
     python -m lib.planner.fidelity [--trace FILE] [--provisioning-delay S]
 
-The real run is the dispatcher's local demo (``python -m workers.null.dispatcher
---instance local --trace FILE``): an embedded nats-server, the stand-in with
+The real run is the local demo (``python -m lib.demo --trace FILE``): an embedded nats-server, the stand-in with
 real worker processes and a consumer beside each, the real SDK; each job
 sleeps its duration. Its job log gives each job's wait (handler start minus
 publish), its fleet log each worker's phases. From the fleet log come the
@@ -86,7 +85,7 @@ def run_real(trace: Path, workdir: Path, *, provisioning_delay: float = PROVISIO
     timeout = load_trace(trace)[-1].arrival + REAL_RUN_AFTER_S
     job_log, fleet_log = workdir / "jobs.log", workdir / "fleet.json"
     argv = [
-        sys.executable, "-m", "workers.null.dispatcher", "--instance", "local", "--plain",
+        sys.executable, "-m", "lib.demo", "--plain",
         "--trace", str(trace), "--job-log", str(job_log), "--fleet-log", str(fleet_log),
         "--cold-start", f"{provisioning_delay:g}", "--inactivity-timeout", f"{INACTIVITY_TIMEOUT:g}",
         "--max-sessions", str(MAX_SESSIONS),

@@ -1,5 +1,5 @@
 import sys
 
-from .autoscaler import main
+from lib.standin.autoscaler import main
 
 sys.exit(main())

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import math
 import shlex
 import signal
 import sys
@@ -30,15 +31,14 @@ from lib.standin.fleet import Fleet, FleetSettings
 from lib.standin.grants import GrantSigner
 from lib.standin.params import BY_NAME, ENDPOINT, Kind, Param, flag_value
 from lib.standin.scaling import EndpointParams, LocalPolicy
-from workers.null.bodies import finite
 from workers.null.cli import DefaultsShown, OneLineParser
+from workers.null.dispatch.sdk import DEFAULT_ENDPOINT, DEFAULT_LOCAL_PORT, LOCAL_API_KEY
+from workers.null.protocol import SESSION_COST
 
 log = logging.getLogger("lib.standin.autoscaler")  # also when run as __main__
 
 HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
-DEFAULT_ENDPOINT = "null-pyworker"
-DEFAULT_API_KEY = "local"
+DEFAULT_PORT = DEFAULT_LOCAL_PORT
 ENDPOINT_ID = 1
 USER_ID = 1
 
@@ -49,7 +49,7 @@ class LocalConfig:
     endpoint_name: str = DEFAULT_ENDPOINT
     # The account key: the console's endpoint list asks for it, and the
     # endpoint it lists carries it as its own key, which /route/ checks.
-    api_key: str = DEFAULT_API_KEY
+    api_key: str = LOCAL_API_KEY
     port: int = DEFAULT_PORT
 
 
@@ -140,6 +140,17 @@ async def get_endpoint(request: web.Request) -> web.Response:
     return web.json_response({"success": True, "result": standin.endpoint_record()})
 
 
+def _finite(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else (booleans, strings, NaN, infinities)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range
+        return None
+    return number if math.isfinite(number) else None
+
+
 async def route(request: web.Request) -> web.Response:
     standin = request.app[STANDIN]
     body = await _json_object(request)
@@ -150,7 +161,7 @@ async def route(request: web.Request) -> web.Response:
         return _error(404, f"no endpoint named {name!r}: this stand-in serves {standin.config.endpoint_name!r}")
     if body.get("api_key") != standin.config.api_key:
         return _error(401, "api_key is not this endpoint's key")
-    cost = finite(body.get("cost", 100))
+    cost = _finite(body.get("cost", SESSION_COST))
     if cost is None or cost <= 0:
         return _error(422, COST_RULE)
     request_idx = body.get("request_idx") or 0
@@ -177,7 +188,7 @@ async def worker_status(request: web.Request) -> web.Response:
     if body is None or not isinstance(body.get("id"), int):
         return _error(422, "a report is a JSON object with an integer id")
     for name in ("cur_load", "max_perf"):
-        if body.get(name) is not None and finite(body[name]) is None:
+        if body.get(name) is not None and _finite(body[name]) is None:
             return _error(422, f"{name} must be a finite number")
     idxs = body.get("working_request_idxs") or []
     if not isinstance(idxs, list) or not all(isinstance(i, int) for i in idxs):

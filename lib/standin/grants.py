@@ -16,7 +16,8 @@ from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
 
-from workers.null.grants import signed_message
+from workers.null.instance.grants import signed_message
+from workers.null.protocol import SESSION_COST
 
 
 @dataclass
@@ -39,7 +40,7 @@ class GrantSigner:
         url: str,
         *,
         endpoint: str = "null-test",
-        cost: float = 100.0,
+        cost: float = SESSION_COST,
         request_idx: int | None = None,
     ) -> dict[str, Any]:
         """A route answer as the SDK receives it; the whole object is ``auth_data``."""

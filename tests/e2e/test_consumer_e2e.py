@@ -32,13 +32,16 @@ from lib.standin.process import ChildProcess
 from tests.e2e.conftest import QUEUE_KINDS, queue_server, queue_url_for
 from tests.helpers import RunningWorker, StartWorker, open_session, side_by_side, status_of
 from tests.standin import process_gone
-from workers.null.queues.base import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, JobEvent, Queue
+from workers.null.protocol import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, JobEvent
+from workers.null.queues.base import Queue
 
 pytestmark = pytest.mark.slow
 
 ACK_WAIT = 1.5  # the renewal window: renewals every 0.5 s
 CLAIM_TIMEOUT = 1.0
 LIFETIME = 30.0  # a session's own lifetime, past which only the consumer's renewals keep it
+# A consumer process is up once it waits for a session: a Python start and a queue connect, slow on a busy machine.
+START_TIMEOUT = 60.0
 
 
 # -- the queue servers --------------------------------------------------------------------
@@ -147,7 +150,7 @@ class Consumers:
         env = {**os.environ, "RUNS_FILE": str(self.runs_file)}
         run = await ChildProcess.python(*args, env=env, tail_lines=None).start()
         self.started.append(run)
-        await run.wait_for_line(r"waiting for a session", 20)
+        await run.wait_for_line(r"waiting for a session", START_TIMEOUT)
         return run
 
     async def wait_runs(self, count: int, timeout: float = 10.0) -> list[tuple[str, int, str, int]]:
@@ -354,7 +357,7 @@ async def test_ack_then_crash_before_release_runs_nothing_twice_and_the_lease_fr
 
     async def check(rig: Rig) -> None:
         start_worker, dispatch, consumers = rig.start_worker, rig.dispatch, rig.consumers
-        from lib.bench.recorder import serving
+        from lib.standin.recorder import serving
 
         worker = await start_worker()
         proxy = KillOnRelease(worker.control)
@@ -455,7 +458,7 @@ async def test_missing_stream_is_retried_until_it_exists(rigs, http):
                 await queue.setup()
             finally:
                 await queue.close()
-            await run.wait_for_line(r"waiting for a session", 20)
+            await run.wait_for_line(r"waiting for a session", START_TIMEOUT)
             async with http.get(match.group(1)) as resp:
                 assert resp.status == 200
             assert len(run.matches(r"queue unreachable")) == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -13,18 +12,17 @@ from typing import Any
 
 import pytest
 
+from lib.demo.run import consumer_command
 from lib.standin.autoscaler import serve
 from lib.standin.process import ChildProcess
 from lib.standin.queueservers import nats_server
-from tests.standin import explain, fast_config, process_gone, sdk_client, wait_fleet
-from workers.null import sdk
-from workers.null.demo import consumer_command
-from workers.null.dispatcher import Dispatcher, DispatchOptions
-from workers.null.ledger import Ledger
+from tests.standin import explain, fast_config, sdk_client, wait_fleet
+from workers.null.dispatch import sdk
+from workers.null.dispatch.dispatcher import Dispatcher, DispatchOptions
+from workers.null.dispatch.ledger import Ledger
+from workers.null.protocol import FINISHED, STARTED
 from workers.null.queues import open_queue
-from workers.null.queues.base import FINISHED, STARTED
 
-SUMMARY = re.compile(r"^(\d+) of (\d+) jobs done, (\d+) failed, (\d+) lost, (\d+) run twice$")
 ACK_WAIT = 3.0
 
 
@@ -56,32 +54,6 @@ async def publish(queue: Any, n: int, seconds: float, prefix: str = "job") -> li
 def dispatcher(*args: str) -> ChildProcess:
     """``python -m workers.null.dispatcher *args``, every output line kept."""
     return ChildProcess.python("-m", "workers.null.dispatcher", *args, tail_lines=None)
-
-
-def summary_of(run: ChildProcess) -> tuple[int, ...]:
-    found = run.matches(SUMMARY.pattern)
-    assert found, f"no summary line; output:\n{run.tail()}"
-    return tuple(int(x) for x in found[-1].groups())
-
-
-def children_of(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (by /proc parent links)."""
-    import os
-
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with suppress(OSError, IndexError, ValueError):
-                with open(f"/proc/{entry}/stat") as stat:
-                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, ppid in parents.items():
-            if ppid == parent:
-                found.append(child)
-                frontier.append(child)
-    return found
 
 
 @pytest.mark.slow
@@ -159,60 +131,6 @@ async def test_a_killed_dispatcher_leaks_nothing_and_a_restarted_one_opens_no_se
             await events.aclose()
             await first.stop(10.0)
             await second.stop(10.0)
-
-
-@pytest.mark.slow
-async def test_the_demo_with_chaos_runs_every_job_once_to_done_and_prints_the_summary(tmp_path):
-    """--chaos 1: a worker SIGKILLed mid-job; its job is redelivered, done again and acked once; exit 0."""
-    job_log = tmp_path / "jobs.jsonl"
-    argv = ["--instance", "local", "--jobs", "3", "--job-seconds", "2", "--chaos", "1", "--max-sessions", "3"]
-    argv += ["--cold-start", "0.2", "--inactivity-timeout", "1", "--plain", "--job-log", str(job_log)]
-    run = await dispatcher(*argv).start()
-    try:
-        code = await run.wait(150)
-        done, total, failed, lost, twice = summary_of(run)
-        assert (code, done, total, failed, lost) == (0, 3, 3, 0, 0), run.tail()
-        assert twice <= 1
-        assert run.matches(r"chaos: 1 of 1 workers killed"), run.tail()
-        assert run.matches(r"back to 0 after \d"), run.tail()
-        rows = [json.loads(line) for line in job_log.read_text().splitlines()]
-        by_job: dict[str, list[str]] = {}
-        for row in rows:
-            by_job.setdefault(row["job_id"], []).append(row["outcome"])
-        assert all(outcomes.count("done") == 1 for outcomes in by_job.values()), rows
-        assert any("lost" in outcomes or "abandoned" in outcomes for outcomes in by_job.values()), rows
-    finally:
-        await run.stop(10.0)
-
-
-@pytest.mark.slow
-async def test_a_job_unfinished_by_the_deadline_is_lost_and_the_demo_exits_1():
-    """A job still running at --deadline counts as lost: the summary says so and the exit code is 1."""
-    argv = ["--instance", "local", "--jobs", "1", "--job-seconds", "60", "--deadline", "2", "--plain"]
-    run = await dispatcher(*argv, "--cold-start", "0").start()
-    try:
-        assert await run.wait(60) == 1, run.tail()
-        assert summary_of(run) == (0, 1, 0, 1, 0)
-    finally:
-        await run.stop(10.0)
-
-
-@pytest.mark.slow
-async def test_ctrl_c_in_the_demo_leaves_no_worker_consumer_or_nats_server_running():
-    """Ctrl-C while jobs run stops every worker, consumer, job and the nats-server, and exits 130."""
-    argv = ["--instance", "local", "--jobs", "2", "--job-seconds", "60", "--plain", "--cold-start", "0"]
-    run = await dispatcher(*argv).start()
-    try:
-        await run.wait_for_line(r"job \S+ attempt 1 started", 90, count=2)
-        assert run.proc is not None
-        started = children_of(run.proc.pid)
-        assert len(started) >= 5, started  # nats-server, 2 workers, 2 consumers (and their jobs)
-        run.send_signal(signal.SIGINT)
-        assert await run.wait(40) == 130, run.tail()
-        left = [pid for pid in started if not process_gone(pid)]
-        assert not left, f"still running: {left}\n{run.tail()}"
-    finally:
-        await run.stop(10.0)
 
 
 async def test_setup_creates_the_stream_and_without_it_the_dispatcher_exits_2_naming_setup():

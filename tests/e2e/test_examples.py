@@ -21,14 +21,14 @@ from types import ModuleType
 import aiohttp
 import pytest
 
-from lib.bench.recorder import RecordingAutoscaler, serving
 from lib.standin.autoscaler import LocalConfig, serve
 from lib.standin.book import BookSettings
 from lib.standin.fleet import FleetSettings
 from lib.standin.process import ChildProcess
+from lib.standin.recorder import RecordingAutoscaler, serving
 from lib.standin.scaling import EndpointParams
 from tests.helpers import RunningWorker, StartWorker, callbacks_for, open_session, side_by_side, status_of, wait_until
-from workers.null import sdk
+from workers.null.dispatch import sdk
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from lib.bench.recorder import Received, RecordingAutoscaler, serving
 from lib.standin.process import free_port
+from lib.standin.recorder import Received, RecordingAutoscaler, serving
 from tests.helpers import FakeConsumer, callbacks_for, deleted_entries, open_session, post
 
 HEALTHCHECK_PERIOD = 10.0  # the framework checks BACKEND_HEALTH_URL this often

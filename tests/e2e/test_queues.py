@@ -15,8 +15,8 @@ import pytest
 from lib.standin.process import free_port
 from tests.e2e.conftest import QUEUE_KINDS, OpenQueue
 from tests.helpers import side_by_side
-from workers.null.queues import Depth, JobEvent, NotOwned, QueueUnavailable, open_queue
-from workers.null.queues.base import CLAIMED, DONE, FINISHED
+from workers.null.protocol import CLAIMED, DONE, FINISHED, JobEvent
+from workers.null.queues import Depth, NotOwned, QueueUnavailable, open_queue
 
 # Short, as the tests that wait for a claim to lapse (or to see that nothing
 # comes back) wait a few of these; the renewal test keeps a longer one, so a

@@ -30,8 +30,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from lib.bench.recorder import RecordingAutoscaler
 from lib.standin.process import REPO_ROOT, ChildProcess, WorkerPorts, free_port
+from lib.standin.recorder import RecordingAutoscaler
 
 SCRIPT = REPO_ROOT / "start_server.sh"
 REQUIREMENTS = REPO_ROOT / "requirements.txt"

@@ -24,9 +24,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from lib.bench.recorder import RecordingAutoscaler, serving
 from lib.standin.grants import GrantSigner
 from lib.standin.process import free_port
+from lib.standin.recorder import RecordingAutoscaler, serving
 from tests.helpers import (
     Body,
     Encoded,

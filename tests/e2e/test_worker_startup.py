@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lib.standin.process import REPO_ROOT, ChildProcess, ChildTimeout, WorkerPorts, free_port, worker_env
-from workers.null import framework
+from workers.null.instance import framework
 
 SUBPROCESS_DEADLINE = 30.0
 
@@ -78,7 +78,7 @@ def test_build_worker_config_gives_one_session_one_benchmarked_ping_and_a_lifecy
     single /ping carrying a BenchmarkConfig, a lifecycle."""
     from vastai.serverless.server.worker import BenchmarkConfig, WorkerConfig
 
-    from workers.null.settings import Settings
+    from workers.null.instance.settings import Settings
     from workers.null.worker import build_worker_config
 
     settings = Settings.from_env(

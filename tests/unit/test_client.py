@@ -7,13 +7,15 @@ import signal
 import pytest
 from aiohttp import web
 
-from lib.bench.recorder import serving
 from lib.standin.autoscaler import serve
+from lib.standin.process import free_port
+from lib.standin.recorder import serving
 from tests.helpers import usage_refused
 from tests.standin import fast_config
-from workers.null import client, sessionclient
+from workers.null import client
 from workers.null.cli import StartupError, output_file_problem, sigterm_as_ctrl_c
-from workers.null.sessionclient import SessionRecord, exit_code, format_table
+from workers.null.client import SessionRecord, exit_code, format_table
+from workers.null.dispatch.sdk import LOCAL_API_KEY
 
 
 def parse(*argv: str):
@@ -85,14 +87,25 @@ def test_exit_status_is_zero_only_when_every_session_was_reserved_and_released()
 
 
 async def test_something_else_on_the_local_port_is_refused_with_the_fix():
-    """When the local port answers but not as a stand-in, the client stops with exit 2 and names --local-port 0."""
+    """When the local port answers but not as a stand-in, the client stops with exit 2 and names --local-port."""
     app = web.Application()
     async with serving(app) as url:
         port = int(url.rsplit(":", 1)[1])
         with pytest.raises(StartupError) as refused:
-            await sessionclient.run(parse("--local-port", str(port)), client.LOCAL_API_KEY)
+            await client.run(parse("--local-port", str(port)), LOCAL_API_KEY)
     assert refused.value.code == 2
-    assert "not as a Vast stand-in" in str(refused.value) and "--local-port 0" in str(refused.value)
+    assert "not as a Vast stand-in" in str(refused.value) and "--local-port" in str(refused.value)
+
+
+async def test_no_stand_in_on_the_local_port_names_the_commands_that_start_one():
+    """With nothing listening on the local port, the client stops with exit 2, naming lib.standin and lib.demo."""
+    port = free_port()
+    with pytest.raises(StartupError) as refused:
+        await client.run(parse("--local-port", str(port)), LOCAL_API_KEY)
+    message = str(refused.value)
+    assert refused.value.code == 2 and "\n" not in message
+    assert f"no stand-in answers at http://127.0.0.1:{port}" in message
+    assert f"python -m lib.standin --port {port}" in message and "python -m lib.demo --sessions" in message
 
 
 async def test_unknown_endpoint_names_the_ones_served():
@@ -100,7 +113,7 @@ async def test_unknown_endpoint_names_the_ones_served():
     async with serve(fast_config(provisioning_delay=120.0)) as standin:
         port = standin.url.rsplit(":", 1)[1]
         with pytest.raises(StartupError) as refused:
-            await sessionclient.run(parse("--local-port", port, "--endpoint", "nope"), client.LOCAL_API_KEY)
+            await client.run(parse("--local-port", port, "--endpoint", "nope"), LOCAL_API_KEY)
     message = str(refused.value)
     assert "'nope'" in message and "'null-pyworker'" in message and "--endpoint" in message
 

@@ -20,36 +20,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from lib.bench.recorder import serving
+from lib.standin.recorder import serving
 from tests.helpers import usage_refused
-from workers.null import consumer as consumer_module
-from workers.null.consumer import (
-    CommandRun,
-    Consumer,
-    ConsumerOptions,
-    JobContext,
-    command_runs,
-    handler_runs,
-    main,
-)
-from workers.null.control_client import ControlClient
-from workers.null.queues.base import (
-    ABANDONED,
-    CLAIMED,
-    DEAD,
-    DONE,
-    FINISHED,
-    RELEASED,
-    RETRY,
-    STARTED,
-    Claim,
-    Depth,
-    Job,
-    JobEvent,
-    NotOwned,
-    Queue,
-    QueueUnavailable,
-)
+from workers.null.consumer import Consumer, ConsumerOptions, JobContext
+from workers.null.consumer.cli import main, split_command
+from workers.null.consumer.control import ControlClient
+from workers.null.consumer.runs import CommandRun, command_runs, handler_runs
+from workers.null.protocol import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, JobEvent
+from workers.null.queues.base import Claim, Depth, Job, NotOwned, Queue, QueueUnavailable
 
 WINDOW = 0.6  # ack_wait: renewals every 0.2 s
 
@@ -805,5 +783,5 @@ def test_bad_control_port_in_the_environment_is_one_line_and_exit_2(capsys):
 
 def test_split_command_keeps_the_commands_own_flags():
     """Everything after the first -- belongs to COMMAND, including its own --flags and a second --."""
-    flags, command = consumer_module.split_command(["--queue", "u", "--", "prog", "--queue", "--", "x"])
+    flags, command = split_command(["--queue", "u", "--", "prog", "--queue", "--", "x"])
     assert flags == ["--queue", "u"] and command == ["prog", "--queue", "--", "x"]

@@ -8,7 +8,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.helpers import DESK_URL, open_desk_session
-from workers.null.control import make_control_app
+from workers.null.instance.control import make_control_app
 
 WORKER_URL = DESK_URL
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import DESK_URL, create_body
-from workers.null.desk import REFUSED, UNUSED
+from workers.null.instance.desk import REFUSED, UNUSED, Ending
 
 
 def finished(desk) -> list[tuple[int, bool, str]]:
@@ -83,7 +83,7 @@ async def test_callback_carries_the_sessions_own_id_whatever_the_payload_says(pu
         on_close_payload={"session_id": "not-this-one", "job": 3},
     )
     opened = await (await public.post("/session/create", json=body)).json()
-    await desk.release("test")
+    await desk.release(Ending.DISPATCHER)
     await autoscaler.wait_for(lambda: autoscaler.callbacks, 5, "the on-close callback")
     assert autoscaler.callbacks[0].body == {"session_id": opened["session_id"], "job": 3}
     assert desk.status()["session"] is None

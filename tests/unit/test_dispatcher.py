@@ -8,9 +8,9 @@ import pytest
 
 from tests.helpers import usage_refused
 from workers.null import dispatcher
-from workers.null.demo import TraceError, load_trace
-from workers.null.ledger import LAPSING, PENDING, RUNNING, Ledger, to_open
-from workers.null.queues.base import CLAIMED, FINISHED, RELEASED, STARTED, Depth, JobEvent
+from workers.null.dispatch.ledger import LAPSING, PENDING, RUNNING, Ledger, to_open
+from workers.null.protocol import CLAIMED, FINISHED, RELEASED, STARTED, JobEvent
+from workers.null.queues.base import Depth
 
 
 class Clock:
@@ -198,14 +198,11 @@ def test_each_attempt_becomes_one_job_log_line_with_every_step():
     "argv, needle",
     [
         (["--endpoint", "x"], "no --queue"),
-        (["--jobs", "3"], "add --instance local"),
-        (["--instance", "local", "--jobs", "0"], "--jobs 0"),
-        (["--instance", "local", "--jobs", "2", "--trace", "t.csv"], "not both"),
-        (["--instance", "local", "--jobs", "2", "--queue", "nats://h/x"], "drop --queue"),
+        (["--jobs", "3"], "--jobs is a flag of the local demo: run python -m lib.demo"),
         (["--queue", "nats://h/x", "--max-sessions", "0"], "--max-sessions 0"),
         (["--queue", "nats://h/x", "--lifetime", "-1"], "--lifetime -1"),
         (["--queue", "nats://h/x", "--connect-timeout", "0"], "--connect-timeout 0"),
-        (["--queue", "nats://h/x", "--chaos", "2"], "--chaos is for the local demo"),
+        (["--queue", "nats://h/x", "--chaos", "2"], "--chaos is a flag of the local demo"),
         (["--queue", "nats://h/x", "--instance", "moon"], "invalid choice"),
     ],
 )
@@ -227,55 +224,3 @@ def test_a_bad_queue_url_is_one_line_and_exit_2(capsys):
     assert dispatcher.main(["--queue", "kafka://h/x", "setup"], env={}) == 2
     err = capsys.readouterr().err
     assert "kafka" in err and len(err.strip().splitlines()) == 1, err
-
-
-@pytest.mark.parametrize(
-    "text, needle",
-    [
-        ("", "empty"),
-        ("arrival,length\n0,1\n", "needs 'arrival' and 'duration'"),
-        ("arrival,duration\n0,-1\n", "row 2"),
-        ("arrival,duration\n5,1\n1,1\n", "sort the trace"),
-        ('{"arrival": 0, "duration": "x"}\n', "row 1"),
-    ],
-)
-def test_bad_traces_name_the_row_and_the_fix(tmp_path, text, needle):
-    """A trace the demo cannot replay is refused naming the row."""
-    path = tmp_path / "t.csv"
-    path.write_text(text)
-    with pytest.raises(TraceError, match=needle.replace("(", r"\(")):
-        load_trace(path)
-
-
-def test_a_trace_replays_arrivals_from_its_first_row_in_seconds_or_iso_times(tmp_path):
-    """CSV seconds and JSON-lines ISO times both become arrivals relative to the first job."""
-    csv_path = tmp_path / "t.csv"
-    csv_path.write_text("arrival,duration\n10,1\n12.5,2\n")
-    assert [(j.arrival, j.seconds) for j in load_trace(csv_path)] == [(0.0, 1.0), (2.5, 2.0)]
-    jl = tmp_path / "t.jsonl"
-    jl.write_text(
-        '{"arrival": "2026-01-01T00:00:00Z", "duration": 1}\n{"arrival": "2026-01-01T00:00:03Z", "duration": 0}\n'
-    )
-    assert [j.arrival for j in load_trace(jl)] == [0.0, 3.0]
-
-
-def test_fleet_timeline_gives_each_workers_phases_and_url():
-    """The demo's fleet log: a worker's phases from the book's commands and events, and its URL where known."""
-    from lib.standin.book import Provision, Report, Stop
-    from workers.null.demo import fleet_timeline
-
-    issued = [(10.0, Provision(1)), (10.0, Provision(2)), (15.0, Stop(1, False, "surplus")), (11.0, Stop(2, False, ""))]
-    events = [
-        (11.0, "started", (1,)),
-        (12.5, "report", (Report(1, max_perf=100.0),)),
-        (15.2, "stopped", (1,)),
-        (11.0, "stopped", (2,)),
-    ]
-    timeline = fleet_timeline(events, issued, {1: "http://127.0.0.1:4000"})
-    first, second = timeline["workers"]
-    assert first == {
-        "id": 1,
-        "url": "http://127.0.0.1:4000",
-        "phases": [[10.0, "provisioning"], [11.0, "loading"], [12.5, "ready"], [15.0, "stopping"], [15.2, "gone"]],
-    }
-    assert second == {"id": 2, "phases": [[10.0, "provisioning"], [11.0, "stopping"], [11.0, "gone"]]}

@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 
 from lib.standin.process import free_port
 from tests.helpers import DESK_URL, create_body, public_app
-from workers.null.bodies import MAX_BODY_BYTES
-from workers.null.control import make_control_app
-from workers.null.settings import http_url
+from workers.null.instance.bodies import MAX_BODY_BYTES
+from workers.null.instance.control import make_control_app
+from workers.null.instance.settings import http_url
 
 # Reproducible in CI: the same examples every run, nothing read from or
 # written to a local example database.

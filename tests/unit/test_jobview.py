@@ -7,9 +7,10 @@ import logging
 import time
 import urllib.request
 
-from workers.null.jobview import LiveLine, Metrics, view_line
-from workers.null.ledger import Ledger
-from workers.null.queues.base import CLAIMED, DONE, FINISHED, STARTED, JobEvent
+from workers.null.dispatch.ledger import Ledger
+from workers.null.dispatch.metrics import Metrics
+from workers.null.dispatch.view import LiveLine, view_line
+from workers.null.protocol import CLAIMED, DONE, FINISHED, STARTED, JobEvent
 
 
 def busy_ledger() -> Ledger:

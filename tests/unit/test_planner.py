@@ -11,12 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lib.planner.model import Plan, percentile, simulate
+from lib.planner.model import Plan, simulate
 from lib.planner.sweep import cheapest_within, pareto_front
 from lib.planner.trace import Job, JobSeconds, bursts, diurnal, poisson
 from lib.standin.book import Answer, Book, BookSettings, Deleted, Provision, Resume, Stop
 from lib.standin.scaling import EndpointParams, LocalPolicy, Snapshot, WaitingRequest
 from tests.helpers import usage_refused
+from workers.null.dispatch.summary import percentile
 
 
 def plan(cold: float = 3.0, **params) -> Plan:
@@ -280,11 +281,11 @@ def test_generators_are_seeded_and_shaped():
 
 
 def test_percentile_interpolates():
-    """Percentiles interpolate between neighbours like numpy's default."""
+    """The one percentile the planner, demo and bench report interpolates between neighbours, as numpy does."""
     values = [0.0, 1.0, 2.0, 3.0, 4.0]
     assert percentile(values, 50) == 2.0
     assert percentile(values, 95) == pytest.approx(3.8)
-    assert percentile([], 95) == 0.0
+    assert percentile([], 95) is None
 
 
 def test_pareto_front_and_cheapest_choice():

@@ -52,7 +52,7 @@ def test_dispatcher_job_log_replays_each_jobs_final_attempt(tmp_path):
 
 def test_job_log_as_the_dispatcher_writes_it(tmp_path):
     """The dispatcher's own job log lines (epoch seconds, a retried job) replay from the first job's arrival."""
-    from workers.null.ledger import Attempt
+    from workers.null.dispatch.ledger import Attempt
 
     rows = []
     for job_id, attempt, enqueued, started, finished, outcome in (

@@ -108,7 +108,7 @@ def test_open_queue_refuses_bad_limits(kwargs: dict, problem: str):
 def test_open_queue_picks_the_adapter_by_scheme_without_connecting():
     """A nats:// URL opens the JetStream adapter and a redis:// one the Streams adapter, neither connected yet."""
     from workers.null.queues.jetstream import JetStreamQueue
-    from workers.null.queues.streams import RedisStreamQueue
+    from workers.null.queues.redis_streams import RedisStreamQueue
 
     nats = open_queue("nats://q/work", ack_wait=3, max_deliver=2)
     assert isinstance(nats, JetStreamQueue) and (nats.ack_wait, nats.max_deliver, nats.stream) == (3, 2, "work")

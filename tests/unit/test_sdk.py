@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.null import sdk
+from workers.null.dispatch import sdk
 
 
 def test_the_sdk_internals_the_project_relies_on_exist():

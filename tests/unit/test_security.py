@@ -18,6 +18,7 @@ import pytest
 
 from lib.standin.grants import GrantSigner
 from tests.helpers import DESK_URL, post
+from workers.null.instance.desk import Ending
 
 OTHER_URL = "http://127.0.0.1:4999"
 
@@ -64,7 +65,7 @@ async def test_forged_grant_is_refused_and_changes_nothing(public, desk, signer,
         # The worker remembers a signature it verified; that must not open a door.
         genuine = await public.post("/session/create", json={"auth_data": signer.grant(DESK_URL), "payload": {}})
         assert genuine.status == 201
-        await desk.release("test")
+        await desk.release(Ending.DISPATCHER)
         desk.metrics.model_metrics.reset()
     forged = FORGERIES[name](signer, forger)
     response = await public.post("/session/create", json={"auth_data": forged, "payload": {"lifetime": 60}})

@@ -1,6 +1,6 @@
 import pytest
 
-from workers.null.settings import DEFAULT_CONTROL_PORT, DEFAULT_MAX_LIFETIME, Settings, SettingsError
+from workers.null.instance.settings import DEFAULT_CONTROL_PORT, DEFAULT_MAX_LIFETIME, Settings, SettingsError
 
 BASE = {
     "WORKER_PORT": "3000",

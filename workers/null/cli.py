@@ -15,7 +15,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from .aio import wait_any
+from workers.null.aio import wait_any
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

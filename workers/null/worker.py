@@ -19,9 +19,10 @@ from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Any
 
-from . import framework
-from .aio import stop_task
-from .settings import Settings, SettingsError
+from workers.null.aio import stop_task
+from workers.null.instance import framework
+from workers.null.instance.settings import Settings, SettingsError
+from workers.null.protocol import SESSION_COST
 
 log = logging.getLogger("workers.null")
 STARTED_AT = time.time()  # before the framework's imports, the bulk of start-up
@@ -45,8 +46,7 @@ class NullLifecycle:
         self._stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> NullLifecycle:
-        from .control import make_control_app, serve_control
-        from .desk import SESSION_COST
+        from workers.null.instance.control import make_control_app, serve_control
 
         desk = self.desk
         assert desk is not None, "install() attaches the desk before the worker runs"
@@ -122,8 +122,8 @@ def install(worker: Any, settings: Settings):
     """Puts the session desk in charge of the framework's session state and routes."""
     from aiohttp import web
 
-    from . import routes
-    from .desk import SessionDesk
+    from workers.null.instance import routes
+    from workers.null.instance.desk import SessionDesk
 
     missing = framework.missing_instance_attributes(worker.backend)
     if missing:

@@ -16,26 +16,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-# Job events the consumer publishes on the queue server and the dispatcher
-# subscribes to; each carries the job id, its attempt and the session id.
-CLAIMED = "claimed"  # the consumer holds the job for this session
-STARTED = "started"  # the handler was started
-FINISHED = "finished"  # the handler ended; ``outcome`` says how
-RELEASED = "released"  # the session was released
-EVENT_KINDS = (CLAIMED, STARTED, FINISHED, RELEASED)
-# Outcomes of a finished job.
-DONE = "done"  # acked
-RETRY = "retry"  # handed back for another attempt
-DEAD = "dead"  # dead-lettered after max attempts
-ABANDONED = "abandoned"  # lease lost or consumer stopping: left to the queue's redelivery
-OUTCOMES = (DONE, RETRY, DEAD, ABANDONED)
-
+from workers.null.protocol import JobEvent
 
 # The fix named by every "stream or group missing" message.
 SETUP_HINT = "run the dispatcher's setup step (python -m workers.null.dispatcher --queue URL setup) to create it"
@@ -85,24 +71,6 @@ class Job:
 class Depth:
     pending: int  # not delivered to any consumer yet (including handed back for redelivery)
     in_flight: int  # delivered and not yet acked
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    kind: str
-    job_id: str
-    attempt: int
-    session_id: str
-    at: float = field(default_factory=time.time)
-    outcome: str | None = None  # FINISHED only
-    detail: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobEvent:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 T = TypeVar("T")

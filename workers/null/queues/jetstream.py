@@ -43,14 +43,14 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from workers.null.queues import QueueAddress
+from workers.null.protocol import JobEvent
+from workers.null.queues.address import QueueAddress
 from workers.null.queues.base import (
     SETUP_HINT,
     Claim,
     Depth,
     Feed,
     Job,
-    JobEvent,
     NotOwned,
     Queue,
     QueueError,

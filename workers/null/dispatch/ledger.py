@@ -1,4 +1,4 @@
-"""What the dispatcher knows of jobs and sessions, and how many sessions to open: pure, with an injected clock.
+"""The dispatcher's ledger, on the user's side: what it knows of jobs and sessions, and how many sessions to open.
 
 The dispatcher feeds it what the queue pushes (job ids as they are
 published, the consumers' job events), what the SDK tells (a session asked
@@ -29,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .queues.base import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, Depth, JobEvent
+from workers.null.protocol import ABANDONED, CLAIMED, DEAD, DONE, FINISHED, RELEASED, RETRY, STARTED, JobEvent
+from workers.null.queues.base import Depth
 
 # Job states.
 PENDING = "pending"  # waiting in the queue, counted by id

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import http_exceptions, web
 
-from .settings import http_url
+from workers.null.instance.settings import http_url
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,6 @@ MAX_BODY_BYTES = 1 << 20
 DEFAULT_LIFETIME = 60.0  # the SDK's and the framework's default
 DEFAULT_CLAIM_WAIT = 30.0
 MAX_CLAIM_WAIT = 300.0
-# The 410 for a session the worker no longer holds; clients match on it.
-SESSION_GONE = "no such session: it ended or expired"
 
 
 class Refusal(Exception):

@@ -20,9 +20,16 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-from .bodies import SESSION_GONE
+from workers.null.cli import StartupError, short
+from workers.null.protocol import SESSION_GONE
 
 log = logging.getLogger(__name__)
+
+# Vast's autoscalers, as the SDK names them; local: the stand-in.
+INSTANCES = ("prod", "alpha", "candidate", "local")
+DEFAULT_ENDPOINT = "null-pyworker"  # the stand-in serves this name by default
+LOCAL_API_KEY = "local"  # the stand-in's default key
+DEFAULT_LOCAL_PORT = 8080  # where the SDK's instance="local" looks for the autoscaler
 
 CREATE_ROUTE = "/session/create"
 ROUTE = "_route"  # Endpoint: one /route/ call; overridden to stop routing once interrupted
@@ -110,19 +117,20 @@ def make_client(api_key: str, instance: str, url: str | None = None, **kwargs: A
     return client_class(api_key=api_key, instance=instance, **kwargs)
 
 
-class EndpointNotFound(Exception):
-    pass
-
-
 async def find_endpoint(client: Any, name: str, stop: asyncio.Event | None = None) -> Any:
-    """The endpoint called ``name``, routing only until ``stop`` is set."""
+    """The endpoint called ``name``, routing only until ``stop`` is set; StartupError (exit 2) naming the fix."""
     _, guarded = _classes()
-    endpoints = await client.get_endpoints()
+    try:
+        endpoints = await client.get_endpoints()
+    except Exception as exc:
+        raise StartupError(f"cannot list endpoints at {client.vast_web_url}: {short(exc)}", code=2) from None
     for endpoint in endpoints:
         if endpoint.name == name:
             return guarded(client=client, data=endpoint.data, stop=stop or asyncio.Event())
     names = ", ".join(repr(e.name) for e in endpoints) or "none"
-    raise EndpointNotFound(f"no endpoint named {name!r} at {client.vast_web_url} (it has: {names})")
+    raise StartupError(
+        f"no endpoint named {name!r} at {client.vast_web_url} (it has: {names}): pass --endpoint NAME", code=2
+    )
 
 
 def create_sent(creations: list[Any]) -> bool:

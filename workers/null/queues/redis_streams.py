@@ -48,14 +48,14 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from workers.null.queues import QueueAddress
+from workers.null.protocol import JobEvent
+from workers.null.queues.address import QueueAddress
 from workers.null.queues.base import (
     SETUP_HINT,
     Claim,
     Depth,
     Feed,
     Job,
-    JobEvent,
     NotOwned,
     Queue,
     QueueError,

@@ -10,9 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from . import framework
-from .bodies import (
-    SESSION_GONE,
+from workers.null.instance import framework
+from workers.null.instance.bodies import (
     Refusal,
     grant_request_idx,
     parse_create,
@@ -22,8 +21,9 @@ from .bodies import (
     read_json,
     refusals,
 )
-from .desk import SessionDesk
-from .grants import GrantVerifier
+from workers.null.instance.desk import Ending, SessionDesk
+from workers.null.instance.grants import GrantVerifier
+from workers.null.protocol import SESSION_GONE
 
 
 class SessionRoutes:
@@ -60,7 +60,7 @@ class SessionRoutes:
     @refusals("/session/end")
     async def end(self, request: web.Request) -> web.Response:
         session = await self._named(request)
-        if session is None or not await self.desk.close(session.session_id, "dispatcher (/session/end)"):
+        if session is None or not await self.desk.close(session.session_id, Ending.DISPATCHER):
             raise Refusal(410, SESSION_GONE)
         return web.json_response({"ended": True, "removed_session": session.session_id})
 

@@ -1,4 +1,4 @@
-"""The one reservation a null worker holds: open, claim, renew, release, expire, report.
+"""The worker's desk, on the instance: its one reservation (open, claim, renew, release, expire, report).
 
 The framework keeps sessions in ``Backend.sessions`` and load in its metrics;
 this desk uses that same state, so the framework's reports, delete-requests
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import secrets
 import time
@@ -19,23 +20,31 @@ from typing import Any
 
 from vastai.serverless.server.lib.data_types import RequestMetrics, Session
 
-from . import framework
-from .aio import wait_any
-from .bodies import CreateRequest, Refusal
-from .settings import Settings
+from workers.null.aio import wait_any
+from workers.null.instance import framework
+from workers.null.instance.bodies import CreateRequest, Refusal
+from workers.null.instance.settings import Settings
+from workers.null.protocol import SESSION_COST
 
 log = logging.getLogger(__name__)
 
-# One session is one worker: a held session reports this load whatever its
-# cost, the worker reports this max_perf, and the autoscaler's capacity unit
-# is this number.
-SESSION_COST = 100.0
 REPORT_INTERVAL = 1.0
 REPORT_HEARTBEAT = 10.0
 # Grants that end without a session are reported finished under these statuses;
 # only the framework's "Rejected" (busy) makes the autoscaler route again.
 UNUSED = "Unused"
 REFUSED = "Refused"
+
+
+class Ending(enum.Enum):
+    """Who or what ended a session; the value is how the log names it."""
+
+    CONSUMER = "consumer (/release)"
+    DISPATCHER = "dispatcher (/session/end)"
+    LEASE_EXPIRY = "lease expiry"
+    CLAIM_DEADLINE = "the claim deadline"
+    FRAMEWORK = "the framework"
+    SHUTDOWN = "shutdown"
 
 
 class SessionDesk:
@@ -272,7 +281,7 @@ class SessionDesk:
             for session_id, session in list(self.backend.sessions.items()):
                 claim_by = self._claim_deadline(session)
                 if session.expiration <= now:
-                    await self.close(session_id, "lease expiry")
+                    await self.close(session_id, Ending.LEASE_EXPIRY)
                 elif claim_by is not None and claim_by <= now:
                     self.unclaimed_releases.append(session_id)
                     del self.unclaimed_releases[:-100]
@@ -281,7 +290,7 @@ class SessionDesk:
                         session_id,
                         self.settings.claim_deadline,
                     )
-                    await self.close(session_id, "the claim deadline")
+                    await self.close(session_id, Ending.CLAIM_DEADLINE)
                 else:
                     deadlines += [session.expiration] + ([claim_by] if claim_by is not None else [])
             timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
@@ -289,7 +298,7 @@ class SessionDesk:
 
     # -- closing ------------------------------------------------------------
 
-    async def release(self, by: str, only: str | None = None) -> list[str]:
+    async def release(self, by: Ending, only: str | None = None) -> list[str]:
         released = []
         for session_id in [only] if only is not None else list(self.backend.sessions):
             if await self.close(session_id, by):
@@ -299,9 +308,9 @@ class SessionDesk:
     async def close_for_framework(self, session_id: str) -> bool:
         session = self.backend.sessions.get(session_id)
         lapsed = session is not None and session.expiration <= time.time()
-        return await self.close(session_id, "lease expiry" if lapsed else "the framework")
+        return await self.close(session_id, Ending.LEASE_EXPIRY if lapsed else Ending.FRAMEWORK)
 
-    async def close(self, session_id: str, by: str) -> bool:
+    async def close(self, session_id: str, by: Ending) -> bool:
         """Ends a session once: load drops, the report goes out, the callback is sent."""
         async with framework.sessions_lock(self.backend):
             session = self.backend.sessions.pop(session_id, None)
@@ -317,10 +326,10 @@ class SessionDesk:
         self.report_soon()
         self._lease_changed.set()
         held_for = time.time() - session.created_at
-        if by == "lease expiry":
+        if by is Ending.LEASE_EXPIRY:
             log.info("session %s expired after %.1fs: its lease was not renewed", session_id, held_for)
         else:
-            log.info("session %s released by %s after %.1fs", session_id, by, held_for)
+            log.info("session %s released by %s after %.1fs", session_id, by.value, held_for)
         if session.on_close_route:
             # Delivered beside the release: a slow callback target must not
             # keep the worker looking reserved.
@@ -333,7 +342,7 @@ class SessionDesk:
         """Ends the held session and gets its report and callback out before ``deadline``."""
         self.stopping = True
         self._stopped.set()
-        await self.release("shutdown")
+        await self.release(Ending.SHUTDOWN)
 
         async def flush() -> None:
             await self.send_report()

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from .settings import Settings
+from workers.null.instance.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
-from .bodies import Refusal, parse_claim, parse_extend, parse_release, read_json, refusals
-from .desk import SessionDesk
+from workers.null.instance.bodies import Refusal, parse_claim, parse_extend, parse_release, read_json, refusals
+from workers.null.instance.desk import Ending, SessionDesk
+from workers.null.protocol import CONTROL_HOST
 
 log = logging.getLogger(__name__)
 
-CONTROL_HOST = "127.0.0.1"
 DESK = web.AppKey("desk", SessionDesk)
 
 
@@ -28,7 +28,7 @@ async def release(request: web.Request) -> web.Response:
     if asked.session_id is not None and not desk.holds(asked.session_id):
         # A consumer that outlived its lease must not release the next job's session.
         return web.json_response({"released": False, "reason": f"session {asked.session_id} is not held"})
-    released = await desk.release("consumer (/release)", only=asked.session_id)
+    released = await desk.release(Ending.CONSUMER, only=asked.session_id)
     if not released:
         return web.json_response({"released": False, "reason": "no active session"})
     return web.json_response({"released": True, "session_ids": released})

@@ -17,11 +17,12 @@ from typing import Any
 from aiohttp import web
 
 from lib.standin.grants import GrantSigner
+from workers.null.protocol import SESSION_COST
 
 
 def is_ready(report: dict[str, Any]) -> bool:
     """A null worker's ready report: capacity of one session and no error."""
-    return report.get("max_perf") == 100.0 and not report.get("error_msg")
+    return report.get("max_perf") == SESSION_COST and not report.get("error_msg")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The consumer's side of the worker's loopback control server: /claim, /extend, /release, /status."""
+"""The consumer's client of the worker's loopback control server: /claim, /extend, /release, /status."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 
 import aiohttp
 
-from .settings import DEFAULT_CONTROL_PORT
+from workers.null.protocol import CONTROL_HOST, DEFAULT_CONTROL_PORT
 
-CONTROL_HOST = "127.0.0.1"
 # Above a /claim's own wait: the worker answers it when the wait ends.
 CLAIM_SLACK = 10.0
 CALL_TIMEOUT = 10.0

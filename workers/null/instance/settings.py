@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-DEFAULT_CONTROL_PORT = 18999
+from workers.null.protocol import DEFAULT_CONTROL_PORT
+
 DEFAULT_MAX_LIFETIME = 24 * 3600.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The spellings the framework's strtobool accepts for UNSECURED.

@@ -13,7 +13,7 @@ from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
 
-from .bodies import Refusal
+from workers.null.instance.bodies import Refusal
 
 
 def signed_message(url: str) -> bytes:

@@ -1,0 +1,1 @@
+"""The whole queue loop on one machine: ``python -m lib.demo``."""

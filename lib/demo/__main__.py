@@ -1,0 +1,5 @@
+import sys
+
+from lib.demo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from workers.null.consumer.cli import main
+
+sys.exit(main())
