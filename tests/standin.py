@@ -8,6 +8,7 @@ from dataclasses import fields
 from typing import Any
 
 from lib.standin.autoscaler import LocalConfig, LocalServerless
+from lib.standin.book import BookSettings
 from lib.standin.fleet import Fleet, FleetSettings
 from lib.standin.scaling import EndpointParams, LocalPolicy
 from workers.null.dispatch import sdk
@@ -20,13 +21,16 @@ FAST_POLICY = dict(scale_down_delay=0.5)
 
 def fast_config(**overrides: Any) -> LocalConfig:
     """A stand-in config on a free port with short delays; keyword names as in the dataclasses."""
-    param_names = {f.name for f in fields(EndpointParams)}
-    policy_names = {f.name for f in fields(LocalPolicy)}
-    params = {**FAST_PARAMS, **{k: v for k, v in overrides.items() if k in param_names}}
-    policy = {**FAST_POLICY, **{k: v for k, v in overrides.items() if k in policy_names}}
-    rest = {k: v for k, v in overrides.items() if k not in param_names | policy_names}
-    settings = FleetSettings(params=EndpointParams(**params), policy=LocalPolicy(**policy), **{**FAST, **rest})
-    return LocalConfig(fleet=settings, port=0)
+    overrides = {**FAST, **overrides}
+
+    def taken(kind: type, base: dict[str, Any]) -> dict[str, Any]:
+        names = {f.name for f in fields(kind)}
+        return {**base, **{k: overrides.pop(k) for k in list(overrides) if k in names}}
+
+    params = EndpointParams(**taken(EndpointParams, FAST_PARAMS))
+    policy = LocalPolicy(**taken(LocalPolicy, FAST_POLICY))
+    book = BookSettings(params=params, policy=policy, **taken(BookSettings, {}))
+    return LocalConfig(fleet=FleetSettings(book=book, **overrides), port=0)
 
 
 def sdk_client(standin: LocalServerless):

@@ -298,6 +298,7 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any
     """Sessions through the real SDK and the local stand-in, with the recommended parameters."""
 
     from lib.standin.autoscaler import LocalConfig, serve
+    from lib.standin.book import BookSettings
     from lib.standin.fleet import FleetSettings
     from lib.standin.scaling import EndpointParams
 
@@ -311,7 +312,7 @@ async def scaling(quick: bool, progress: Callable[[str], None]) -> dict[str, Any
         target_queue_time=0.5,
         inactivity_timeout=3.0 if quick else 10.0,
     )
-    settings = FleetSettings(params=params, provisioning_delay=1.0 if quick else 3.0)
+    settings = FleetSettings(book=BookSettings(params=params), provisioning_delay=1.0 if quick else 3.0)
     cases = []
     for sessions in (1, 3, 10):
         progress(f"scaling: {sessions} sessions through the SDK and the local stand-in")
@@ -368,16 +369,14 @@ SECTIONS = (
 
 
 async def planner(quick: bool, workdir: Path, progress: Callable[[str], None]) -> dict[str, Any]:
-    """``python -m lib.planner.speed``'s figure, in a process of its own so that the compiled core can load there.
+    """``python -m lib.planner.speed``'s figure, in a process of its own so that its CPU time is the replay's alone.
 
-    The full run times the compiled core, building it first where none is kept; ``quick`` times a
-    short day on the pure modules.
+    ``quick`` times a short day.
     """
     out = workdir / "planner.json"
     jobs = 2_000 if quick else 100_000
-    argv = ["-m", "lib.planner.speed", "--jobs", str(jobs), "--json", str(out), *(["--core", "pure"] if quick else [])]
-    first = "" if quick else " (the compiled core is built first where none is kept: about 30 s)"
-    progress(f"planner: one parameter set over a generated day of {jobs} jobs{first}")
+    argv = ["-m", "lib.planner.speed", "--jobs", str(jobs), "--json", str(out)]
+    progress(f"planner: one parameter set over a generated day of {jobs} jobs")
     return await _child_figures(argv, out, wait=600, grace=5, what="the planner's speed run")
 
 
@@ -494,7 +493,7 @@ def render(results: dict[str, Any]) -> str:
     if "planner" in results:
         planner = results["planner"]
         target = "<= 5 s" if planner["jobs"] >= 90_000 else ""
-        label = f"planner: one parameter set, a day of {planner['jobs']} jobs, CPU ({planner['core']})"
+        label = f"planner: one parameter set, a day of {planner['jobs']} jobs, CPU"
         rows.append((label, f"{planner['cpu_s']:.1f} s", target))
     lines = []
     if rows:

@@ -22,6 +22,7 @@ from typing import Any
 
 from lib.demo.run import consumer_command
 from lib.standin.autoscaler import LocalConfig, serve
+from lib.standin.book import BookSettings
 from lib.standin.fleet import FleetSettings
 from lib.standin.process import ChildProcess
 from lib.standin.queueservers import nats_server
@@ -43,12 +44,14 @@ async def loop_running(max_workers: int, **fleet: Any):
         await queue.connect()
         await queue.setup()
         settings = FleetSettings(
-            params=EndpointParams(max_workers=max_workers, inactivity_timeout=60.0),
-            policy=LocalPolicy(scale_down_delay=60.0),
+            book=BookSettings(
+                params=EndpointParams(max_workers=max_workers, inactivity_timeout=60.0),
+                policy=LocalPolicy(scale_down_delay=60.0),
+                route_hold=4.0,
+            ),
             provisioning_delay=0.0,
             consumer=consumer_command(url, ack_wait=ACK_WAIT),
             claim_deadline=10.0,
-            route_hold=4.0,
             **fleet,
         )
         async with serve(LocalConfig(fleet=settings, port=0)) as local:

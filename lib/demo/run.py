@@ -34,6 +34,7 @@ from typing import Any
 from lib.demo.fleet import FleetSample, open_fleet_log, sample_fleet, write_fleet_log
 from lib.planner.trace import TraceError, load_trace
 from lib.standin.autoscaler import LocalConfig, serve
+from lib.standin.book import BookSettings
 from lib.standin.fleet import FleetSettings
 from lib.standin.queueservers import nats_server
 from lib.standin.scaling import EndpointParams, LocalPolicy
@@ -218,15 +219,17 @@ async def run_demo(args: argparse.Namespace) -> int:
             queue = await connect_queue(queue_url, ack_wait=DEMO_ACK_WAIT, max_attempts=args.max_attempts, setup=True)
             stack.push_async_callback(queue.close)
             settings = FleetSettings(
-                params=EndpointParams(max_workers=args.max_sessions, inactivity_timeout=args.inactivity_timeout),
-                policy=LocalPolicy(scale_down_delay=0.5),
+                book=BookSettings(
+                    params=EndpointParams(max_workers=args.max_sessions, inactivity_timeout=args.inactivity_timeout),
+                    policy=LocalPolicy(scale_down_delay=0.5),
+                    # A held /route/ call must end well inside the SDK's 10 s request timeout, also on a
+                    # loaded machine; a timed-out route fails the whole session in the SDK.
+                    route_hold=4.0,
+                ),
                 provisioning_delay=args.cold_start,
                 consumer=consumer_command(queue_url, max_attempts=args.max_attempts),
                 claim_deadline=10.0,
                 stop_grace=6.0,
-                # A held /route/ call must end well inside the SDK's 10 s request timeout, also on a
-                # loaded machine; a timed-out route fails the whole session in the SDK.
-                route_hold=4.0,
             )
             config = LocalConfig(fleet=settings, endpoint_name=sdk.DEFAULT_ENDPOINT, api_key=sdk.LOCAL_API_KEY, port=0)
             standin = await stack.enter_async_context(serve(config))

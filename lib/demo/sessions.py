@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from lib.standin.autoscaler import LocalConfig, serve
+from lib.standin.book import BookSettings
 from lib.standin.fleet import FleetSettings
 from lib.standin.scaling import EndpointParams
 from workers.null.cli import Interrupt
@@ -33,7 +34,9 @@ async def run_sessions(args: argparse.Namespace) -> int:
     try:
         async with AsyncExitStack() as stack:
             settings = FleetSettings(
-                params=EndpointParams(max_workers=args.max_sessions, inactivity_timeout=args.inactivity_timeout),
+                book=BookSettings(
+                    params=EndpointParams(max_workers=args.max_sessions, inactivity_timeout=args.inactivity_timeout)
+                ),
                 provisioning_delay=args.cold_start,
             )
             config = LocalConfig(fleet=settings, endpoint_name=sdk.DEFAULT_ENDPOINT, api_key=sdk.LOCAL_API_KEY, port=0)

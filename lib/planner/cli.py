@@ -18,24 +18,20 @@ import math
 import random
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lib.planner import compiled
 from lib.planner.model import Plan, Result, simulate
 from lib.planner.sweep import Progress, cheapest_within, default_processes, pareto_front, run_sweep
 from lib.planner.trace import Job, JobSeconds, TraceError, bursts, describe, diurnal, load_trace, poisson
-from lib.standin.scaling import EndpointParams, LocalPolicy
+from lib.standin.params import BY_NAME, ENDPOINT, PARAMS, Kind, flag_value
+from lib.standin.scaling import EndpointParams
 from workers.null.cli import DefaultsShown, output_file_problem, sigterm_as_ctrl_c
 from workers.null.dispatch.ledger import DEFAULT_MAX_SESSIONS
 
 # Jobs replayed (over all sets) from which a line says what is under way before any progress.
 _LONG_REPLAY = 20_000
-_BUILD_HINT = "python -m lib.planner.compiled builds the compiled core once, about twice as fast"
-
-_DEFAULT_PARAMS = EndpointParams()
-_DEFAULT_POLICY = LocalPolicy()
-_DEFAULT_PLAN = Plan()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,11 +63,11 @@ def _listed(one: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
 
 def _example(what: str) -> str:
     return {
-        "numbers": "0.5,1",
-        "whole numbers": "1,5,20",
-        "seconds or 'off'": "10,60,off",
-        "seconds or MIN:MAX": "60 or 30:90,120",
-        "whole numbers or 'none'": "10,none",
+        Kind.NUMBER.value: "0.5,1",
+        Kind.WHOLE.value: "1,5,20",
+        Kind.SECONDS_OR_OFF.value: "10,60,off",
+        Kind.SPAN.value: "60 or 30:90,120",
+        Kind.WHOLE_OR_NONE.value: "10,none",
     }.get(what, "1,2")
 
 
@@ -93,6 +89,17 @@ def _whole_or_none(text: str) -> int | None:
 def _span(text: str) -> tuple[float, float]:
     low, sep, high = text.partition(":")
     return (_finite(low), _finite(high)) if sep else (_finite(low), _finite(low))
+
+
+# How one value of each kind of parameter is read from a comma list; a span's flag shows its shape.
+_PARSE: dict[Kind, Callable[[str], Any]] = {
+    Kind.NUMBER: _finite,
+    Kind.WHOLE: int,
+    Kind.SECONDS_OR_OFF: _off_or_seconds,
+    Kind.SPAN: _span,
+    Kind.WHOLE_OR_NONE: _whole_or_none,
+}
+_METAVAR = {Kind.SPAN: "S|MIN:MAX"}
 
 
 def _fields(text: str, count: int, names: str, example: str) -> list[float]:
@@ -176,89 +183,27 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--seed", type=int, default=0, help="seed for generated traces and cold-start draws")
 
-    group = parser.add_argument_group("endpoint parameters (Vast's names, as the stand-in's flags; comma lists)")
-    p = _DEFAULT_PARAMS
-    numbers = _listed(_finite, "numbers")
-    whole = _listed(int, "whole numbers")
-    group.add_argument("--target-util", type=numbers, default=[p.target_util], help="share of capacity to fill")
-    group.add_argument("--min-load", type=numbers, default=[p.min_load], help="load floor kept (100 = one worker)")
-    group.add_argument("--max-workers", type=whole, default=[p.max_workers], help="cap on workers")
-    group.add_argument("--cold-workers", type=whole, default=[p.cold_workers], help="stopped workers kept to resume")
-    group.add_argument(
-        "--max-queue-time", type=numbers, default=[p.max_queue_time], help="seconds of queue a worker takes"
-    )
-    group.add_argument(
-        "--target-queue-time",
-        type=numbers,
-        default=[p.target_queue_time],
-        help="seconds a session waits before it counts as demand",
-    )
-    group.add_argument(
-        "--inactivity-timeout",
-        type=_listed(_off_or_seconds, "seconds or 'off'"),
-        default=[p.inactivity_timeout],
-        help="seconds without activity before scaling to zero, or off",
-    )
-
-    group = parser.add_argument_group("workers, dispatcher and prices (comma lists)")
-    spans = _listed(_span, "seconds or MIN:MAX")
-    group.add_argument(
-        "--cold-start",
-        type=spans,
-        default=[_DEFAULT_PLAN.cold_start],
-        metavar="S|MIN:MAX",
-        help="seconds from starting a worker to its ready report (uniform in MIN:MAX); measure yours",
-    )
-    group.add_argument(
-        "--cold-starts",
-        type=Path,
-        metavar="FILE",
-        help="a measured run's cold starts, seconds one per line, for new workers in the order they are "
-        "provisioned; later ones draw from --cold-start (a resumed worker takes --resume)",
-    )
-    group.add_argument(
-        "--resume",
-        type=spans,
-        default=[None],
-        metavar="S|MIN:MAX",
-        help="seconds to resume a cold (stopped) worker (default: the cold start)",
-    )
-    group.add_argument(
-        "--stop-seconds", type=numbers, default=[_DEFAULT_PLAN.stop_seconds], help="seconds a worker takes to stop"
-    )
-    group.add_argument(
-        "--scale-down-delay",
-        type=numbers,
-        default=[_DEFAULT_POLICY.scale_down_delay],
-        help="seconds a surplus worker stays idle before it is stopped (the stand-in's rule)",
-    )
-    group.add_argument(
-        "--route-hold",
-        type=numbers,
-        default=[_DEFAULT_PLAN.route_hold],
-        help="seconds the autoscaler holds a /route/ call for a worker to free up (the stand-in's; 0: answer at once)",
-    )
-    group.add_argument(
-        "--sdk-max-poll",
-        type=numbers,
-        default=[_DEFAULT_PLAN.max_poll],
-        help="the SDK client's max_poll_interval: longest pause between a waiting session's /route/ calls",
-    )
-    group.add_argument(
-        "--max-sessions",
-        type=_listed(_whole_or_none, "whole numbers or 'none'"),
-        default=[None],
-        help="the dispatcher's cap on sessions at once (default: none)",
-    )
-    group.add_argument(
-        "--price-running", type=numbers, default=[_DEFAULT_PLAN.price_running], help="per hour, for a running worker"
-    )
-    group.add_argument(
-        "--price-stopped",
-        type=numbers,
-        default=[_DEFAULT_PLAN.price_stopped],
-        help="per hour, for a stopped (cold) one",
-    )
+    endpoint = parser.add_argument_group("endpoint parameters (Vast's names, as the stand-in's flags; comma lists)")
+    rest = parser.add_argument_group("workers, dispatcher and prices (comma lists)")
+    for param in PARAMS:
+        group = endpoint if param.vast is not None else rest
+        group.add_argument(
+            param.flag,
+            dest=param.name,
+            type=_listed(_PARSE[param.kind], param.kind.value),
+            default=[param.default],
+            metavar=_METAVAR.get(param.kind, param.flag[2:].replace("-", "_").upper()),
+            help=param.help,
+        )
+        if param.name == "cold_start":
+            # Not swept: the measured cold starts, beside the cold start they come before.
+            group.add_argument(
+                "--cold-starts",
+                type=Path,
+                metavar="FILE",
+                help="a measured run's cold starts, seconds one per line, for new workers in the order they are "
+                "provisioned; later ones draw from --cold-start (a resumed worker takes --resume)",
+            )
 
     group = parser.add_argument_group("output")
     group.add_argument("--max-p95-wait", type=float, metavar="S", help="pick the cheapest set with p95 wait <= S")
@@ -277,26 +222,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 # -- from flags to plans ----------------------------------------------------------------
-
-
-_SWEPT = (
-    "target_util",
-    "min_load",
-    "max_workers",
-    "cold_workers",
-    "max_queue_time",
-    "target_queue_time",
-    "inactivity_timeout",
-    "cold_start",
-    "resume",
-    "stop_seconds",
-    "scale_down_delay",
-    "route_hold",
-    "sdk_max_poll",
-    "max_sessions",
-    "price_running",
-    "price_stopped",
-)
 
 
 def read_cold_starts(path: Path) -> tuple[float, ...]:
@@ -326,35 +251,11 @@ def read_cold_starts(path: Path) -> tuple[float, ...]:
 
 def plans_from(args: argparse.Namespace, cold_start_each: tuple[float, ...] = ()) -> list[Plan]:
     """One plan per combination of the flags' comma lists, the first flag varying slowest."""
-    plans = []
-    for values in itertools.product(*(getattr(args, name) for name in _SWEPT)):
-        v = dict(zip(_SWEPT, values, strict=True))
-        params = EndpointParams(
-            min_load=v["min_load"],
-            target_util=v["target_util"],
-            max_workers=v["max_workers"],
-            cold_workers=v["cold_workers"],
-            max_queue_time=v["max_queue_time"],
-            target_queue_time=v["target_queue_time"],
-            inactivity_timeout=v["inactivity_timeout"],
-        )
-        policy = LocalPolicy(scale_down_delay=v["scale_down_delay"], assumed_perf=_DEFAULT_POLICY.assumed_perf)
-        plans.append(
-            Plan(
-                params=params,
-                policy=policy,
-                cold_start=v["cold_start"],
-                cold_start_each=cold_start_each,
-                resume=v["resume"],
-                stop_seconds=v["stop_seconds"],
-                route_hold=v["route_hold"],
-                max_poll=v["sdk_max_poll"],
-                max_sessions=v["max_sessions"],
-                price_running=v["price_running"],
-                price_stopped=v["price_stopped"],
-            )
-        )
-    return plans
+    names = [param.name for param in PARAMS]
+    return [
+        Plan.of(dict(zip(names, values, strict=True)), cold_start_each=cold_start_each)
+        for values in itertools.product(*(getattr(args, name) for name in names))
+    ]
 
 
 def jobs_from(args: argparse.Namespace) -> tuple[list[Job], str]:
@@ -388,45 +289,6 @@ def jobs_from(args: argparse.Namespace) -> tuple[list[Job], str]:
 
 # -- what is printed ----------------------------------------------------------------------
 
-# (key in Plan.as_dict(), column title, the stand-in's flag)
-_PARAM_COLUMNS = (
-    ("target_util", "util", "--target-util"),
-    ("min_load", "min_load", "--min-load"),
-    ("max_workers", "max_w", "--max-workers"),
-    ("cold_workers", "cold_w", "--cold-workers"),
-    ("max_queue_time", "mqt", "--max-queue-time"),
-    ("target_queue_time", "tqt", "--target-queue-time"),
-    ("inactivity_timeout", "inact", "--inactivity-timeout"),
-    ("cold_start", "cold_start", "--cold-start"),
-    ("resume", "resume", "--resume"),
-    ("stop_seconds", "stop_s", "--stop-seconds"),
-    ("scale_down_delay", "sdd", "--scale-down-delay"),
-    ("route_hold", "hold", "--route-hold"),
-    ("max_poll", "poll", "--sdk-max-poll"),
-    ("max_sessions", "max_sess", "--max-sessions"),
-    ("price_running", "$/h run", "--price-running"),
-    ("price_stopped", "$/h cold", "--price-stopped"),
-)
-_ENDPOINT_KEYS = (
-    "min_load",
-    "target_util",
-    "max_workers",
-    "cold_workers",
-    "max_queue_time",
-    "target_queue_time",
-    "inactivity_timeout",
-)
-
-
-def _value(value: Any) -> str:
-    if value is None:
-        return "off"
-    if isinstance(value, list):
-        return ":".join(f"{v:g}" for v in value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
 
 def _figure(value: float) -> str:
     """Two decimals, or three significant digits for small figures so a short trace does not show 0.00."""
@@ -435,8 +297,8 @@ def _figure(value: float) -> str:
 
 def format_table(results: Sequence[Result], front: Sequence[int], chosen: int | None) -> str:
     dicts = [r.plan.as_dict() for r in results]
-    varying = [col for col in _PARAM_COLUMNS if len({_value(d[col[0]]) for d in dicts}) > 1]
-    head = ["set", *(title for _, title, _ in varying)]
+    varying = [param for param in PARAMS if len({flag_value(d[param.name]) for d in dicts}) > 1]
+    head = ["set", *(param.column for param in varying)]
     head += ["jobs", "p50 s", "p95 s", "p99 s", "max s", "cold", "peak", "billed h", "busy h", "cost", ""]
     rows = []
     for i, (r, d) in enumerate(zip(results, dicts, strict=False)):
@@ -445,7 +307,7 @@ def format_table(results: Sequence[Result], front: Sequence[int], chosen: int | 
         rows.append(
             [
                 str(i + 1),
-                *(_value(d[key]) for key, _, _ in varying),
+                *(flag_value(d[param.name]) for param in varying),
                 str(r.jobs),
                 f"{w['p50']:.1f}",
                 f"{w['p95']:.1f}",
@@ -463,7 +325,7 @@ def format_table(results: Sequence[Result], front: Sequence[int], chosen: int | 
     lines = ["  ".join(cell.rjust(widths[c]) for c, cell in enumerate(row)).rstrip() for row in [head, *rows]]
     if not varying:
         return "\n".join(lines)
-    fixed = [f"{flag} {_value(dicts[0][key])}" for key, _, flag in _PARAM_COLUMNS if (key, _, flag) not in varying]
+    fixed = [f"{param.flag} {flag_value(dicts[0][param.name])}" for param in PARAMS if param not in varying]
     return "\n".join(lines) + "\nsame in every set: " + " ".join(fixed)
 
 
@@ -475,8 +337,9 @@ def format_choice(result: Result, max_p95: float) -> str:
         f"{result.cold_starts} cold starts, at most {result.peak_workers} workers",
         "set on the endpoint:",
     ]
-    lines += [f"  {key} = {_value(d[key])}" for key in _ENDPOINT_KEYS]
-    flags = " ".join(f"{flag} {_value(d[key])}" for key, _, flag in _PARAM_COLUMNS if key in _ENDPOINT_KEYS)
+    # In EndpointParams' order, as the stand-in lists them.
+    lines += [f"  {BY_NAME[f.name].vast} = {flag_value(d[f.name])}" for f in fields(EndpointParams)]
+    flags = " ".join(f"{param.flag} {flag_value(d[param.name])}" for param in ENDPOINT)
     lines.append(f"  (the stand-in: python -m lib.standin {flags})")
     if result.plan.max_sessions is not None:
         lines.append(f"run the dispatcher with --max-sessions {result.plan.max_sessions}")
@@ -547,11 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(jobs) * len(plans) >= _LONG_REPLAY:
         # A set of many jobs takes a while before the first progress line.
         sets = f"{len(plans)} parameter set{'s' if len(plans) > 1 else ''}"
-        core = "compiled core" if compiled.is_compiled() else f"pure Python; {_BUILD_HINT}"
-        print(
-            f"replaying {sets} over {len(jobs)} jobs on {min(processes, len(plans))} process(es) ({core})...",
-            file=sys.stderr,
-        )
+        print(f"replaying {sets} over {len(jobs)} jobs on {min(processes, len(plans))} process(es)...", file=sys.stderr)
     try:
         with sigterm_as_ctrl_c():  # the sweep's processes are stopped either way
             results = run_sweep(jobs, plans, seed=args.seed, processes=processes, progress=Progress())

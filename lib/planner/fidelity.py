@@ -12,13 +12,26 @@ same trace with the stand-in's settings from that log and those two
 measured figures. ``fidelity_table()`` returns both sides' figures;
 ``main`` prints them side by side.
 
-The default trace (``tests/data/fidelity_trace.csv``) is built so that no
-cold start hinges on a fraction of a second: every job either finds a
-worker idle, or waits clearly longer than ``target_queue_time`` while all
-are busy; at most two workers start at once (on a small machine, worker
-processes that start together slow each other down, and the planner has one
-cold start for all). Its last ten jobs are its first ten again, once the
-fleet has scaled back to zero.
+The default trace (``tests/data/fidelity_trace.csv``) is built so that
+every decision of the stand-in lies well clear of the events it races
+with, for any cold start of 1 to 3 s and hops the planner does not model
+(the session's way to the worker and its consumer, the job's own process,
+the release) of up to 0.6 s at a job's start and as much again at its end:
+
+- a job that finds a worker idle arrives at least 0.7 s after that
+  worker's last job may have ended, and 1.5 s or more before the
+  inactivity timeout could stop it;
+- a job that waits for a new worker arrives a second after a long job took
+  the only worker, and that job outlasts the new worker's cold start;
+- no job waits for another job to end, so no wait carries another job's hops;
+- one worker starts at a time (on a small machine, worker processes that
+  start together slow each other down, and a cold start past 3.5 s would
+  outlast the demo's 4 s route hold).
+
+So the real run starts the same workers as the planner does (9), and each
+job's wait differs by its own hops only; ``tests/unit/test_fidelity.py``
+replays it so. Its last ten jobs are its first ten again, once the fleet
+has scaled back to zero.
 """
 
 from __future__ import annotations
@@ -37,14 +50,21 @@ from pathlib import Path
 from typing import Any
 
 from lib.planner.trace import Job, TraceError, load_trace
+from lib.standin.params import BY_NAME, ENDPOINT, flag_value
 from workers.null.cli import DefaultsShown, OneLineParser, output_file_problem, sigterm_as_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = ROOT / "tests" / "data" / "fidelity_trace.csv"
 # The demo's --cold-start: the stand-in's provisioning delay. The worker's own
-# start (its imports) comes on top: together 2-3 s on a small machine.
-PROVISIONING_DELAY = 1.0
-INACTIVITY_TIMEOUT = 3.0
+# start (its imports) comes on top: together 1.5-3 s on a small machine, so a
+# job waiting for a new worker (target_queue_time 0.5 s + the cold start) is
+# answered within the demo's 4 s route hold, before the SDK's polling comes in.
+PROVISIONING_DELAY = 0.5
+# Long enough that a worker kept for the next job is still there whatever its cold start was.
+INACTIVITY_TIMEOUT = 6.0
+# How long the real run may take after the trace's last arrival: its last jobs, the scale back
+# to zero and the demo's shutdown, on a loaded machine.
+REAL_RUN_AFTER_S = 120.0
 MAX_SESSIONS = 10
 # What the issue holds the planner to.
 WAIT_TOLERANCE_S = 1.0
@@ -60,8 +80,9 @@ class FidelityError(RuntimeError):
 # -- the real run ------------------------------------------------------------------------
 
 
-def run_real(trace: Path, workdir: Path, *, provisioning_delay: float = PROVISIONING_DELAY, timeout: float = 150.0):
+def run_real(trace: Path, workdir: Path, *, provisioning_delay: float = PROVISIONING_DELAY):
     """Runs the demo over ``trace``; returns (job log rows, fleet log)."""
+    timeout = load_trace(trace)[-1].arrival + REAL_RUN_AFTER_S
     job_log, fleet_log = workdir / "jobs.log", workdir / "fleet.json"
     argv = [
         sys.executable, "-m", "lib.demo", "--plain",
@@ -180,15 +201,13 @@ def run_planner(
     planner's workers in the same order (``--cold-starts``); the rest take ``cold_start``.
     """
     s = fleet["standin"]
-    inactivity = "off" if s["inactivity_timeout"] is None else f"{s['inactivity_timeout']:g}"
     out, jobs_out = workdir / "plan.json", workdir / "plan-jobs.csv"
+    # The stand-in's settings the fleet log names, under the planner's flags.
+    settings = [*ENDPOINT, BY_NAME["scale_down_delay"], BY_NAME["route_hold"]]
     argv = [
         sys.executable, "-m", "lib.planner", "--trace", str(trace),
-        "--target-util", f"{s['target_util']:g}", "--min-load", f"{s['min_load']:g}",
-        "--max-workers", str(s["max_workers"]), "--cold-workers", str(s["cold_workers"]),
-        "--max-queue-time", f"{s['max_queue_time']:g}", "--target-queue-time", f"{s['target_queue_time']:g}",
-        "--inactivity-timeout", inactivity, "--scale-down-delay", f"{s['scale_down_delay']:g}",
-        "--route-hold", f"{s['route_hold']:g}", "--max-sessions", str(fleet["max_sessions"]),
+        *(part for param in settings for part in (param.flag, flag_value(s[param.name]))),
+        "--max-sessions", str(fleet["max_sessions"]),
         "--sdk-max-poll", f"{fleet['sdk_max_poll_interval']:g}",
         "--cold-start", f"{cold_start:.3f}", "--stop-seconds", f"{stop:.3f}",
         "--json", str(out), "--jobs-out", str(jobs_out), "--processes", "1",
@@ -360,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trace = args.trace
             if args.jobs is not None:
                 trace = write_trace(jobs[: args.jobs], Path(tmp) / f"first-{args.jobs}-{args.trace.stem}.csv")
-            print(f"running {trace.name} through the real-time stand-in (about a minute)...", file=sys.stderr)
+            print(f"running {trace.name} through the real-time stand-in (about two minutes)...", file=sys.stderr)
             table = fidelity_table(trace, provisioning_delay=args.provisioning_delay)
     except FidelityError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)

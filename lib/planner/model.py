@@ -10,7 +10,7 @@ fleet does; ``decide`` and ``choose_worker``'s rule run inside it.
 
 The planner plays the parts that are not the autoscaler's:
 
-- the dispatcher opens one session (cost ``COST``) per pending job that no
+- the dispatcher opens one session (cost ``SESSION_COST``) per pending job that no
   session is already waiting for: ``open = clamp(pending - unclaimed, 0,
   max_sessions - alive)``, counting sessions still waiting for a worker;
 - the SDK routes each session (``hold``: the stand-in's route hold) and,
@@ -34,71 +34,70 @@ import itertools
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from lib.planner.trace import Job
 from lib.standin.book import Answer, Book, BookSettings, Command, Provision, Report, Resume, Stop
-from lib.standin.scaling import (
-    COLD,
-    LIVE,
-    LOADING,
-    PROVISIONING,
-    READY,
-    STOPPING,
-    EndpointParams,
-    LocalPolicy,
-    Phase,
-    Rebuilt,
-)
+from lib.standin.params import PARAMS, Kind, default
+from lib.standin.scaling import COLD, LIVE, LOADING, PROVISIONING, READY, STOPPING, EndpointParams, LocalPolicy, Phase
+from workers.null.dispatch.summary import percentile
+from workers.null.protocol import SESSION_COST
 
-# One job is one session of this cost on a worker of this max_perf: the fleet's cost rule.
-COST: Final = 100.0
-MAX_PERF: Final = 100.0
-
-RUNNING_PHASES: Final = (PROVISIONING, LOADING, READY, STOPPING)
+RUNNING_PHASES = (PROVISIONING, LOADING, READY, STOPPING)
 
 # The SDK's pauses between /route/ calls while a session waits (vastai.serverless.client):
-# 1 s, then random and growing, up to the client's max_poll_interval (5 s by default).
-SDK_FIRST_POLL: Final = 1.0
-SDK_MAX_POLL: Final = 5.0
+# 1 s, then random and growing, up to the client's max_poll_interval (the plan's max_poll).
+SDK_FIRST_POLL = 1.0
 
 # A replay tells its progress (the jobs started so far) after every this many job starts.
-PROGRESS_EVERY: Final = 1024
+PROGRESS_EVERY = 1024
 
 # Event kinds, in the order they are handled when they fall on the same moment.
-_STOPPED: Final = 0
-_JOB_END: Final = 1
-_UP: Final = 2
-_ARRIVAL: Final = 3
-_ROUTE: Final = 4
-_WAKE: Final = 5
+_STOPPED, _JOB_END, _UP, _ARRIVAL, _ROUTE, _WAKE = range(6)
 
 
 @dataclass(frozen=True)
-class Plan(Rebuilt):
+class Plan:
     """One parameter set: the endpoint's parameters, the cold start and the prices."""
 
     params: EndpointParams = field(default_factory=EndpointParams)
     policy: LocalPolicy = field(default_factory=LocalPolicy)
     # Seconds from starting a worker to its ready report, drawn uniformly in [low, high].
-    cold_start: tuple[float, float] = (60.0, 60.0)
+    cold_start: tuple[float, float] = default("cold_start")
     # Seconds from resuming a cold (stopped) worker to its ready report; None: the cold start.
-    resume: tuple[float, float] | None = None
+    resume: tuple[float, float] | None = default("resume")
     # The cold starts of the first workers provisioned, in order (a measured run's); later ones draw from cold_start.
     cold_start_each: tuple[float, ...] = ()
     # Seconds a worker spends stopping (billed) before it is gone or cold.
-    stop_seconds: float = 1.0
+    stop_seconds: float = default("stop_seconds")
     # The dispatcher's cap on sessions alive at once; None: no cap.
-    max_sessions: int | None = None
+    max_sessions: int | None = default("max_sessions")
     # How long the autoscaler holds a /route/ call open for a worker to free up (the stand-in's 6 s;
     # Vast's is not published). 0: it answers at once and the SDK polls.
-    route_hold: float = 6.0
+    route_hold: float = default("route_hold")
     # The SDK client's max_poll_interval: the longest pause between /route/ calls of a waiting session.
-    max_poll: float = SDK_MAX_POLL
-    price_running: float = 0.40  # per hour
-    price_stopped: float = 0.01  # per hour
+    max_poll: float = default("max_poll")
+    price_running: float = default("price_running")  # per hour
+    price_stopped: float = default("price_stopped")  # per hour
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any], **rest: Any) -> Plan:
+        """The plan of ``values`` named as in ``lib.standin.params``: the endpoint's, the policy's and its own."""
+        parts = {kind: {f.name for f in fields(kind)} for kind in (EndpointParams, LocalPolicy, cls)}
+        unknown = set(values) - set().union(*parts.values())
+        if unknown:
+            raise ValueError(f"no parameter named {', '.join(sorted(unknown))}")
+        params, policy, own = ({k: v for k, v in values.items() if k in names} for names in parts.values())
+        return cls(params=EndpointParams(**params), policy=LocalPolicy(**policy), **own, **rest)
+
+    def value(self, name: str) -> Any:
+        """The value ``lib.standin.params`` names ``name``: the endpoint's, the policy's or the plan's own."""
+        for part in (self.params, self.policy, self):
+            if name in part.__dataclass_fields__:
+                return getattr(part, name)
+        raise KeyError(name)
 
     def problems(self) -> list[str]:
         found = list(self.params.problems())
@@ -126,26 +125,16 @@ class Plan(Rebuilt):
         return found
 
     def as_dict(self) -> dict[str, Any]:
-        p = self.params
-        return {
-            "target_util": p.target_util,
-            "min_load": p.min_load,
-            "max_workers": p.max_workers,
-            "cold_workers": p.cold_workers,
-            "max_queue_time": p.max_queue_time,
-            "target_queue_time": p.target_queue_time,
-            "inactivity_timeout": p.inactivity_timeout,
-            "cold_start": _span_value(self.cold_start),
-            "resume": _span_value(self.resume if self.resume is not None else self.cold_start),
-            "cold_start_each": list(self.cold_start_each),
-            "stop_seconds": self.stop_seconds,
-            "scale_down_delay": self.policy.scale_down_delay,
-            "max_sessions": self.max_sessions,
-            "route_hold": self.route_hold,
-            "max_poll": self.max_poll,
-            "price_running": self.price_running,
-            "price_stopped": self.price_stopped,
-        }
+        """Every swept value under its name, then the measured cold starts; a span as a number or [MIN, MAX]."""
+        found: dict[str, Any] = {}
+        for param in PARAMS:
+            value = self.value(param.name)
+            if param.kind is Kind.SPAN:
+                # An unset resume takes the cold start: the JSON says what was replayed.
+                value = _span_value(value if value is not None else self.cold_start)
+            found[param.name] = value
+        found["cold_start_each"] = list(self.cold_start_each)
+        return found
 
 
 def _span_value(span: tuple[float, float]) -> float | list[float]:
@@ -173,12 +162,13 @@ class Result:
         return (self.billed_worker_s * self.plan.price_running + self.cold_worker_s * self.plan.price_stopped) / 3600.0
 
     def wait_stats(self) -> dict[str, float]:
-        ordered = sorted(self.waits)
+        if not self.waits:
+            return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
         return {
-            "p50": percentile(ordered, 50),
-            "p95": percentile(ordered, 95),
-            "p99": percentile(ordered, 99),
-            "max": ordered[-1] if ordered else 0.0,
+            "p50": percentile(self.waits, 50),
+            "p95": percentile(self.waits, 95),
+            "p99": percentile(self.waits, 99),
+            "max": max(self.waits),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -198,21 +188,11 @@ class Result:
         }
 
 
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """The q-th percentile of sorted values, interpolating between neighbours."""
-    if not ordered:
-        return 0.0
-    pos = (len(ordered) - 1) * q / 100.0
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 # Timeline columns after the time: queue depth (pending jobs), then workers by phase.
-TIMELINE_PHASES: Final = (PROVISIONING, LOADING, READY, STOPPING, COLD)
+TIMELINE_PHASES = (PROVISIONING, LOADING, READY, STOPPING, COLD)
 
 
-class _Ledger:
+class _PhaseClock:
     """Each worker's phase and since when, to bill it by the second; kept beside the book's own phases."""
 
     def __init__(self) -> None:
@@ -271,7 +251,7 @@ class _Sim:
             params=plan.params, policy=plan.policy, route_hold=plan.route_hold, load_timeout=math.inf
         )
         self.book = Book(settings, 0.0)
-        self.ledger = _Ledger()
+        self.phases = _PhaseClock()
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.seq = itertools.count()
         self.pending: deque[int] = deque()  # jobs arrived, not yet taken by a consumer
@@ -327,7 +307,7 @@ class _Sim:
         # The run ends when the last job has arrived and the fleet last changed; an event that changed
         # nothing (a wake that asked for nothing, a superseded start) does not lengthen it.
         horizon = max(self.last_change, self.jobs[-1].arrival if self.jobs else 0.0)
-        phase_s = self.ledger.close(horizon)
+        phase_s = self.phases.close(horizon)
         billed = sum(phase_s[p.value] for p in RUNNING_PHASES)
         return Result(
             plan=self.plan,
@@ -358,7 +338,7 @@ class _Sim:
             return True
         if kind == _ROUTE and a not in self.attempts:
             return False  # it has its worker already
-        if kind in (_UP, _STOPPED) and self.ledger.generation.get(a) != b:
+        if kind in (_UP, _STOPPED) and self.phases.generation.get(a) != b:
             return False  # a start or stop superseded by a later command
         self.last_change = now
         if kind == _ARRIVAL:
@@ -374,11 +354,11 @@ class _Sim:
         elif kind == _UP:
             book.started(now, a)
             book.report(now, self._empty(a))
-            self.ledger.enter(a, READY, now)
+            self.phases.enter(a, READY, now)
         elif kind == _STOPPED:
             book.stopped(now, a)
             worker = book.workers.get(a)
-            self.ledger.enter(a, worker.phase if worker is not None else None, now)
+            self.phases.enter(a, worker.phase if worker is not None else None, now)
             # A worker gone was neither live nor cold while it stopped: the
             # decision cannot move, so only a worker kept cold needs a step.
             return worker is not None or self.exact
@@ -388,7 +368,7 @@ class _Sim:
         """The worker's report of itself ready and holding nothing; one per worker, as a report is immutable."""
         report = self.empty_reports.get(worker_id)
         if report is None:
-            report = self.empty_reports[worker_id] = Report(worker_id=worker_id, cur_load=0.0, max_perf=MAX_PERF)
+            report = self.empty_reports[worker_id] = Report(worker_id=worker_id, cur_load=0.0, max_perf=SESSION_COST)
         return report
 
     def _settle(self, now: float) -> None:
@@ -411,14 +391,14 @@ class _Sim:
         elif wake != self.wake_at:
             self.wake_at = wake
             self._push(wake, _WAKE, 0)
-        live = self.ledger.live
+        live = self.phases.live
         if live > self.peak:
             self.peak = live
         if self.record:
             self._mark(now)
 
     def _mark(self, now: float) -> None:
-        c = self.ledger.counts
+        c = self.phases.counts
         self.timeline.append((now, len(self.pending), c[PROVISIONING], c[LOADING], c[READY], c[STOPPING], c[COLD]))
 
     def _open_sessions(self, now: float) -> None:
@@ -436,7 +416,7 @@ class _Sim:
 
     def _route(self, now: float, session: int) -> None:
         """The SDK's /route/ call for ``session`` (its request index): a worker now, or wait."""
-        routed = self.book.route(now, COST, session, hold=True)
+        routed = self.book.route(now, SESSION_COST, session, hold=True)
         if routed.worker_id is not None:
             self._start(now, session, routed.worker_id)
         elif routed.held_until is None:
@@ -457,8 +437,9 @@ class _Sim:
     def _start(self, now: float, session: int, worker_id: int) -> None:
         """The session opens on ``worker_id`` and its consumer takes the oldest pending job."""
         self.attempts.pop(session, None)
-        # (worker_id, cur_load, max_perf, working, num_working, error), made as the book makes its hot records.
-        self.book.report(now, tuple.__new__(Report, (worker_id, COST, MAX_PERF, (session,), 0, "")))
+        self.book.report(
+            now, Report(worker_id=worker_id, cur_load=SESSION_COST, max_perf=SESSION_COST, working=(session,))
+        )
         self.unclaimed -= 1
         job_index = self.pending.popleft()
         job = self.jobs[job_index]
@@ -471,7 +452,7 @@ class _Sim:
 
     def _carry_out(self, commands: Sequence[Command], now: float) -> None:
         """Does what the book asked."""
-        ledger = self.ledger
+        phases = self.phases
         if commands:
             self.last_change = now
         for command in commands:
@@ -485,19 +466,19 @@ class _Sim:
                 each = self.plan.cold_start_each
                 cold = each[self.provisioned] if self.provisioned < len(each) else self._draw(self.plan.cold_start)
                 self.provisioned += 1
-                generation = ledger.enter(command.worker_id, PROVISIONING, now)
+                generation = phases.enter(command.worker_id, PROVISIONING, now)
                 self._push(now + cold, _UP, command.worker_id, generation)
             elif isinstance(command, Resume):
                 self.cold_starts += 1
                 self.resumed += 1
-                generation = ledger.enter(command.worker_id, LOADING, now)
+                generation = phases.enter(command.worker_id, LOADING, now)
                 resume = self.plan.resume if self.plan.resume is not None else self.plan.cold_start
                 self._push(now + self._draw(resume), _UP, command.worker_id, generation)
             elif isinstance(command, Stop):
                 # A worker still provisioning has no process yet: it is gone at once.
-                was = ledger.phase.get(command.worker_id)
+                was = phases.phase.get(command.worker_id)
                 takes = self.plan.stop_seconds if was in (LOADING, READY) else 0.0
-                generation = ledger.enter(command.worker_id, STOPPING, now)
+                generation = phases.enter(command.worker_id, STOPPING, now)
                 self._push(now + takes, _STOPPED, command.worker_id, generation)
 
     def _draw(self, span: tuple[float, float]) -> float:

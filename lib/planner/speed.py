@@ -1,12 +1,9 @@
 """How fast the planner replays a day: one parameter set over a generated 24-hour trace.
 
-    python -m lib.planner.speed [--jobs 100000] [--hours 24] [--job-seconds 10] [--core compiled|pure]
+    python -m lib.planner.speed [--jobs 100000] [--hours 24] [--job-seconds 10]
 
-It times the compiled core (``lib.planner.compiled``), building it first
-where none is kept, or with ``--core pure`` the pure modules.
 ``bench_planner()`` returns the figure as a dict (``python -m lib.bench``
-prints it); the line names the trace, the parameter set, the interpreter and
-the core.
+prints it); the line names the trace, the parameter set and the interpreter.
 """
 
 from __future__ import annotations
@@ -21,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lib.planner import compiled
+from lib.planner.model import Plan, simulate
 from lib.planner.trace import DAY, JobSeconds, diurnal
+from lib.standin.scaling import EndpointParams
 from workers.null.cli import DefaultsShown, OneLineParser, non_negative, output_file_problem, positive, refuse_first
 
 
@@ -36,10 +34,6 @@ def bench_planner(
     min_load: float = 0.0,
 ) -> dict[str, Any]:
     """Seconds of one core to replay about ``jobs`` diurnal jobs over ``hours`` under one parameter set."""
-    # Imported here, not with this module, so that main() can put the compiled core in front first.
-    from lib.planner.model import Plan, simulate
-    from lib.standin.scaling import EndpointParams
-
     # The diurnal rate peak * (1 - cos(2 pi t / day)) / 2, summed over the hours.
     seconds = hours * 3600.0
     peak = jobs / (seconds / 2.0 - DAY / (4.0 * math.pi) * math.sin(2.0 * math.pi * seconds / DAY))
@@ -49,7 +43,6 @@ def bench_planner(
     result = simulate(trace, plan, seed=seed)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     interpreter = f"{platform.python_implementation()} {platform.python_version()}"
-    core = compiled.running()
     trace_name = (
         f"diurnal {hours:g} h, {len(trace)} jobs (peak {peak:.3g}/s), exponential jobs of mean {job_seconds:g} s, "
         f"seed {seed}"
@@ -61,7 +54,6 @@ def bench_planner(
         "trace": trace_name,
         "params": params,
         "interpreter": interpreter,
-        "core": core,
         "jobs": len(trace),
         "cpu_s": round(cpu, 2),
         "wall_s": round(wall, 2),
@@ -70,8 +62,7 @@ def bench_planner(
         "cold_starts": result.cold_starts,
         "wait_p95_s": round(waits["p95"], 1),
         "line": (
-            f"planner: one parameter set over {trace_name}: {cpu:.1f} s of CPU ({wall:.1f} s wall) on {interpreter}, "
-            f"{core}; "
+            f"planner: one parameter set over {trace_name}: {cpu:.1f} s of CPU ({wall:.1f} s wall) on {interpreter}; "
             f"{params}; peak {result.peak_workers} workers, {result.cold_starts} cold starts"
         ),
     }
@@ -89,9 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cold-start", type=float, default=60.0, help="seconds to a ready worker")
     parser.add_argument("--max-workers", type=int, default=40, help="cap on workers")
     parser.add_argument("--min-load", type=float, default=0.0, help="load kept up (100 per worker)")
-    parser.add_argument(
-        "--core", choices=("compiled", "pure"), default="compiled", help="the compiled core (built if missing) or pure"
-    )
     parser.add_argument("--json", metavar="FILE", help="also write the figure there")
     args = parser.parse_args(argv)
     json_problem = output_file_problem("--json", args.json)
@@ -107,10 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             (json_problem is None, json_problem or ""),
         ],
     )
-    if args.core == "compiled":
-        core = compiled.load(build_first=True, progress=lambda line: print(f"  .. {line}", file=sys.stderr, flush=True))
-        if not compiled.is_compiled():
-            print(f"timing the pure modules: {core}", file=sys.stderr)
     print("timing one parameter set...", file=sys.stderr, flush=True)
     figure = bench_planner(
         args.jobs, args.hours, args.job_seconds, args.cold_start, args.max_workers, min_load=args.min_load

@@ -21,13 +21,15 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from aiohttp import web
 
+from lib.standin.book import BookSettings
 from lib.standin.fleet import Fleet, FleetSettings
 from lib.standin.grants import GrantSigner
+from lib.standin.params import BY_NAME, ENDPOINT, Kind, Param, flag_value
 from lib.standin.scaling import EndpointParams, LocalPolicy
 from workers.null.cli import DefaultsShown, OneLineParser
 from workers.null.dispatch.sdk import DEFAULT_ENDPOINT, DEFAULT_LOCAL_PORT, LOCAL_API_KEY
@@ -81,7 +83,7 @@ class LocalServerless:
             "user_id": USER_ID,
             "created_at": self.created_at,
             "endpoint_state": "active",
-            **asdict(self.config.fleet.params),  # min_load ... inactivity_timeout, under Vast's names
+            **asdict(self.config.fleet.book.params),  # min_load ... inactivity_timeout, under Vast's names
             # Accepted by Vast, not modelled here: no capacity is planned ahead.
             "cold_mult": None,
             "min_cold_load": None,
@@ -274,13 +276,13 @@ async def serve(config: LocalConfig, *, signer: GrantSigner | None = None) -> As
 
 
 def describe_params(settings: FleetSettings) -> str:
-    p = settings.params
-    inactivity = "off" if p.inactivity_timeout is None else f"{p.inactivity_timeout:g}s"
+    shown = []
+    for param in ENDPOINT:
+        value = getattr(settings.book.params, param.name)
+        shown.append(f"{param.vast} {flag_value(value)}{param.unit if value is not None else ''}")
     return (
-        f"target_util {p.target_util:g}, min_load {p.min_load:g}, max_workers {p.max_workers}, "
-        f"cold_workers {p.cold_workers}, max_queue_time {p.max_queue_time:g}s, "
-        f"target_queue_time {p.target_queue_time:g}s, inactivity_timeout {inactivity}, "
-        f"cold start {settings.provisioning_delay:g}s, scale-down delay {settings.policy.scale_down_delay:g}s"
+        ", ".join(shown) + f", cold start {settings.provisioning_delay:g}s, "
+        f"scale-down delay {settings.book.policy.scale_down_delay:g}s"
     )
 
 
@@ -314,10 +316,17 @@ def key_value(text: str) -> tuple:
     return (name, value)
 
 
+# How the stand-in reads one value of each kind of parameter it takes.
+_PARSE = {Kind.NUMBER: float, Kind.WHOLE: int, Kind.SECONDS_OR_OFF: seconds_or_off}
+
+
+def _add_param(group: argparse._ArgumentGroup, param: Param) -> None:
+    group.add_argument(param.flag, dest=param.name, type=_PARSE[param.kind], default=param.default, help=param.help)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     defaults = LocalConfig()
-    params = defaults.fleet.params
-    policy = defaults.fleet.policy
+    book = defaults.fleet.book
     parser = OneLineParser(
         prog="python -m lib.standin",
         description=(
@@ -340,38 +349,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "it lists carries this key, which /route/ checks",
     )
     group = parser.add_argument_group("endpoint parameters (Vast's names)")
-    group.add_argument("--min-load", type=float, default=params.min_load, help="load floor kept as capacity")
-    group.add_argument(
-        "--target-util",
-        type=float,
-        default=params.target_util,
-        help="workers = load / (target_util * max_perf), rounded up",
-    )
-    group.add_argument("--max-workers", type=int, default=params.max_workers, help="cap on workers")
-    group.add_argument(
-        "--cold-workers",
-        type=int,
-        default=params.cold_workers,
-        help="stopped-but-loaded workers kept after scale-down for fast restarts",
-    )
-    group.add_argument(
-        "--max-queue-time",
-        type=float,
-        default=params.max_queue_time,
-        help="seconds: a worker whose queue (load / max_perf) is longer gets no route",
-    )
-    group.add_argument(
-        "--target-queue-time",
-        type=float,
-        default=params.target_queue_time,
-        help="seconds a request may wait before it counts as load for scaling up",
-    )
-    group.add_argument(
-        "--inactivity-timeout",
-        type=seconds_or_off,
-        default=params.inactivity_timeout,
-        help="seconds without load before the last worker stops ('off': never)",
-    )
+    # In EndpointParams' order, as the console's endpoint record lists them.
+    for f in fields(EndpointParams):
+        _add_param(group, BY_NAME[f.name])
     group = parser.add_argument_group("stand-in behaviour")
     group.add_argument(
         "--provisioning-delay",
@@ -379,40 +359,30 @@ def build_arg_parser() -> argparse.ArgumentParser:
         default=defaults.fleet.provisioning_delay,
         help="seconds from creating an instance to starting its worker (the cold start)",
     )
-    group.add_argument(
-        "--scale-down-delay",
-        type=float,
-        default=policy.scale_down_delay,
-        help="seconds a surplus worker stays idle before it is stopped",
-    )
+    _add_param(group, BY_NAME["scale_down_delay"])
     group.add_argument(
         "--assumed-perf",
         type=float,
-        default=policy.assumed_perf,
+        default=book.policy.assumed_perf,
         help="max_perf assumed for workers that have not reported yet",
     )
     group.add_argument(
         "--load-timeout",
         type=float,
-        default=defaults.fleet.load_timeout,
+        default=book.load_timeout,
         help="seconds a started worker may take to report ready before it is replaced",
     )
-    group.add_argument(
-        "--route-hold",
-        type=float,
-        default=defaults.fleet.route_hold,
-        help="seconds a /route/ with no free worker is held open for one to free up before the waiting answer",
-    )
+    _add_param(group, BY_NAME["route_hold"])
     group.add_argument(
         "--waiting-timeout",
         type=float,
-        default=defaults.fleet.waiting_timeout,
+        default=book.waiting_timeout,
         help="seconds a waiting request that is no longer polled still counts as demand",
     )
     group.add_argument(
         "--grant-timeout",
         type=float,
-        default=defaults.fleet.grant_timeout,
+        default=book.grant_timeout,
         help="seconds a grant counts as its worker's load until the worker's reports show or end it",
     )
     group.add_argument(
@@ -448,23 +418,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LocalConfig:
-    params = EndpointParams(
-        min_load=args.min_load,
-        target_util=args.target_util,
-        max_workers=args.max_workers,
-        cold_workers=args.cold_workers,
-        max_queue_time=args.max_queue_time,
-        target_queue_time=args.target_queue_time,
-        inactivity_timeout=args.inactivity_timeout,
-    )
-    settings = FleetSettings(
+    params = EndpointParams(**{f.name: getattr(args, f.name) for f in fields(EndpointParams)})
+    book = BookSettings(
         params=params,
         policy=LocalPolicy(scale_down_delay=args.scale_down_delay, assumed_perf=args.assumed_perf),
-        provisioning_delay=args.provisioning_delay,
         load_timeout=args.load_timeout,
-        route_hold=args.route_hold,
-        waiting_timeout=args.waiting_timeout,
         grant_timeout=args.grant_timeout,
+        waiting_timeout=args.waiting_timeout,
+        route_hold=args.route_hold,
+    )
+    settings = FleetSettings(
+        book=book,
+        provisioning_delay=args.provisioning_delay,
         python=args.python,
         worker_env=tuple(args.worker_env),
         consumer=args.consumer,

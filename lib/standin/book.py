@@ -77,8 +77,9 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Any, NamedTuple
 
+from lib.standin.params import default
 from lib.standin.scaling import (
     COLD,
     EPSILON,
@@ -92,7 +93,6 @@ from lib.standin.scaling import (
     EndpointParams,
     LocalPolicy,
     Phase,
-    Rebuilt,
     Snapshot,
     Tally,
     WaitingRequest,
@@ -110,25 +110,27 @@ log = logging.getLogger(__name__)
 # A remembered decision or next change is used again only while the moment at which it could
 # differ is at least this far ahead: well clear of the rounding by which a moment computed as a
 # sum and a test computed as a difference can disagree on epoch-second clocks (an ulp is 2e-7 s).
-_MEMO_MARGIN: Final = 1e-3
+_MEMO_MARGIN = 1e-3
 
 # The status the framework gives a request a busy worker turned down (429).
-REJECTED: Final = "Rejected"
+REJECTED = "Rejected"
 
 
 @dataclass(frozen=True)
-class BookSettings(Rebuilt):
+class BookSettings:
     params: EndpointParams = field(default_factory=EndpointParams)
     policy: LocalPolicy = field(default_factory=LocalPolicy)
     # A worker not ready this long after its process started is replaced.
     load_timeout: float = 60.0
     # A grant its worker's reports do not show after this long stops counting.
     grant_timeout: float = 5.0
-    # A waiting request not routed again for this long stops counting as demand.
+    # A waiting request not routed again for this long stops counting as demand;
+    # the SDK polls at least every 5 s plus its 10 s route timeout.
     waiting_timeout: float = 20.0
     # A /route/ with no free worker is answered as soon as one frees up, or
-    # with the waiting answer after this long (0: at once).
-    route_hold: float = 6.0
+    # with the waiting answer after this long (0: at once). Under the SDK's
+    # 10 s route timeout; it spares the SDK's up-to-5 s random pauses between polls.
+    route_hold: float = default("route_hold")
 
 
 # -- what goes in -------------------------------------------------------------------
@@ -163,7 +165,7 @@ class Report(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Deleted(Rebuilt):
+class Deleted:
     """One entry of a worker's /delete_requests/ list: a request or session that ended."""
 
     request_idx: int
@@ -184,24 +186,24 @@ class Routed(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Provision(Rebuilt):
+class Provision:
     worker_id: int
 
 
 @dataclass(frozen=True)
-class Resume(Rebuilt):
+class Resume:
     worker_id: int
 
 
 @dataclass(frozen=True)
-class Stop(Rebuilt):
+class Stop:
     worker_id: int
     keep: bool
     reason: str
 
 
 @dataclass(frozen=True)
-class Answer(Rebuilt):
+class Answer:
     request_idx: int
     worker_id: int | None
 
@@ -250,6 +252,28 @@ class SeenSession:
     request_idx: int
     worker_id: int
     since: float
+
+
+class _DecisionMemo(NamedTuple):
+    """The last decision and what it was made from: the same inputs give it again from ``made_at`` to ``until``."""
+
+    tally: Tally
+    overdue: float
+    inactive: bool
+    made_at: float
+    until: float  # a margin before the first idle worker becomes stoppable
+    decision: Decision
+
+
+class _ChangeMemo(NamedTuple):
+    """The last next change (``moment``, None: none) and what it came from."""
+
+    tally: Tally
+    fresh_version: int
+    busy: bool
+    last_activity: float
+    overdue: float
+    moment: float | None
 
 
 class _Room:
@@ -353,8 +377,7 @@ class Book:
         self._idle_by_since: list[tuple[float, int]] = []
         self._idle_unviewed: set[int] = set()
         self._cold_views: tuple[WorkerView, ...] | None = None
-        # The last decision and what it was made from: (tally, overdue, inactive, at, until, decision).
-        self._memo: tuple[Tally, float, bool, float, float, Decision] | None = None
+        self._memo: _DecisionMemo | None = None
         self._unclocked: set[int] = set(self.workers)  # changed since the idle clocks were looked at
         self._room: dict[float, _Room] = {}  # cost -> the workers with room for it
         self._room_dirty: set[int] = set()
@@ -366,8 +389,7 @@ class Book:
         self._over_sum: float | None = None  # sum(_over.values()), while _over is unchanged
         self._fresh: dict[int, WaitingRequest] = {idx: e.request for idx, e in self.waiting.items()}
         self._fresh_version = 0  # bumped whenever _fresh changes
-        # The last next change and what it came from: (tally, fresh version, busy, last activity, overdue, moment).
-        self._change_memo: tuple[Tally, int, bool, float, float, float | None] | None = None
+        self._change_memo: _ChangeMemo | None = None
         self._over_at = -math.inf
         self._over_version = -1  # _fresh_version when _over_at was last counted
         self._requests: tuple[WaitingRequest, ...] | None = None
@@ -407,13 +429,13 @@ class Book:
             if entry is None:
                 log.info("request %d waits for a worker (cost %g)", request_idx, cost)
             held_until = now + self.settings.route_hold if hold and self.settings.route_hold > 0 else None
-            request = tuple.__new__(WaitingRequest, (request_idx, cost, queued_since))
+            request = WaitingRequest(request_idx=request_idx, cost=cost, since=queued_since)
             if entry is not None and entry.request == request:
                 request = entry.request
             self._put_waiting(request_idx, Waiting(request, now, held_until))
-            return tuple.__new__(Routed, (request_idx, None, held_until))
+            return Routed(request_idx, held_until=held_until)
         self._grant(now, request_idx, worker_id, cost, queued_since)
-        return tuple.__new__(Routed, (request_idx, worker_id, None))
+        return Routed(request_idx, worker_id=worker_id)
 
     def route_gone(self, now: float, request_idx: int) -> bool:
         """The client of a /route/ call went away before its answer reached it: no demand from now on.
@@ -580,20 +602,27 @@ class Book:
             memo = self._change_memo
             if (
                 memo is not None
-                and (memo[0] is tally or memo[0] == tally)
-                and memo[1] == self._fresh_version
-                and memo[2] == busy
-                and (busy or memo[3] == self.last_activity)
-                and memo[4] == overdue
-                and (memo[5] is None or memo[5] > now + _MEMO_MARGIN)
+                and (memo.tally is tally or memo.tally == tally)
+                and memo.fresh_version == self._fresh_version
+                and memo.busy == busy
+                and (busy or memo.last_activity == self.last_activity)
+                and memo.overdue == overdue
+                and (memo.moment is None or memo.moment > now + _MEMO_MARGIN)
             ):
                 # Same inputs, and no moment of theirs has come yet: the same answer.
-                change = memo[5]
+                change = memo.moment
             else:
                 change = change_from(
                     tally, self._fresh.values(), now, self.last_activity, s.params, s.policy, busy=busy, overdue=overdue
                 )
-                self._change_memo = (tally, self._fresh_version, busy, self.last_activity, overdue, change)
+                self._change_memo = _ChangeMemo(
+                    tally=tally,
+                    fresh_version=self._fresh_version,
+                    busy=busy,
+                    last_activity=self.last_activity,
+                    overdue=overdue,
+                    moment=change,
+                )
             if change is not None:
                 moments.append(change)
         return min(moments) if moments else None
@@ -621,9 +650,16 @@ class Book:
         view = self._views.get(worker_id)
         if view is None:
             w = self.workers[worker_id]
-            reserved = self._reserved.get(worker_id, 0)
-            fields = (w.id, w.phase, w.created_at, w.cur_load, w.max_perf, reserved, w.idle_since, w.sessions)
-            view = self._views[worker_id] = tuple.__new__(WorkerView, fields)
+            view = self._views[worker_id] = WorkerView(
+                id=w.id,
+                phase=w.phase,
+                created_at=w.created_at,
+                cur_load=w.cur_load,
+                max_perf=w.max_perf,
+                reserved=self._reserved.get(worker_id, 0),
+                idle_since=w.idle_since,
+                sessions=w.sessions,
+            )
         return view
 
     def views(self) -> list[WorkerView]:
@@ -648,12 +684,15 @@ class Book:
                     view(wid)
                 self._idle_unviewed.clear()
                 self._idle_views = tuple(map(self._views.__getitem__, self._idle_ids))
-            perf = sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf
-            held = sum(self._held.values())
-            still_there = bool(self._live or self._errored)
-            errored = tuple(sorted(self._errored))  # workers' order is id order
-            fields = (perf, held, len(self._live), still_there, errored, self._cold_views, self._idle_views)
-            self._tally = tuple.__new__(Tally, fields)
+            self._tally = Tally(
+                perf=sum(self._perf.values()) / len(reported) if reported else self.settings.policy.assumed_perf,
+                held=sum(self._held.values()),
+                live=len(self._live),
+                still_there=bool(self._live or self._errored),
+                errored=tuple(sorted(self._errored)),  # workers' order is id order
+                cold=self._cold_views,
+                idle=self._idle_views,
+            )
         return self._tally
 
     def live(self) -> list[Worker]:
@@ -691,12 +730,12 @@ class Book:
         memo = self._memo
         if (
             memo is not None
-            and (memo[0] is tally or memo[0] == tally)
-            and memo[1] == overdue
-            and memo[2] == inactive
-            and memo[3] <= now < memo[4]
+            and (memo.tally is tally or memo.tally == tally)
+            and memo.overdue == overdue
+            and memo.inactive == inactive
+            and memo.made_at <= now < memo.until
         ):
-            return memo[5]
+            return memo.decision
         decision = decide_from(tally, overdue, now, self.last_activity, s.params, s.policy)
         # Kept until a margin before the first idle worker becomes stoppable (see _MEMO_MARGIN).
         delay = s.policy.scale_down_delay - EPSILON
@@ -709,7 +748,9 @@ class Book:
         while i < len(since) and not now - since[i][0] < delay:
             i += 1
         until = since[i][0] + delay - _MEMO_MARGIN if i < len(since) else math.inf
-        self._memo = (tally, overdue, inactive, now, until, decision)
+        self._memo = _DecisionMemo(
+            tally=tally, overdue=overdue, inactive=inactive, made_at=now, until=until, decision=decision
+        )
         return decision
 
     def _count_overdue(self, now: float) -> float:

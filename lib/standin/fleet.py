@@ -43,7 +43,7 @@ from lib.standin.book import (
     Worker,
 )
 from lib.standin.process import WorkerPorts, WorkerProcess, worker_env
-from lib.standin.scaling import LIVE, Decision, EndpointParams, LocalPolicy, Phase
+from lib.standin.scaling import LIVE, Decision, Phase
 from workers.null.aio import stop_task
 
 log = logging.getLogger(__name__)
@@ -57,21 +57,10 @@ MAX_ROUTE_ANSWER = 8.0
 
 @dataclass(frozen=True)
 class FleetSettings:
-    params: EndpointParams = field(default_factory=EndpointParams)
-    policy: LocalPolicy = field(default_factory=LocalPolicy)
+    # What the book decides by: the endpoint's parameters, the policy, its timeouts and the route hold.
+    book: BookSettings = field(default_factory=BookSettings)
     # Seconds from creating an instance to starting its worker: Vast's cold start.
     provisioning_delay: float = 3.0
-    # A worker not ready this long after its process started is replaced.
-    load_timeout: float = 60.0
-    # A grant its worker's reports do not show after this long stops counting.
-    grant_timeout: float = 5.0
-    # A waiting request the SDK stopped polling for is forgotten after this
-    # long; the SDK polls at least every 5 s plus its 10 s route timeout.
-    waiting_timeout: float = 20.0
-    # A /route/ with no free worker is answered as soon as one frees up, or
-    # with a waiting answer after this long. Under the SDK's 10 s route
-    # timeout; it spares the SDK's up-to-5 s random pauses between polls.
-    route_hold: float = 6.0
     # SIGTERM, then SIGKILL after this long; the worker exits within 5 s.
     stop_grace: float = 8.0
     # While instances exist, the fleet line is repeated this often so ages stay current.
@@ -85,40 +74,29 @@ class FleetSettings:
     # claims within this many seconds is released by the worker itself.
     claim_deadline: float = 30.0
 
-    @property
-    def book(self) -> BookSettings:
-        return BookSettings(
-            params=self.params,
-            policy=self.policy,
-            load_timeout=self.load_timeout,
-            grant_timeout=self.grant_timeout,
-            waiting_timeout=self.waiting_timeout,
-            route_hold=self.route_hold,
-        )
-
     def problems(self) -> list[str]:
-        found = list(self.params.problems())
-        if self.route_hold > MAX_ROUTE_ANSWER:
+        book = self.book
+        found = list(book.params.problems())
+        if book.route_hold > MAX_ROUTE_ANSWER:
             found.append(
-                f"route_hold {self.route_hold} must be at most {MAX_ROUTE_ANSWER:g} s: the SDK gives up on a /route/ "
+                f"route_hold {book.route_hold} must be at most {MAX_ROUTE_ANSWER:g} s: the SDK gives up on a /route/ "
                 "call after 10 s"
             )
-        for name in (
-            "provisioning_delay",
-            "load_timeout",
-            "grant_timeout",
-            "waiting_timeout",
-            "route_hold",
-            "stop_grace",
-            "claim_deadline",
+        for name, value in (
+            ("provisioning_delay", self.provisioning_delay),
+            ("load_timeout", book.load_timeout),
+            ("grant_timeout", book.grant_timeout),
+            ("waiting_timeout", book.waiting_timeout),
+            ("route_hold", book.route_hold),
+            ("stop_grace", self.stop_grace),
+            ("claim_deadline", self.claim_deadline),
         ):
-            value = getattr(self, name)
             if not value >= 0:
                 found.append(f"{name} {value} must be a number of seconds >= 0")
-        if not self.policy.scale_down_delay >= 0:
-            found.append(f"scale_down_delay {self.policy.scale_down_delay} must be a number of seconds >= 0")
-        if not self.policy.assumed_perf > 0:
-            found.append(f"assumed_perf {self.policy.assumed_perf} must be > 0")
+        if not book.policy.scale_down_delay >= 0:
+            found.append(f"scale_down_delay {book.policy.scale_down_delay} must be a number of seconds >= 0")
+        if not book.policy.assumed_perf > 0:
+            found.append(f"assumed_perf {book.policy.assumed_perf} must be > 0")
         if self.consumer is not None and not self.consumer:
             found.append("consumer must be a command, not empty")
         return found
@@ -343,7 +321,8 @@ class Fleet:
         try:
             # The book answers at the end of the hold; this guards against a
             # loop that fell behind, and still answers inside the SDK's 10 s.
-            return await asyncio.wait_for(asyncio.shield(parked), min(self.settings.route_hold + 1.0, MAX_ROUTE_ANSWER))
+            hold = self.settings.book.route_hold
+            return await asyncio.wait_for(asyncio.shield(parked), min(hold + 1.0, MAX_ROUTE_ANSWER))
         except asyncio.TimeoutError:
             return RouteAnswer(idx)
         except asyncio.CancelledError:
@@ -599,7 +578,7 @@ class Fleet:
             text = f"#{inst.id} {inst.phase.value}"
             if inst.phase in (Phase.READY, Phase.STOPPING) or inst.cur_load:
                 load = inst.cur_load + self.book.reserved(inst.id)
-                text += f" {load:g}/{inst.max_perf or self.settings.policy.assumed_perf:g}"
+                text += f" {load:g}/{inst.max_perf or self.settings.book.policy.assumed_perf:g}"
             text += f" {now - inst.created_at:.0f}s"
             held = self.book.sessions_on(inst.id)
             if held:

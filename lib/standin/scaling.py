@@ -22,14 +22,16 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Final, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from lib.standin.params import default
 
 # Loads are sums of floats: 3 x 100 / 1.0 / 100 must give 3 workers, not 4.
-EPSILON: Final = 1e-9
+EPSILON = 1e-9
 # Relative to a load: far above the error of adding the same costs in another order, far below
 # the EPSILON by which a load that is an exact number of workers still rounds down.
-_ROUNDING: Final = 1e-12
+_ROUNDING = 1e-12
 
 
 class Phase(str, enum.Enum):
@@ -43,42 +45,29 @@ class Phase(str, enum.Enum):
 
 # The phases under module names: a member looked up on its enum class costs several times a
 # global's look-up, and the book and the planner test phases at every event.
-PROVISIONING: Final = Phase.PROVISIONING
-LOADING: Final = Phase.LOADING
-READY: Final = Phase.READY
-ERRORED: Final = Phase.ERRORED
-STOPPING: Final = Phase.STOPPING
-COLD: Final = Phase.COLD
+PROVISIONING = Phase.PROVISIONING
+LOADING = Phase.LOADING
+READY = Phase.READY
+ERRORED = Phase.ERRORED
+STOPPING = Phase.STOPPING
+COLD = Phase.COLD
 
-LIVE: Final = (PROVISIONING, LOADING, READY)
+LIVE = (PROVISIONING, LOADING, READY)
 # Scale-down gives up the least useful first: not yet started, then loading, then ready.
-_STOP_ORDER: Final = {PROVISIONING: 0, LOADING: 1, READY: 2}
-
-
-class Rebuilt:
-    """A frozen dataclass pickled and copied by calling it with its fields.
-
-    Compiled (``lib.planner.compiled``), a frozen dataclass cannot be restored
-    field by field as the default pickling does; this way works either way.
-    """
-
-    __slots__ = ()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), tuple(getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
+_STOP_ORDER = {PROVISIONING: 0, LOADING: 1, READY: 2}
 
 
 @dataclass(frozen=True)
-class EndpointParams(Rebuilt):
-    """The endpoint's scaling parameters, as Vast names them."""
+class EndpointParams:
+    """The endpoint's scaling parameters, as Vast names them (what each does: ``lib.standin.params``)."""
 
-    min_load: float = 0.0
-    target_util: float = 1.0
-    max_workers: int = 20
-    cold_workers: int = 0
-    max_queue_time: float = 1.0
-    target_queue_time: float = 0.5
-    inactivity_timeout: float | None = 10.0
+    min_load: float = default("min_load")
+    target_util: float = default("target_util")
+    max_workers: int = default("max_workers")
+    cold_workers: int = default("cold_workers")
+    max_queue_time: float = default("max_queue_time")
+    target_queue_time: float = default("target_queue_time")
+    inactivity_timeout: float | None = default("inactivity_timeout")
 
     def problems(self) -> list[str]:
         """Each invalid value with its allowed range; empty when all hold."""
@@ -103,21 +92,18 @@ class EndpointParams(Rebuilt):
 
 
 @dataclass(frozen=True)
-class LocalPolicy(Rebuilt):
+class LocalPolicy:
     """What the stand-in decides that Vast does not expose as endpoint parameters."""
 
     # A surplus worker is stopped only after being idle this long, so a
     # dispatcher that ends a session and opens the next one keeps its worker.
-    scale_down_delay: float = 5.0
+    scale_down_delay: float = default("scale_down_delay")
     # Capacity assumed for a worker that has not reported max_perf yet.
     assumed_perf: float = 100.0
 
 
 # The records made anew as events come (a worker's view, a waiting request, the tally, a
 # decision) are named tuples: as immutable as a frozen dataclass, and made in a quarter of its time.
-# Where one is made at nearly every moment it is made as tuple.__new__(Record, (fields in order)):
-# what the record's own __new__ does, less a Python-level call (a frame interpreted; compiled, a
-# call through the type and, with keywords, a dict of them first).
 class WorkerView(NamedTuple):
     id: int
     phase: Phase
@@ -144,7 +130,7 @@ class WaitingRequest(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Snapshot(Rebuilt):
+class Snapshot:
     now: float
     workers: tuple[WorkerView, ...] = ()
     waiting: tuple[WaitingRequest, ...] = ()
@@ -322,7 +308,15 @@ def decide_from(
     surplus_cold = len(cold) + len(stop) - params.cold_workers
     if surplus_cold > 0:
         destroy.extend(w.id for w in cold[:surplus_cold])
-    return tuple.__new__(Decision, (target, load, t.perf, provision, resume, tuple(stop), tuple(destroy)))
+    return Decision(
+        target=target,
+        load=load,
+        perf=t.perf,
+        provision=provision,
+        resume=resume,
+        stop=tuple(stop),
+        destroy=tuple(destroy),
+    )
 
 
 def _idle(worker: WorkerView) -> bool:

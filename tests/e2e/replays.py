@@ -1,10 +1,10 @@
-"""Replays that touch every rule of the replay's core, printed as JSON: run once compiled and once pure.
+"""Replays that touch every rule of the replay's core, printed as JSON: run before and after a change to it.
 
-    python -m tests.e2e.replays   # the first line names the core that ran
+    python -m tests.e2e.replays > after.txt   # a change that means to keep every figure gives the same lines
 
-Each line after the first is one replay: every figure of its result, the
-waits, the timeline and the seconds by phase, and the plan pickled and read
-back (as a sweep's processes do).
+Each line is one replay: every figure of its result, the waits, the timeline
+and the seconds by phase, and the plan pickled and read back (as a sweep's
+processes do).
 """
 
 from __future__ import annotations
@@ -14,14 +14,9 @@ import pickle
 import random
 import sys
 
-from lib.planner import compiled
-
-# Before the core's modules are imported, as the planner does.
-core = compiled.load()
-
-from lib.planner.model import Plan, simulate  # noqa: E402
-from lib.planner.trace import JobSeconds, bursts, diurnal, poisson  # noqa: E402
-from lib.standin.scaling import EndpointParams, LocalPolicy  # noqa: E402
+from lib.planner.model import Plan, simulate
+from lib.planner.trace import JobSeconds, bursts, diurnal, poisson
+from lib.standin.scaling import EndpointParams, LocalPolicy
 
 
 def plans() -> list[Plan]:
@@ -44,7 +39,6 @@ def plans() -> list[Plan]:
 
 
 def main() -> int:
-    print(json.dumps({"core": core, "compiled": compiled.is_compiled()}))
     traces = {
         "diurnal": diurnal(1.5, 3, JobSeconds(mean=10.0), random.Random(3)),
         "poisson": poisson(0.8, 1800, JobSeconds(mean=None, low=1.0, high=30.0), random.Random(5)),

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from lib.standin.autoscaler import LocalConfig, serve
+from lib.standin.book import BookSettings
 from lib.standin.fleet import FleetSettings
 from lib.standin.process import ChildProcess
 from lib.standin.recorder import RecordingAutoscaler, serving
@@ -240,7 +241,11 @@ async def test_dispatcher_reserves_one_worker_per_job_and_learns_when_the_consum
     config = LocalConfig(
         port=0,
         fleet=FleetSettings(
-            params=EndpointParams(target_util=1.0, min_load=0, max_workers=3, max_queue_time=1, target_queue_time=0.5),
+            book=BookSettings(
+                params=EndpointParams(
+                    target_util=1.0, min_load=0, max_workers=3, max_queue_time=1, target_queue_time=0.5
+                )
+            ),
             provisioning_delay=0.0,
         ),
     )
@@ -300,7 +305,11 @@ async def test_dispatcher_learns_of_a_lost_worker_from_the_sessions_health() -> 
     config = LocalConfig(
         port=0,
         fleet=FleetSettings(
-            params=EndpointParams(target_util=1.0, min_load=0, max_workers=1, max_queue_time=1, target_queue_time=0.5),
+            book=BookSettings(
+                params=EndpointParams(
+                    target_util=1.0, min_load=0, max_workers=1, max_queue_time=1, target_queue_time=0.5
+                )
+            ),
             provisioning_delay=0.0,
         ),
     )

@@ -10,7 +10,7 @@ from lib.planner.fidelity import DEFAULT_TRACE, fidelity_table, format_table
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(400)
 def test_planner_matches_a_real_run_in_cold_starts_billing_and_each_jobs_wait():
     """A 30-job trace run by real workers, consumers and the SDK, then replayed by the planner with the cold start
     measured in that run: equal cold starts, billed worker-seconds within 10%, every job's wait within 1 s."""

@@ -68,3 +68,39 @@ def test_each_workers_cold_start_runs_to_its_consumers_first_claim():
     assert figures["consumer_lag_s"] == pytest.approx((0.01 + 0.3) / 2)
     assert figures["cold_start_each"] == pytest.approx([2.01, 2.7, (2.01 + 2.7) / 2])
     assert figures["effective_cold_start_s"] == pytest.approx((2.01 + 2.7) / 2)
+
+
+def test_the_default_trace_starts_the_same_workers_whatever_the_cold_starts_and_the_hops():
+    """Replayed with each worker's cold start anywhere in 1-3 s, and each job started up to 0.6 s late and
+    holding its worker up to 1.2 s longer (the hops the planner does not model), the default trace starts the
+    same 9 workers as without the hops, and each job gets its worker at the same moment: its wait differs only by
+    its own late start."""
+    import random
+
+    from lib.planner.fidelity import INACTIVITY_TIMEOUT, MAX_SESSIONS
+    from lib.planner.model import Plan, simulate
+    from lib.planner.trace import Job
+    from lib.standin.scaling import EndpointParams, LocalPolicy
+
+    jobs = load_trace(DEFAULT_TRACE)
+    rng = random.Random(5)
+    for _ in range(100):
+        each = tuple(rng.uniform(1.0, 3.0) for _ in range(40))
+        # The stand-in's settings in the demo the real run is (workers/null/demo.py).
+        plan = Plan(
+            params=EndpointParams(max_workers=MAX_SESSIONS, inactivity_timeout=INACTIVITY_TIMEOUT),
+            policy=LocalPolicy(scale_down_delay=0.5),
+            route_hold=4.0,
+            max_sessions=MAX_SESSIONS,
+            max_poll=1.0,
+            cold_start=(2.0, 2.0),
+            cold_start_each=each,
+            stop_seconds=0.2,
+        )
+        late = [rng.uniform(0.0, 0.6) for _ in jobs]
+        held = [start + rng.uniform(0.0, 0.6) for start in late]  # its late start, then a slow end
+        slow = [Job(job.arrival, job.duration + extra) for job, extra in zip(jobs, held, strict=True)]
+        planned, real = simulate(jobs, plan), simulate(slow, plan)
+        assert planned.cold_starts == real.cold_starts == 9, each
+        for number, (p, r) in enumerate(zip(planned.waits, real.waits, strict=True), start=1):
+            assert r == pytest.approx(p, abs=1e-6), (number, p, r, each)

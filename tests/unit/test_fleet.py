@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lib.standin.book import BookSettings
 from lib.standin.fleet import Fleet, FleetSettings
 from lib.standin.process import WorkerPorts, free_port
 from lib.standin.scaling import EndpointParams, Phase
@@ -31,11 +32,13 @@ async def fleet(tmp_path: Path, clock: Clock):
     # No inactivity timeout, no waiter ever overdue and a cold start never
     # reached: only the test's own reports move a worker.
     settings = FleetSettings(
-        params=EndpointParams(inactivity_timeout=None, target_queue_time=3600.0, min_load=0.0),
+        book=BookSettings(
+            params=EndpointParams(inactivity_timeout=None, target_queue_time=3600.0, min_load=0.0),
+            grant_timeout=5.0,
+            waiting_timeout=20.0,
+            route_hold=6.0,
+        ),
         provisioning_delay=3600.0,
-        grant_timeout=5.0,
-        waiting_timeout=20.0,
-        route_hold=6.0,
     )
     fleet = Fleet(settings, workdir=tmp_path, clock=clock)
     yield fleet
@@ -178,9 +181,10 @@ async def test_a_deadline_that_falls_while_the_loop_steps_wakes_it_at_once(tmp_p
 
     clock = Slow()
     settings = FleetSettings(
-        params=EndpointParams(inactivity_timeout=None, target_queue_time=0.5, max_workers=10),
+        book=BookSettings(
+            params=EndpointParams(inactivity_timeout=None, target_queue_time=0.5, max_workers=10), route_hold=6.0
+        ),
         provisioning_delay=3600.0,
-        route_hold=6.0,
     )
     fleet = Fleet(settings, workdir=tmp_path, clock=clock)
     try:
@@ -209,7 +213,7 @@ async def test_a_fleet_makes_its_own_directory_only_when_it_starts_and_removes_i
     unstarted = Fleet(FleetSettings())
     await unstarted.aclose()
     assert list(tmp_path.iterdir()) == []  # built and closed, never started: nothing left
-    fleet = Fleet(FleetSettings(params=EndpointParams(inactivity_timeout=None)))
+    fleet = Fleet(FleetSettings(book=BookSettings(params=EndpointParams(inactivity_timeout=None))))
     assert list(tmp_path.iterdir()) == []
     fleet.start("127.0.0.1:9")
     (made,) = tmp_path.iterdir()

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lib.planner.model import Plan, percentile, simulate
+from lib.planner.model import Plan, simulate
 from lib.planner.sweep import cheapest_within, pareto_front
 from lib.planner.trace import Job, JobSeconds, bursts, diurnal, poisson
-from lib.standin.book import Book
-from lib.standin.scaling import EndpointParams, LocalPolicy
+from lib.standin.book import Answer, Book, BookSettings, Deleted, Provision, Resume, Stop
+from lib.standin.scaling import EndpointParams, LocalPolicy, Snapshot, WaitingRequest
 from tests.helpers import usage_refused
+from workers.null.dispatch.summary import percentile
 
 
 def plan(cold: float = 3.0, **params) -> Plan:
@@ -137,6 +140,39 @@ def test_another_seed_draws_other_cold_starts():
 
 
 @pytest.mark.parametrize(
+    "value",
+    [
+        EndpointParams(min_load=200.0, inactivity_timeout=None),
+        LocalPolicy(scale_down_delay=2.0),
+        Snapshot(now=3.0, waiting=(WaitingRequest(1, 100.0, 2.5),), last_activity=1.0),
+        BookSettings(params=EndpointParams(max_workers=3), route_hold=0.0),
+        Deleted(7, success=False, status="Rejected"),
+        Provision(1),
+        Resume(2),
+        Stop(3, keep=True, reason="surplus"),
+        Answer(4, None),
+        Plan(params=EndpointParams(cold_workers=2), cold_start=(5.0, 9.0), cold_start_each=(6.0,), max_sessions=4),
+    ],
+    ids=lambda value: type(value).__name__,
+)
+def test_frozen_records_are_pickled_and_copied_by_their_fields(value):
+    """As a sweep sends plans to its processes: what comes back is equal, of the same kind, and still frozen."""
+    first = next(iter(value.__dataclass_fields__))
+    for back in (pickle.loads(pickle.dumps(value)), copy.copy(value), copy.deepcopy(value)):
+        assert back == value and type(back) is type(value)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(back, first, None)
+
+
+def test_a_result_pickled_and_read_back_gives_the_same_figures():
+    """A sweep's processes send their results back pickled: every figure survives the trip."""
+    result = simulate(mixed_trace(3), Plan(cold_start=(2.0, 9.0), params=EndpointParams(cold_workers=2)), seed=5)
+    back = pickle.loads(pickle.dumps(result))
+    assert back.as_dict() == result.as_dict()
+    assert back.waits == result.waits
+
+
+@pytest.mark.parametrize(
     "chosen",
     [
         Plan(cold_start=(5.0, 40.0)),
@@ -245,11 +281,11 @@ def test_generators_are_seeded_and_shaped():
 
 
 def test_percentile_interpolates():
-    """Percentiles interpolate between neighbours like numpy's default."""
+    """The one percentile the planner, demo and bench report interpolates between neighbours, as numpy does."""
     values = [0.0, 1.0, 2.0, 3.0, 4.0]
     assert percentile(values, 50) == 2.0
     assert percentile(values, 95) == pytest.approx(3.8)
-    assert percentile([], 95) == 0.0
+    assert percentile([], 95) is None
 
 
 def test_pareto_front_and_cheapest_choice():
