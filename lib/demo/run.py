@@ -47,6 +47,7 @@ from workers.null.dispatch.joblog import JobLog
 from workers.null.dispatch.ledger import ENDED, Ledger
 from workers.null.dispatch.summary import JobTally, in_seconds, tally_jobs
 from workers.null.dispatch.view import ViewTicker
+from workers.null.protocol import MAX_DELIVERIES
 
 log = logging.getLogger("lib.demo")
 
@@ -216,7 +217,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             stack.callback(shutil.rmtree, store, True)
             nats_url = await stack.enter_async_context(nats_server(store))
             queue_url = f"{nats_url}/{DEMO_STREAM}"
-            queue = await connect_queue(queue_url, ack_wait=DEMO_ACK_WAIT, max_attempts=args.max_attempts, setup=True)
+            queue = await connect_queue(queue_url, ack_wait=DEMO_ACK_WAIT, max_deliveries=MAX_DELIVERIES, setup=True)
             stack.push_async_callback(queue.close)
             settings = FleetSettings(
                 book=BookSettings(

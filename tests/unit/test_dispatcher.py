@@ -280,3 +280,40 @@ async def test_a_gap_reads_the_counts_and_a_broken_feed_is_reopened_not_fatal(mo
         pump.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pump
+
+
+def test_jobs_in_flight_that_no_worker_holds_for_a_whole_ack_wait_get_sessions_without_events():
+    """Two jobs stay in flight with no worker holding a session (their workers died, no event came): after one
+    AckWait of that, both count as pending, and a job that really runs on a held worker never does."""
+    ledger, clock = make_ledger(ack_wait=30.0)
+    ledger.workers_seen(1)  # one worker runs a third job
+    ledger.depth_seen(Depth(pending=0, in_flight=3))
+    assert ledger.pending == 0
+    clock.now += 20
+    ledger.depth_seen(Depth(pending=0, in_flight=3))
+    assert ledger.pending == 0  # not yet a whole AckWait
+    clock.now += 10
+    ledger.depth_seen(Depth(pending=0, in_flight=3))
+    assert ledger.pending == 2 and ledger.to_open(10) == 2
+    # Sessions for them are held: the surplus is gone at once.
+    ledger.workers_seen(3)
+    ledger.depth_seen(Depth(pending=0, in_flight=3))
+    assert ledger.pending == 0
+
+
+def test_a_surplus_broken_by_one_reading_starts_its_ack_wait_again():
+    """A moment where every in-flight job is held resets the count, so a race between two reads asks for nothing."""
+    ledger, clock = make_ledger(ack_wait=30.0)
+    ledger.workers_seen(0)
+    ledger.depth_seen(Depth(pending=0, in_flight=1))
+    clock.now += 15
+    ledger.workers_seen(1)
+    ledger.depth_seen(Depth(pending=0, in_flight=1))
+    clock.now += 20
+    ledger.workers_seen(0)
+    ledger.depth_seen(Depth(pending=0, in_flight=1))
+    assert ledger.pending == 0
+    ledger.workers_seen(None)  # the endpoint cannot say: nothing is counted on a guess
+    clock.now += 60
+    ledger.depth_seen(Depth(pending=0, in_flight=1))
+    assert ledger.pending == 0

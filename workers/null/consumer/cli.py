@@ -65,6 +65,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="a delivery past this number is dead-lettered unrun, whatever ended the earlier ones (crash loops)",
     )
     parser.add_argument(
+        "--no-events",
+        dest="events",
+        action="store_false",
+        help="publish no job events: the dispatcher then learns of each job's end from the queue and the workers",
+    )
+    parser.add_argument(
         "--ack-wait",
         type=float,
         default=None,
@@ -129,6 +135,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             retry_max=args.retry_max,
             max_attempts=args.max_attempts,
             max_deliveries=args.max_deliveries,
+            events=args.events,
             ack_wait=args.ack_wait,
             grace=args.grace,
             control_port=control_port_from_env(env) if args.control_port is None else args.control_port,

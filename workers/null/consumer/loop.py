@@ -413,6 +413,8 @@ class Consumer:
         retry_in: float | None = None,
     ) -> None:
         """Queues a job event (``job`` None: a session that got no job); one task publishes them in order."""
+        if not self.options.events:
+            return
         job_id, attempt, failures = ("", 0, 0) if job is None else (job.id, job.attempt, job.failures)
         self._events.put_nowait(
             JobEvent(

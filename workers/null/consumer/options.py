@@ -47,6 +47,7 @@ class ConsumerOptions:
     name: str = field(default_factory=default_name)  # this consumer's name on the queue
     session_wait: float = SESSION_WAIT
     stop_timeout: float = STOP_TIMEOUT
+    events: bool = True  # publish job events; the loop is correct without them, only slower to see a job end
 
     def problems(self) -> list[str]:
         """One line per bad value, naming the flag and the fix."""

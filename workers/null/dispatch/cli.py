@@ -41,6 +41,7 @@ from workers.null.dispatch.dispatcher import (
 )
 from workers.null.dispatch.joblog import JobLog
 from workers.null.dispatch.ledger import Attempt, Ledger
+from workers.null.protocol import MAX_DELIVERIES
 
 PROG = "python -m workers.null.dispatcher"
 # Flags of the local demo, which is a command of its own.
@@ -69,7 +70,10 @@ def add_dispatch_arguments(parser: argparse.ArgumentParser) -> None:
         help="the queue's claim window in seconds (setup, and lost-worker timing)",
     )
     parser.add_argument(
-        "--max-attempts", type=int, default=5, help="deliveries of a job before it is dead-lettered (setup)"
+        "--max-deliveries",
+        type=int,
+        default=MAX_DELIVERIES,
+        help="the consumers' --max-deliveries; setup sets SQS's redrive backstop from it",
     )
     parser.add_argument(
         "--reconcile", type=float, default=defaults.reconcile_every, help="seconds between reads of the queue's counts"
@@ -94,7 +98,7 @@ def dispatch_problems(args: argparse.Namespace) -> list[tuple[bool, str]]:
         (positive(args.lifetime), f"--lifetime {args.lifetime:g}: give seconds > 0"),
         (positive(args.timeout), f"--timeout {args.timeout:g}: give seconds > 0"),
         (positive(args.ack_wait), f"--ack-wait {args.ack_wait:g}: give seconds > 0"),
-        (args.max_attempts >= 1, f"--max-attempts {args.max_attempts}: give 1 or more"),
+        (args.max_deliveries >= 1, f"--max-deliveries {args.max_deliveries}: give 1 or more"),
         (positive(args.reconcile), f"--reconcile {args.reconcile:g}: give seconds > 0"),
         (positive(args.health_every), f"--health-every {args.health_every:g}: give seconds > 0"),
         (
@@ -188,13 +192,13 @@ async def run(args: argparse.Namespace, api_key: str) -> int:
             queue = await connect_queue(
                 args.queue,
                 ack_wait=args.ack_wait,
-                max_attempts=args.max_attempts,
+                max_deliveries=args.max_deliveries,
                 setup=args.action == "setup",
                 connect_timeout=args.connect_timeout,
             )
             stack.push_async_callback(queue.close)
             if args.action == "setup":
-                ready = f"AckWait {args.ack_wait:g}s, {args.max_attempts} attempts"
+                ready = f"AckWait {args.ack_wait:g}s, {args.max_deliveries} deliveries at most"
                 print(f"{args.queue}: stream and consumer ready ({ready})")
                 return 0
             url = None

@@ -263,6 +263,7 @@ class Dispatcher:
 
     async def reconcile(self, tries: int = 20) -> bool:
         """Reads the queue's counts at a moment no push arrives; False when none was quiet enough."""
+        self.ledger.workers_seen(await sdk.workers_holding_a_session(self.endpoint, HEALTH_TIMEOUT))
         for _ in range(tries):
             version = self.ledger.version
             try:
@@ -388,11 +389,11 @@ class Dispatcher:
 
 
 async def connect_queue(
-    url: str, *, ack_wait: float, max_attempts: int, setup: bool, connect_timeout: float = CONNECT_TIMEOUT
+    url: str, *, ack_wait: float, max_deliveries: int, setup: bool, connect_timeout: float = CONNECT_TIMEOUT
 ) -> Queue:
     """A connected queue whose stream exists (created with ``setup``); StartupError (exit 2) otherwise."""
     try:
-        queue = open_queue(url, ack_wait=ack_wait, max_deliver=max_attempts, connect_timeout=connect_timeout)
+        queue = open_queue(url, ack_wait=ack_wait, max_deliver=max_deliveries, connect_timeout=connect_timeout)
     except QueueError as exc:
         raise StartupError(str(exc), code=2) from None
     try:

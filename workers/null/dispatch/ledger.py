@@ -19,12 +19,20 @@ answers ``to_open(max_sessions)``:
 A job in flight already has its worker and never counts. A job whose worker
 was lost counts again only once the queue hands it back (AckWait later):
 the dispatcher then reads the queue's counts, and ``extra`` takes it in.
+
+Without events the ledger still finds every job: ``orphans`` are the jobs the
+queue counts in flight beyond the endpoint's workers that hold a session (and
+beyond the lost jobs known by id), for a whole AckWait without a break. Their
+claims have lapsed; NATS keeps such a job in flight until some consumer
+fetches again, so each gets a session. A consumer holds a job only while its
+worker holds a session, so a job that really runs is never counted.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,6 +160,9 @@ class Ledger:
         self.by_sid: dict[str, SessionRecord] = {}
         self.early: dict[str, Early] = {}
         self.extra = 0
+        self.held: int | None = None  # the endpoint's workers holding a session; None: not known
+        self.orphans = 0
+        self._surplus: deque[tuple[float, int]] = deque()  # (when, in flight beyond what is held)
         self.version = 0  # bumped on every change the counts depend on
         self.due: list[float] = []  # when the queue should hand lapsing jobs back: read its counts then
         self._keys = itertools.count(1)
@@ -162,7 +173,7 @@ class Ledger:
 
     @property
     def pending(self) -> int:
-        return sum(1 for j in self.jobs.values() if j.state == PENDING) + self.extra
+        return sum(1 for j in self.jobs.values() if j.state == PENDING) + self.extra + self.orphans
 
     @property
     def alive(self) -> int:
@@ -330,9 +341,26 @@ class Ledger:
         # than the queue holds at all were acked without our hearing of it.
         held = depth.pending + depth.in_flight
         self._unsee(back, len(fresh) + len(back) + self.extra - held, now)
+        self._count_orphans(depth, now)
         for sid in [s for s, e in self.early.items() if e.at < now - EARLY_KEEP]:
             del self.early[sid]
         self._changed()
+
+    def workers_seen(self, held: int | None) -> None:
+        """How many of the endpoint's workers hold a session now (None: the endpoint could not say)."""
+        self.held = held
+
+    def _count_orphans(self, depth: Depth, now: float) -> None:
+        if self.held is None:
+            self.orphans = 0
+            self._surplus.clear()
+            return
+        known = self.count(LAPSING) + sum(1 for j in self.jobs.values() if j.state == PENDING and j.attempts)
+        self._surplus.append((now, max(0, depth.in_flight - self.held - known)))
+        while len(self._surplus) > 1 and self._surplus[1][0] <= now - self.ack_wait:
+            self._surplus.popleft()
+        spans = self._surplus[0][0] <= now - self.ack_wait
+        self.orphans = min(surplus for _, surplus in self._surplus) if spans else 0
 
     @staticmethod
     def _unsee(jobs: list[JobRecord], surplus: int, now: float) -> None:

@@ -213,6 +213,20 @@ async def close_session(endpoint: Any, session: Any) -> str | None:
     return None
 
 
+async def workers_holding_a_session(endpoint: Any, timeout: float) -> int | None:
+    """How many of the endpoint's workers carry load now, each one held session; None when the endpoint cannot say.
+
+    Vast's own client reads them with ``POST <autoscaler>/get_endpoint_workers/``. It answers an endpoint not
+    ready to be queried with an empty list, as it does an endpoint scaled to zero: both read as none held, which
+    the ledger trusts only when it lasts a whole AckWait.
+    """
+    try:
+        workers = await asyncio.wait_for(endpoint.get_workers(), timeout)
+    except Exception:
+        return None
+    return sum(1 for worker in workers if getattr(worker, "cur_load", 0.0) > 0)
+
+
 async def session_alive(endpoint: Any, session: Any) -> bool:
     """Whether the worker still holds the session (False also when the worker is gone)."""
     try:
