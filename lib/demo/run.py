@@ -90,8 +90,11 @@ def default_deadline(jobs: Sequence[DemoJob], args: argparse.Namespace) -> float
     return jobs[-1].arrival + batches * (longest + args.cold_start + 10.0) + 10 * DEMO_ACK_WAIT + 180.0
 
 
-def consumer_command(queue_url: str, *, max_attempts: int = 5, ack_wait: float = DEMO_ACK_WAIT) -> tuple[str, ...]:
+def consumer_command(
+    queue_url: str, *, max_attempts: int = 5, ack_wait: float = DEMO_ACK_WAIT, events: bool = True
+) -> tuple[str, ...]:
     """The consumer the stand-in runs beside every worker: each job sleeps the seconds its body names."""
+    quiet = () if events else ("--no-events",)
     return (
         sys.executable, "-m", "workers.null.consumer",
         "--queue", queue_url,
@@ -100,6 +103,7 @@ def consumer_command(queue_url: str, *, max_attempts: int = 5, ack_wait: float =
         "--claim-timeout", f"{CLAIM_TIMEOUT:g}",
         "--retry-delay", "1",
         "--health-port", "0",
+        *quiet,
         "--", sys.executable, "-c", JOB_SCRIPT,
     )  # fmt: skip
 

@@ -21,13 +21,13 @@ from workers.null.dispatch import sdk
 from workers.null.dispatch.dispatcher import Dispatcher, DispatchOptions
 from workers.null.dispatch.ledger import Ledger
 from workers.null.protocol import FINISHED, STARTED
-from workers.null.queues import open_queue
+from workers.null.queues import Depth, open_queue
 
 ACK_WAIT = 3.0
 
 
 @asynccontextmanager
-async def queue_loop(**standin: Any) -> AsyncIterator[tuple[str, Any, Any]]:
+async def queue_loop(events: bool = True, **standin: Any) -> AsyncIterator[tuple[str, Any, Any]]:
     """A nats-server with the stream set up, and a stand-in running a consumer beside every worker."""
     async with nats_server() as nats_url:
         url = f"{nats_url}/jobs"
@@ -36,7 +36,10 @@ async def queue_loop(**standin: Any) -> AsyncIterator[tuple[str, Any, Any]]:
         try:
             await queue.setup()
             config = fast_config(
-                consumer=consumer_command(url, ack_wait=ACK_WAIT), claim_deadline=10.0, route_hold=4.0, **standin
+                consumer=consumer_command(url, ack_wait=ACK_WAIT, events=events),
+                claim_deadline=10.0,
+                route_hold=4.0,
+                **standin,
             )
             async with serve(config) as local:
                 yield url, queue, local
@@ -80,6 +83,45 @@ async def test_ten_jobs_behind_a_3s_cold_start_ask_for_exactly_ten_sessions():
                 assert len(local.fleet.created) == 10, explain(local.fleet)
                 assert ledger.twice == 0
                 assert await dispatcher.drain()
+            finally:
+                await dispatcher.aclose()
+        finally:
+            await client.close()
+
+
+@pytest.mark.slow
+async def test_without_events_the_jobs_of_workers_killed_at_the_queues_tail_still_run():
+    """Consumers that publish no events; both workers, holding the queue's last two jobs, are SIGKILLed mid-job.
+    The dispatcher finds the two jobs from the queue's counts and the endpoint's workers, and they run to done."""
+    async with queue_loop(events=False, provisioning_delay=0.2, max_workers=4, inactivity_timeout=1.0) as (
+        _url,
+        queue,
+        local,
+    ):
+        client = sdk_client(local)
+        try:
+            stop = asyncio.Event()
+            endpoint = await sdk.find_endpoint(client, local.config.endpoint_name, stop)
+            ledger = Ledger(ack_wait=ACK_WAIT)
+            options = DispatchOptions(max_sessions=4, reconcile_every=0.5, health_every=1.0)
+            dispatcher = Dispatcher(queue, endpoint, options, ledger, routing_stop=stop)
+            await dispatcher.start()
+            try:
+                await publish(queue, 2, 4.0)
+                deadline = time.monotonic() + 90
+                while (await queue.depth()).in_flight < 2 or len(local.fleet.instances) < 2:
+                    assert time.monotonic() < deadline, f"jobs not claimed\n{explain(local.fleet)}"
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1.0)  # both jobs are running
+                for iid in list(local.fleet.instances):
+                    assert local.fleet.kill(iid), explain(local.fleet)
+                while (depth := await queue.depth()) != Depth(0, 0):
+                    assert time.monotonic() < deadline, f"{depth}: jobs stranded\n{explain(local.fleet)}"
+                    await asyncio.sleep(0.2)
+                assert await queue.dead_letters() == []
+                assert len(local.fleet.created) >= 4, explain(local.fleet)
+                # No consumer published an event: the ledger never heard of an attempt.
+                assert all(not job.attempts for job in ledger.jobs.values()), ledger.jobs
             finally:
                 await dispatcher.aclose()
         finally:
