@@ -232,7 +232,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                     route_hold=4.0,
                 ),
                 provisioning_delay=args.cold_start,
-                consumer=consumer_command(queue_url, max_attempts=args.max_attempts),
+                consumer=consumer_command(queue_url),
                 claim_deadline=10.0,
                 stop_grace=6.0,
             )
@@ -285,7 +285,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 log.warning("deadline of %.0fs passed with jobs unfinished; stopping", deadline)
             else:
                 await dispatcher.drain(hurry=interrupt.event)
-                limit = args.inactivity_timeout + settings.policy.scale_down_delay + settings.stop_grace + 20.0
+                limit = args.inactivity_timeout + settings.book.policy.scale_down_delay + settings.stop_grace + 20.0
                 log.info("every job settled; waiting for the fleet to scale back to zero")
                 back = await _until(lambda: not fleet.instances, limit, interrupt)
                 sample.take(fleet, time.time())
@@ -310,10 +310,10 @@ async def run_demo(args: argparse.Namespace) -> int:
 def _standin_settings(settings: FleetSettings) -> dict[str, Any]:
     return {
         "provisioning_delay": settings.provisioning_delay,
-        "route_hold": settings.route_hold,
-        "scale_down_delay": settings.policy.scale_down_delay,
+        "route_hold": settings.book.route_hold,
+        "scale_down_delay": settings.book.policy.scale_down_delay,
         "stop_grace": settings.stop_grace,
-        **asdict(settings.params),  # the endpoint's parameters, under Vast's names
+        **asdict(settings.book.params),  # the endpoint's parameters, under Vast's names
     }
 
 

@@ -69,10 +69,10 @@ async def run_sessions(args: argparse.Namespace) -> int:
 
 
 async def _wait_for_zero(fleet: Any, interrupt: Interrupt) -> None:
-    params = fleet.settings.params
+    params = fleet.settings.book.params
     if params.inactivity_timeout is None or params.min_load > 0:
         return
-    limit = params.inactivity_timeout + fleet.settings.policy.scale_down_delay + fleet.settings.stop_grace + 10.0
+    limit = params.inactivity_timeout + fleet.settings.book.policy.scale_down_delay + fleet.settings.stop_grace + 10.0
     log.info("waiting for the local stand-in to scale to zero (inactivity_timeout %gs)", params.inactivity_timeout)
     started = time.monotonic()
     finished, _ = await interrupt.race(fleet.wait_for(lambda f: not f.instances, limit))

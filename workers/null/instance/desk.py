@@ -96,8 +96,10 @@ class SessionDesk:
 
     # -- the consumer ---------------------------------------------------------
 
-    def consumer_seen(self) -> None:
-        self._consumer_seen = time.monotonic()
+    def consumer_seen(self, *, claimed: bool = False) -> None:
+        """A consumer called. Only a ``/claim`` starts the judging: a consumer that only releases is never judged."""
+        if claimed or self._consumer_seen is not None:
+            self._consumer_seen = time.monotonic()
 
     def consumer_gone(self) -> str | None:
         """Why no consumer can take a session now (None: one can, or none ever claimed).
@@ -268,14 +270,14 @@ class SessionDesk:
         """The held session, waiting up to ``timeout`` for one; it counts as claimed from now."""
         if self.stopping:
             raise Refusal(503, "worker is stopping")
-        self.consumer_seen()
+        self.consumer_seen(claimed=True)
         if self.held() is None:
             self._claims_waiting += 1
             try:
                 await wait_any([self._held, self._stopped], timeout)
             finally:
                 self._claims_waiting -= 1
-                self.consumer_seen()
+                self.consumer_seen(claimed=True)
         if self.stopping:
             raise Refusal(503, "worker is stopping")
         session = self.held()
