@@ -279,3 +279,30 @@ async def test_without_a_claim_deadline_an_unclaimed_session_is_kept(control, pu
         assert status["session"]["claim_deadline_in"] is None
     finally:
         expiry.cancel()
+
+
+async def test_a_worker_whose_consumer_stopped_claiming_refuses_sessions_and_fails_health(
+    control, public, signer, desk, monkeypatch
+):
+    """A consumer claimed once, then went quiet past CONSUMER_GRACE: /health 503, a create 429 naming why; the
+    next /claim makes the worker take sessions again. A client that only ever releases is never judged."""
+    from tests.helpers import create_body
+    from workers.null.instance import desk as desks
+
+    await control.post("/release")  # release-only: not judged
+    monkeypatch.setattr(desks, "CONSUMER_GRACE", 0.2)
+    await asyncio.sleep(0.3)
+    assert (await control.get("/health")).status == 200
+    answer = await control.post("/claim", json={"timeout": 0.05})
+    assert (await answer.json()) == {"session": None}
+    await asyncio.sleep(0.3)
+    health = await control.get("/health")
+    assert health.status == 503
+    refused = await public.post("/session/create", json=create_body(signer.grant(DESK_URL)))
+    assert refused.status == 429
+    assert "no consumer has called the control server" in (await refused.json())["error"]
+    waiting = asyncio.ensure_future(control.post("/claim", json={"timeout": 5}))
+    await asyncio.sleep(0.1)
+    session_id, _ = await open_desk_session(public, signer)
+    claimed = await (await waiting).json()
+    assert claimed["session"]["session_id"] == session_id
