@@ -35,6 +35,7 @@ async def run_quick_bench(sections: tuple[str, ...], out: Path) -> tuple[int, st
     return code, "\n".join(bench.output), "\n".join(bench.errors)
 
 
+@pytest.mark.measure
 @pytest.mark.slow
 async def test_quick_bench_writes_complete_figures_and_the_correctness_ones_hold(tmp_path):
     """`python -m lib.bench --quick` (its sections split over four runs at once) writes every section; one 201 in

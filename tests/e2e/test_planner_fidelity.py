@@ -9,6 +9,7 @@ import pytest
 from lib.planner.fidelity import DEFAULT_TRACE, fidelity_table, format_table
 
 
+@pytest.mark.measure
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_planner_matches_a_real_run_in_cold_starts_billing_and_each_jobs_wait():
