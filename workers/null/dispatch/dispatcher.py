@@ -153,7 +153,7 @@ class Dispatcher:
                 raise
             except Exception as exc:
                 log.warning("the queue's push feed could not be reopened: %s", short(exc))
-                feed = _failed_feed(exc)
+                feed = _FailedFeed(exc)
 
     def _on_job(self, job_id: str) -> None:
         if self.first_job_seen is None:
@@ -421,13 +421,13 @@ async def dispatch_until_stopped(dispatcher: Dispatcher, interrupt: Interrupt) -
     return 128 + (interrupt.signum or signal.SIGINT)
 
 
-class _failed_feed:
+class _FailedFeed:
     """A feed that could not be reopened: it fails at once, so the pump waits and tries again."""
 
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def __aiter__(self) -> _failed_feed:
+    def __aiter__(self) -> _FailedFeed:
         return self
 
     async def __anext__(self) -> Any:
